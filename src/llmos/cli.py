@@ -1,0 +1,438 @@
+"""The ``llmos`` command line.
+
+Contract: every command is a thin adapter over a service (registry, SDK): it parses arguments, calls one service
+function and renders the result (a rich table for people, ``--json`` for scripts). Errors from :mod:`llmos.errors`
+are printed as one line on stderr with a non-zero exit code (1 for errors, 2 for usage errors, 130 for Ctrl-C);
+``--debug`` shows the traceback instead. Heavy modules (SQLAlchemy, llama.cpp) are imported inside commands so
+``llmos --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from llmos.config import Settings
+from llmos.errors import LlmosError
+
+if TYPE_CHECKING:
+    from llmos.registry.service import ProgressFactory, Registry
+    from llmos.registry.views import VersionView
+
+app = typer.Typer(
+    name="llmos",
+    help="llmos: run, manage and serve language models on your own machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+class State:
+    settings: Settings | None = None
+    debug: bool = False
+    home: Path | None = None
+
+
+state = State()
+
+
+def settings() -> Settings:
+    if state.settings is None:
+        overrides: dict[str, Any] = {"home": state.home} if state.home else {}
+        state.settings = Settings(**overrides)
+    return state.settings
+
+
+@app.callback()
+def _global(
+    home: Annotated[
+        Path | None, typer.Option("--home", help="Store location (overrides LLMOS_HOME).", show_default=False)
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    state.home = home
+    state.debug = debug
+    state.settings = None
+
+
+def open_registry() -> Registry:
+    from llmos.registry.service import Registry
+
+    return Registry(settings())
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"  # pragma: no cover
+
+
+def human_count(count: int | None) -> str:
+    if count is None:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return str(count)
+
+
+@contextmanager
+def progress_bars() -> Iterator[ProgressFactory | None]:
+    """A rich progress bar per file when stderr is a terminal; nothing otherwise."""
+    if not err.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+
+        def factory(label: str, total: int) -> Any:
+            task = progress.add_task(label[:40], total=total)
+            return lambda n: progress.advance(task, n)
+
+        yield factory
+
+
+def print_json(value: Any) -> None:
+    out.print_json(json.dumps(value, default=str))
+
+
+# --- registry commands ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def pull(name: Annotated[str, typer.Argument(help="Bundled model to register, e.g. smollm2 or gemma3-270m.")]) -> None:
+    """Register a model that ships inside an installed Python package (no network needed)."""
+    from llmos.registry import sources
+
+    registry = open_registry()
+    with progress_bars() as progress:
+        view = sources.pull(registry, name, progress=progress)
+    err.print(f"pulled [bold]{escape(view.name)}[/] {view.short_digest} ({human_size(view.size)})")
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A .gguf file, a .safetensors file or a Hugging Face model directory.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Name to register it under: [namespace/]name[:tag].")],
+    chat_template: Annotated[
+        Path | None, typer.Option("--chat-template", help="Jinja chat template file replacing the model's own.")
+    ] = None,
+) -> None:
+    """Import a local model file or directory into the registry (the bytes are copied into the store)."""
+    from llmos.formats.detect import inspect_path
+    from llmos.registry.names import parse_ref
+
+    parse_ref(name)  # reject a bad name before reading anything
+    template = _read_template(chat_template) if chat_template else None
+    registry = open_registry()
+    with progress_bars() as progress:
+        if template is None:
+            view = registry.import_path(path, name, progress=progress)
+        else:
+            info = inspect_path(path)
+            info.chat_template = template
+            view = registry.import_info(info, name, progress=progress, params={"chat_template": str(chat_template)})
+    err.print(f"imported [bold]{escape(view.name)}[/] {view.short_digest} ({human_size(view.size)})")
+
+
+def _read_template(path: Path) -> str:
+    from llmos.errors import InvalidInputError
+
+    try:
+        if path.stat().st_size > 1_000_000:
+            raise InvalidInputError(f"{path}: a chat template larger than 1 MB is not plausible")
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"cannot read chat template {path}: {exc}") from exc
+
+
+@app.command("list")
+def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
+    """List registered models, one row per tag."""
+    views = open_registry().list_versions()
+    if as_json:
+        print_json([v.to_dict() for v in views])
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "ID", "SIZE", "FORMAT", "QUANT", "PARAMS", "CREATED"):
+        table.add_column(column)
+    for v in views:
+        table.add_row(
+            escape(v.name),
+            v.short_digest,
+            human_size(v.size),
+            v.format,
+            v.quantization or "-",
+            human_count(v.parameter_count),
+            v.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    out.print(table)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Model reference: name[:tag] or name@sha256:<digest>.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    template: Annotated[bool, typer.Option("--template", help="Print only the chat template.")] = False,
+) -> None:
+    """Show a model version: format, architecture, size, files, tags and lineage."""
+    view = open_registry().show(name)
+    if template:
+        out.print(escape(view.chat_template or ""), highlight=False)
+        return
+    if as_json:
+        print_json(view.to_dict(full=True))
+        return
+    _print_view(view)
+
+
+def _print_view(view: VersionView) -> None:
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("name", view.name),
+        ("digest", view.digest),
+        ("tags", ", ".join(view.tags)),
+        ("format", view.format),
+        ("architecture", view.architecture or "-"),
+        ("parameters", f"{human_count(view.parameter_count)} ({view.parameter_count})"),
+        ("quantization", view.quantization or "-"),
+        ("context length", str(view.context_length or "-")),
+        ("size", f"{human_size(view.size)} ({view.size} bytes)"),
+        ("tokenizer", ", ".join(f"{k}={v}" for k, v in view.tokenizer.items() if v is not None)),
+        ("chat template", f"{len(view.chat_template)} characters" if view.chat_template else "none (ChatML used)"),
+        ("created", view.created_at.isoformat(timespec="seconds")),
+    ]
+    for file in view.files:
+        rows.append(("file", f"{file.path}  {file.digest}  {human_size(file.size)}"))
+    for item in view.lineage:
+        parent = f" from {item.parent_name} ({item.parent_digest})" if item.parent_digest else ""
+        params = ", ".join(f"{k}: {v}" for k, v in item.params.items())
+        rows.append(("lineage", f"{item.operation}{parent}  {params}"))
+    for key, value in rows:
+        table.add_row(key, escape(str(value)))
+    out.print(table)
+
+
+@app.command()
+def tag(
+    source: Annotated[str, typer.Argument(help="Existing model reference.")],
+    target: Annotated[str, typer.Argument(help="New name[:tag] to point at the same version.")],
+) -> None:
+    """Point a (new or existing) tag at a model version."""
+    view = open_registry().tag(source, target)
+    err.print(f"tagged {escape(view.name)} -> {view.short_digest}")
+
+
+@app.command()
+def rm(names: Annotated[list[str], typer.Argument(help="Tags or name@sha256:<digest> versions to remove.")]) -> None:
+    """Remove tags (a version goes with its last tag; blobs go when no version uses them)."""
+    registry = open_registry()
+    for name in names:
+        result = registry.remove(name)
+        for removed in result.removed_tags:
+            err.print(f"removed {escape(removed)}")
+        if result.deleted_blobs:
+            err.print(f"freed {len(result.deleted_blobs)} blob(s)")
+
+
+@app.command()
+def verify(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
+    """Re-hash every blob and manifest in the store and report corruption (exit 1 if any)."""
+    registry = open_registry()
+    with progress_bars() as progress:
+        report = registry.verify(progress=progress)
+    if as_json:
+        print_json(
+            {
+                "ok": report.ok,
+                "checked": report.checked,
+                "corrupt": report.corrupt,
+                "missing": report.missing,
+                "bad_manifests": report.bad_manifests,
+                "affected": report.affected,
+            }
+        )
+    else:
+        for digest in report.corrupt:
+            err.print(f"[red]corrupt[/] {digest} used by {', '.join(report.affected[digest])}")
+        for digest in report.missing:
+            err.print(f"[red]missing[/] {digest} used by {', '.join(report.affected[digest])}")
+        for name in report.bad_manifests:
+            err.print(f"[red]manifest does not match its digest[/] {escape(name)}")
+        status = "ok" if report.ok else "[red]FAILED[/]"
+        err.print(f"verified {report.checked} blob(s): {status}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# --- generation -----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    name: Annotated[str, typer.Argument(help="Model to run, e.g. smollm2.")],
+    prompt: Annotated[str | None, typer.Argument(help="Prompt; omit for an interactive chat.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.8,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", help="Most tokens to generate per answer.")] = 512,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Complete the prompt as is, without the chat template.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print token counts and speed.")] = False,
+) -> None:
+    """Stream a model's answer to a prompt, or chat interactively when no prompt is given."""
+    import llmos.sdk as sdk
+
+    options: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    with sdk.load_model(name, settings=settings()) as model:
+        if prompt is not None:
+            _stream_out(model.stream_text(prompt, raw=raw, system=system, **options))
+            _print_stats(model, verbose)
+            return
+        _interactive(model, system, options, verbose)
+
+
+def _stream_out(deltas: Iterator[str]) -> None:
+    for delta in deltas:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _print_stats(model: Any, verbose: bool) -> None:
+    stats = model.last_stats
+    if verbose and stats is not None:
+        err.print(
+            f"[dim]prompt {stats.prompt_tokens} tok, {stats.prompt_tokens_per_second:.1f} tok/s; "
+            f"answer {stats.completion_tokens} tok, {stats.decode_tokens_per_second:.1f} tok/s; "
+            f"finish: {stats.finish_reason}[/]"
+        )
+
+
+def _interactive(model: Any, system: str | None, options: dict[str, Any], verbose: bool) -> None:
+    from llmos.types import ChatMessage
+
+    history: list[ChatMessage] = [ChatMessage("system", system)] if system else []
+    err.print(f"[dim]chatting with {escape(model.name)}; /clear forgets the conversation, /bye or Ctrl-D exits[/]")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            err.print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/bye", "/exit", "/quit"):
+            return
+        if text == "/clear":
+            history = history[:1] if system else []
+            continue
+        history.append(ChatMessage("user", line))
+        pieces: list[str] = []
+
+        def collect(deltas: Iterator[str], sink: list[str] = pieces) -> Iterator[str]:
+            for delta in deltas:
+                sink.append(delta)
+                yield delta
+
+        try:
+            _stream_out(collect(model.stream_chat(history, **options)))
+        except KeyboardInterrupt:
+            err.print("[dim](interrupted)[/]")
+        history.append(ChatMessage("assistant", "".join(pieces)))
+        _print_stats(model, verbose)
+
+
+# --- system ---------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def config(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
+    """Print the effective settings (secrets masked) and the environment variable for each."""
+    rows = settings().describe()
+    if as_json:
+        print_json({row["name"]: row["value"] for row in rows})
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("SETTING", "VALUE", "ENV", "DESCRIPTION"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["name"], escape(str(row["value"])), row["env"], escape(row["description"]))
+    out.print(table)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of llmos, llama-cpp-python and the llama.cpp build in use."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    import llmos
+
+    out.print(f"llmos {llmos.__version__}")
+    try:
+        out.print(f"llama-cpp-python {package_version('llama-cpp-python')}")
+        from llmos.engine.backends.llamacpp import system_info
+
+        out.print(f"llama.cpp: {escape(system_info())}", highlight=False)
+    except PackageNotFoundError:
+        out.print("llama-cpp-python not installed")
+
+
+# --- entry point ----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the app and turn every failure into one line and an exit code."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        err.print(f"[red]error:[/] {escape(exc.format_message())}{hint}", highlight=False)
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("[red]aborted[/]")
+        sys.exit(130)
+    except LlmosError as exc:
+        if state.debug:
+            raise
+        err.print(f"[red]error:[/] {escape(exc.message)}", highlight=False)
+        sys.exit(1)
+    except Exception as exc:
+        if state.debug:
+            raise
+        err.print(f"[red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))} (rerun with --debug)")
+        sys.exit(70)
+    sys.exit(result if isinstance(result, int) else 0)

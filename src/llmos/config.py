@@ -1,0 +1,102 @@
+"""The one ``Settings`` object.
+
+Contract: every tunable of llmos is a field here, with a description, a default and an environment variable
+``LLMOS_<FIELD>``. CLI flags override fields by constructing ``Settings(**overrides)``; nothing else reads the
+environment for configuration. ``Settings.describe()`` gives the effective values with secrets masked, which is
+what ``llmos config`` prints.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_threads() -> int:
+    """Threads for llama.cpp compute: the CPUs this process may use (llama.cpp scales poorly past physical cores)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one llmos process."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMOS_", extra="forbid", validate_default=True)
+
+    home: Path = Field(
+        default=Path("~/.llmos"),
+        description="Root of the local store: holds llmos.db (the registry) and blobs/ (content-addressed files).",
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the registry database. Empty means SQLite at <home>/llmos.db.",
+    )
+    db_busy_timeout_ms: int = Field(
+        default=30_000, ge=0, description="How long SQLite waits for a lock held by another process."
+    )
+    threads: int = Field(
+        default_factory=_default_threads,
+        ge=1,
+        description="CPU threads llama.cpp uses for a forward pass (default: the CPUs this process may use).",
+    )
+    context_length: int = Field(
+        default=4096,
+        ge=64,
+        description="Context window a model is loaded with, capped at the model's own trained length.",
+    )
+    batch_size: int = Field(
+        default=512, ge=1, description="Largest number of prompt tokens llama.cpp evaluates in one call."
+    )
+    llamacpp_extra_buffers: bool = Field(
+        default=True,
+        description=(
+            "Let llama.cpp use its CPU 'extra buffer types' (weight repacking, AMX on Intel). Faster; turn off if a"
+            " CPU-specific kernel misbehaves (llama.cpp issue 20824)."
+        ),
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="warning", description="Minimum level of log records written to stderr."
+    )
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "llmos.db"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.home / "blobs"
+
+    def effective_database_url(self) -> str:
+        if self.database_url is not None and self.database_url.get_secret_value():
+            return self.database_url.get_secret_value()
+        return f"sqlite:///{self.db_path}"
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every field with its effective value (secrets masked), env var name and description."""
+        rows: list[dict[str, Any]] = []
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "********" if value.get_secret_value() else None
+            elif isinstance(value, Path):
+                value = str(value)
+            rows.append(
+                {
+                    "name": name,
+                    "value": value,
+                    "env": f"LLMOS_{name.upper()}",
+                    "description": field.description or "",
+                }
+            )
+        return rows

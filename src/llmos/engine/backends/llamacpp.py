@@ -1,0 +1,283 @@
+"""llama.cpp backend over the low-level C API of llama-cpp-python.
+
+Contract: :class:`LlamaCppModel` owns one ``llama_model`` and one ``llama_context`` and exposes what the engine
+needs and nothing more: tokenize / token bytes, end-of-generation tests, per-sequence samplers, and
+:meth:`LlamaCppModel.decode` of a batch that may mix several sequences (each with its own positions in the shared
+KV cache). It is not thread-safe: exactly one thread at a time may call into a model (the engine gives each model
+one decode thread). Native resources are freed by :meth:`close`; using a closed model raises.
+
+Build notes (see README, "llama.cpp build"): llmos installs llama-cpp-python compiled with ``GGML_OPENMP=OFF`` so
+decode runs at full speed off the main thread, and native CPU flags. ``Settings.llamacpp_extra_buffers`` turns off
+llama.cpp's CPU extra buffer types (weight repacking, AMX), the fallback for CPU-specific kernel bugs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from llmos.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
+from llmos.types import SamplingParams
+
+_init_lock = threading.Lock()
+_lib: ModuleType | None = None
+
+
+def load_library() -> ModuleType:
+    """Import llama_cpp once, initialise its backend and route its logging through Python's (quiet by default)."""
+    global _lib
+    with _init_lock:
+        if _lib is None:
+            try:
+                import llama_cpp
+                import llama_cpp._logger as llama_logger
+            except ImportError as exc:  # pragma: no cover - depends on installation
+                raise BackendUnavailableError(
+                    "the llama.cpp backend is not installed; run `make install` (or pip install 'llmos[llamacpp]')"
+                ) from exc
+            llama_logger.logger.setLevel(logging.DEBUG if os.environ.get("LLMOS_LLAMACPP_VERBOSE") else logging.ERROR)
+            llama_cpp.llama_backend_init()
+            _lib = llama_cpp
+        return _lib
+
+
+def system_info() -> str:
+    """llama.cpp's description of the CPU features it was built with and uses."""
+    lib = load_library()
+    return bytes(lib.llama_print_system_info()).decode("utf-8", errors="replace").strip()
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """Tokens of one sequence to append to its KV cache; ``want_logits`` asks for logits of the last token."""
+
+    seq_id: int
+    tokens: Sequence[int]
+    start_pos: int
+    want_logits: bool = True
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one sequence (penalties, bias, top-k/p, min-p, temperature, seed)."""
+
+    def __init__(self, model: LlamaCppModel, params: SamplingParams) -> None:
+        lib = model.lib
+        self._lib = lib
+        chain_params = lib.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        self._chain = lib.llama_sampler_chain_init(chain_params)
+
+        def add(sampler: Any) -> None:
+            lib.llama_sampler_chain_add(self._chain, sampler)
+
+        if params.logit_bias:
+            biases = (lib.llama_logit_bias * len(params.logit_bias))()
+            for i, (token, bias) in enumerate(params.logit_bias):
+                if not 0 <= token < model.n_vocab:
+                    raise InvalidInputError(
+                        f"logit_bias token id {token} is outside the vocabulary", param="logit_bias"
+                    )
+                biases[i].token, biases[i].bias = token, bias
+            add(lib.llama_sampler_init_logit_bias(model.n_vocab, len(params.logit_bias), biases))
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            add(
+                lib.llama_sampler_init_penalties(
+                    model.n_vocab,
+                    params.penalty_last_n,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                )
+            )
+        if params.greedy:
+            add(lib.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(lib.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                add(lib.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                add(lib.llama_sampler_init_min_p(params.min_p, 1))
+            add(lib.llama_sampler_init_temp(params.temperature))
+            seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+            add(lib.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx: Any, output_index: int) -> int:
+        """Pick the next token from the logits at ``output_index`` of the last decode (and record it)."""
+        return int(self._lib.llama_sampler_sample(self._chain, ctx, output_index))
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._lib.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:  # pragma: no cover - safety net
+        self.close()
+
+
+class LlamaCppModel:
+    """One GGUF model loaded into llama.cpp with a context for up to ``n_seq_max`` parallel sequences."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_seq_max: int = 1,
+        threads: int = 2,
+        extra_buffers: bool = True,
+    ) -> None:
+        lib = load_library()
+        self.lib = lib
+        self.path = path
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        model_params.use_extra_bufts = extra_buffers
+        self._model = lib.llama_model_load_from_file(str(path).encode("utf-8"), model_params)
+        if not self._model:
+            raise ModelLoadError(f"llama.cpp could not load {path.name}")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
+        ctx_params = lib.llama_context_default_params()
+        ctx_params.n_ctx = min(n_ctx, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_batch
+        ctx_params.n_seq_max = n_seq_max
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        ctx_params.no_perf = True
+        self._ctx = lib.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            self._model = None
+            raise ModelLoadError(f"llama.cpp could not create a context for {path.name}")
+        self._memory = lib.llama_get_memory(self._ctx)
+        self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        self.n_batch = n_batch
+        self.n_seq_max = n_seq_max
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        self.bos_token = int(lib.llama_vocab_bos(self._vocab))
+        self.eos_token = int(lib.llama_vocab_eos(self._vocab))
+        self._batch = lib.llama_batch_init(max(n_batch, n_seq_max), 0, n_seq_max)
+        self._pieces: dict[int, bytes] = {}
+
+    # --- lifecycle --------------------------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self.lib.llama_batch_free(self._batch)
+            self.lib.llama_free(self._ctx)
+            self.lib.llama_model_free(self._model)
+            self._ctx = None
+            self._model = None
+
+    def __enter__(self) -> LlamaCppModel:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def context(self) -> Any:
+        if self._ctx is None:
+            raise ModelLoadError("the model was closed")
+        return self._ctx
+
+    # --- vocabulary -------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError("the text is not valid Unicode (it contains a lone surrogate)") from exc
+        capacity = len(data) + 8
+        buffer = (self.lib.llama_token * capacity)()
+        count = self.lib.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+        if count < 0:
+            capacity = -count
+            buffer = (self.lib.llama_token * capacity)()
+            count = self.lib.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, parse_special)
+        if count < 0:
+            raise InvalidInputError("the text could not be tokenized")
+        return list(buffer[:count])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for in generated text (special tokens render as empty)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buffer = ctypes.create_string_buffer(64)
+            length = self.lib.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
+            if length < 0:
+                buffer = ctypes.create_string_buffer(-length)
+                length = self.lib.llama_token_to_piece(self._vocab, token, buffer, -length, 0, False)
+            piece = buffer.raw[: max(length, 0)]
+            self._pieces[token] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self.lib.llama_vocab_is_eog(self._vocab, token))
+
+    def new_sampler(self, params: SamplingParams) -> Sampler:
+        return Sampler(self, params)
+
+    # --- compute ----------------------------------------------------------------------------------------------------
+
+    def decode(self, items: Sequence[BatchItem]) -> dict[int, int]:
+        """Append each item's tokens to its sequence and run one forward pass.
+
+        The total number of tokens must not exceed ``n_batch``. Returns, for every item that asked for logits, the
+        output index to sample from (keyed by ``seq_id``).
+        """
+        lib, batch = self.lib, self._batch
+        total = sum(len(item.tokens) for item in items)
+        if total == 0:
+            return {}
+        if total > self.n_batch:
+            raise ValueError(f"batch of {total} tokens exceeds n_batch={self.n_batch}")
+        outputs: dict[int, int] = {}
+        index = 0
+        for item in items:
+            last = len(item.tokens) - 1
+            for offset, token in enumerate(item.tokens):
+                batch.token[index] = token
+                batch.pos[index] = item.start_pos + offset
+                batch.n_seq_id[index] = 1
+                batch.seq_id[index][0] = item.seq_id
+                wants = item.want_logits and offset == last
+                batch.logits[index] = wants
+                if wants:
+                    outputs[item.seq_id] = index
+                index += 1
+        batch.n_tokens = total
+        status = lib.llama_decode(self.context, batch)
+        if status != 0:
+            raise ModelLoadError(f"llama_decode failed with status {status} (KV cache full or invalid batch)")
+        return outputs
+
+    def forget_sequence(self, seq_id: int, from_pos: int = 0) -> None:
+        """Drop a sequence's KV cache entries from ``from_pos`` on (all of them by default)."""
+        self.lib.llama_memory_seq_rm(self._memory, seq_id, from_pos, -1)
+
+    def clear(self) -> None:
+        self.lib.llama_memory_clear(self._memory, True)
+
+    def logits(self, output_index: int) -> list[float]:
+        """Raw logits at an output index of the last decode (for logprobs and tests)."""
+        pointer = self.lib.llama_get_logits_ith(self.context, output_index)
+        return list(pointer[: self.n_vocab])

@@ -1,0 +1,73 @@
+"""Render a conversation with a model's own chat template.
+
+Contract: :func:`render_chat` evaluates the Jinja template stored in the model's metadata in a sandbox (no attribute
+access to Python internals, no file or network access), with the variables Hugging Face templates expect
+(``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``raise_exception``, ``strftime_now``).
+A model without a template falls back to ChatML, the most common format. Template errors become
+:class:`~llmos.errors.InvalidInputError` (the template rejected these messages) rather than crashes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, NoReturn
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llmos.errors import InvalidInputError
+from llmos.types import ChatMessage
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""ChatML: ``<|im_start|>role\\ncontent<|im_end|>`` turns, no implicit system prompt; used when a model has no template."""
+
+
+def _raise(message: str) -> NoReturn:
+    raise InvalidInputError(f"the model's chat template rejected the messages: {message}", param="messages")
+
+
+def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+
+@lru_cache(maxsize=32)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as exc:
+        raise InvalidInputError(f"the model's chat template does not compile: {exc}") from exc
+
+
+def render_chat(
+    messages: Sequence[ChatMessage],
+    template: str | None,
+    *,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
+    if not messages:
+        raise InvalidInputError("messages must contain at least one message", param="messages")
+    compiled = _compile(template or CHATML_TEMPLATE)
+    try:
+        return compiled.render(
+            messages=[{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token or "",
+            eos_token=eos_token or "",
+            tools=None,
+        )
+    except InvalidInputError:
+        raise
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise InvalidInputError(f"the model's chat template failed on these messages: {exc}") from exc

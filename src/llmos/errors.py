@@ -1,0 +1,125 @@
+"""Every exception llmos raises on purpose.
+
+Contract: code in llmos raises subclasses of :class:`LlmosError` for anything a user can cause or fix. Each class
+carries a stable machine-readable ``code``, an OpenAI-style error ``type`` and the HTTP ``status`` it maps to. The
+HTTP layer and the CLI translate these in exactly one place each; everything else just raises. Messages are written
+for the person who typed the command: they say what is wrong and, where possible, what to do instead. They never
+contain secrets, and file paths only where the user supplied them.
+"""
+
+from __future__ import annotations
+
+
+class LlmosError(Exception):
+    """Base class. ``param`` names the offending input field when there is one."""
+
+    code: str = "internal_error"
+    type: str = "server_error"
+    status: int = 500
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- input errors (400) ---------------------------------------------------------------------------------------------
+
+
+class InvalidInputError(LlmosError):
+    """The request or command arguments are malformed."""
+
+    code = "invalid_input"
+    type = "invalid_request_error"
+    status = 400
+
+
+class InvalidNameError(InvalidInputError):
+    """A model or dataset reference does not follow the name grammar."""
+
+    code = "invalid_name"
+
+
+class InvalidModelFileError(InvalidInputError):
+    """A file offered for import is not a valid model file (truncated, corrupt, absurd header, unknown format)."""
+
+    code = "invalid_model_file"
+
+
+class ContextLengthExceededError(InvalidInputError):
+    """The prompt (plus the requested completion) does not fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+
+class UnsafeFormatError(InvalidModelFileError):
+    """A file uses a format that can execute code when loaded (pickle checkpoints) and is refused."""
+
+    code = "unsafe_format"
+
+
+# --- lookup errors (404) --------------------------------------------------------------------------------------------
+
+
+class NotFoundError(LlmosError):
+    code = "not_found"
+    type = "invalid_request_error"
+    status = 404
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class UnknownSourceError(NotFoundError):
+    """``llmos pull NAME`` for a model that no installed package provides."""
+
+    code = "unknown_model_source"
+
+
+# --- state errors (409) ---------------------------------------------------------------------------------------------
+
+
+class ConflictError(LlmosError):
+    code = "conflict"
+    type = "invalid_request_error"
+    status = 409
+
+
+# --- storage and environment (5xx) ----------------------------------------------------------------------------------
+
+
+class StorageError(LlmosError):
+    """The store could not complete an operation (disk full, permission, corruption). Nothing was half-written."""
+
+    code = "storage_error"
+    type = "server_error"
+    status = 507
+
+
+class DiskFullError(StorageError):
+    code = "disk_full"
+
+
+class IntegrityError(StorageError):
+    """Bytes on disk do not match their digest."""
+
+    code = "integrity_error"
+    status = 500
+
+
+class BackendUnavailableError(LlmosError):
+    """An inference backend is not installed or cannot run on this machine."""
+
+    code = "backend_unavailable"
+    type = "server_error"
+    status = 503
+
+
+class ModelLoadError(LlmosError):
+    code = "model_load_failed"
+    type = "server_error"
+    status = 500

@@ -1,0 +1,419 @@
+"""The model registry: names, versions, tags and lineage over the blob store.
+
+Contract:
+
+* Every mutation validates its input completely (name grammar, file format and sizes) before it changes anything.
+* Bytes first, rows second: blobs are written (atomically, see :mod:`llmos.store.blobs`) while the store lock is
+  held shared, then one database transaction creates the model, version, files, lineage and tag together. A crash
+  between the two leaves only unreferenced blobs, which :meth:`Registry.maintain` removes at the next start.
+* A version is immutable and identified by the sha256 of its canonical manifest (format, files with their digests
+  and sizes, and the model facts read from the file). Tags are movable names for versions of the same model.
+* A blob is deleted only when no version references it any more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, selectinload
+
+from llmos.config import Settings
+from llmos.errors import ConflictError, InvalidModelFileError, ModelNotFoundError
+from llmos.formats.detect import inspect_path
+from llmos.formats.info import ModelInfo
+from llmos.registry.names import DEFAULT_TAG, ModelRef, parse_ref
+from llmos.registry.views import VersionView, canonical_json, version_view
+from llmos.store.blobs import BlobInfo, BlobStore, ProgressCallback
+from llmos.store.db import open_database, session_factory
+from llmos.store.schema import Lineage, Model, ModelVersion, Tag, VersionFile
+
+MANIFEST_SCHEMA = "llmos.model.v1"
+# Called once with the total byte count, then the store reports progress through the returned callback.
+ProgressFactory = Callable[[str, int], ProgressCallback]
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """A parent of a new version, for lineage."""
+
+    digest: str
+    name: str
+
+
+@dataclass
+class RemoveResult:
+    removed_tags: list[str] = field(default_factory=list)
+    removed_versions: list[str] = field(default_factory=list)
+    deleted_blobs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    corrupt: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    bad_manifests: list[str] = field(default_factory=list)
+    affected: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.corrupt or self.missing or self.bad_manifests)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A version ready to load: its view plus where each of its files lies in the blob store."""
+
+    view: VersionView
+    paths: dict[str, Path]
+
+    @property
+    def primary_path(self) -> Path:
+        """The weights file of a single-file model (GGUF / safetensors)."""
+        if len(self.paths) == 1:
+            return next(iter(self.paths.values()))
+        raise InvalidModelFileError(f"{self.view.name} has several files; load it as a directory")
+
+
+class Registry:
+    """The model registry of one llmos home. Cheap to construct; safe to use from several processes at once."""
+
+    def __init__(self, settings: Settings, *, maintain: bool = True) -> None:
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(settings.blobs_dir, lock_path=settings.home / "store.lock")
+        self.engine: Engine = open_database(
+            settings.effective_database_url(), settings.home, settings.db_busy_timeout_ms
+        )
+        self._sessions = session_factory(self.engine)
+        if maintain:
+            self.maintain()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # --- maintenance ------------------------------------------------------------------------------------------------
+
+    def referenced_blobs(self, session: Session) -> set[str]:
+        return set(session.scalars(select(VersionFile.blob_digest).distinct()))
+
+    def maintain(self, wait_s: float = 0.0) -> tuple[int, int]:
+        """Remove temp files of interrupted writes and blobs no version references (crash leftovers).
+
+        Skipped (returns ``(0, 0)``) while another process is writing. Returns (temp files, blobs) removed.
+        """
+        with self.blobs.maintenance(wait_s) as acquired:
+            if not acquired:
+                return 0, 0
+            tmp_removed = self.blobs.clean_tmp()
+            with self.session() as session:
+                referenced = self.referenced_blobs(session)
+            orphans = [d for d in self.blobs.iter_digests() if d not in referenced]
+            for digest in orphans:
+                self.blobs.delete(digest)
+            return tmp_removed, len(orphans)
+
+    # --- writing ----------------------------------------------------------------------------------------------------
+
+    def import_path(
+        self, source: Path, name: str, *, progress: ProgressFactory | None = None, params: dict[str, Any] | None = None
+    ) -> VersionView:
+        """Import a GGUF file, a safetensors file or a Hugging Face directory under ``name``."""
+        parse_ref(name)  # a bad name is refused before the file is even opened
+        return self.import_info(
+            inspect_path(source), name, progress=progress, params={"source": source.name, **(params or {})}
+        )
+
+    def import_info(
+        self,
+        info: ModelInfo,
+        name: str,
+        *,
+        progress: ProgressFactory | None = None,
+        operation: str = "import",
+        parents: Sequence[ParentRef] = (),
+        params: dict[str, Any] | None = None,
+    ) -> VersionView:
+        """Copy the files of an inspected model into the store and register them as a version of ``name``."""
+        ref = parse_ref(name)
+        if ref.digest:
+            raise ConflictError("cannot import under a digest; give a name with an optional :tag", param="name")
+        with self.blobs.writing():
+            stored: list[BlobInfo] = []
+            for model_file in info.files:
+                callback = progress(model_file.path, model_file.size) if progress else None
+                blob = self.blobs.write_file(model_file.source, progress=callback)
+                if blob.size != model_file.size:
+                    raise InvalidModelFileError(
+                        f"{model_file.path} changed while it was being imported"
+                        f" ({model_file.size} -> {blob.size} bytes)"
+                    )
+                stored.append(blob)
+            return self.add_version(ref, info, stored, operation=operation, parents=parents, params=params)
+
+    def add_version(
+        self,
+        ref: ModelRef,
+        info: ModelInfo,
+        blobs: Sequence[BlobInfo],
+        *,
+        operation: str,
+        parents: Sequence[ParentRef] = (),
+        params: dict[str, Any] | None = None,
+    ) -> VersionView:
+        """Register a version whose blobs are already stored (call within ``self.blobs.writing()``)."""
+        files = [
+            {"path": model_file.path, "digest": blob.digest, "size": blob.size}
+            for model_file, blob in zip(info.files, blobs, strict=True)
+        ]
+        manifest = canonical_json({"schema": MANIFEST_SCHEMA, **info.manifest_config(), "files": files})
+        digest = f"sha256:{hashlib.sha256(manifest).hexdigest()}"
+        tag = ref.tag or DEFAULT_TAG
+        with self.session() as session, session.begin():
+            model = self._get_or_create_model(session, ref)
+            version = session.scalar(
+                select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.digest == digest)
+            )
+            if version is None:
+                version = ModelVersion(
+                    model=model,
+                    digest=digest,
+                    manifest=manifest.decode("utf-8"),
+                    format=info.format,
+                    architecture=info.architecture,
+                    parameter_count=info.parameter_count,
+                    quantization=info.quantization,
+                    context_length=info.context_length,
+                    chat_template=info.chat_template,
+                    tokenizer=info.tokenizer,
+                    details=info.metadata,
+                    size=info.size,
+                )
+                version.files = [VersionFile(path=f["path"], blob_digest=f["digest"], size=f["size"]) for f in files]
+                version.lineage = [
+                    Lineage(operation=operation, parent_digest=p.digest, parent_name=p.name, params=params or {})
+                    for p in parents
+                ] or [Lineage(operation=operation, params=params or {})]
+                session.add(version)
+                session.flush()
+            self._set_tag(session, model, tag, version)
+            session.flush()
+            session.refresh(model)
+            return version_view(version, ref.repository, tag)
+
+    def _get_or_create_model(self, session: Session, ref: ModelRef) -> Model:
+        model = session.scalar(select(Model).where(Model.namespace == ref.namespace, Model.name == ref.name))
+        if model is None:
+            model = Model(namespace=ref.namespace, name=ref.name)
+            session.add(model)
+            session.flush()
+        return model
+
+    def _set_tag(self, session: Session, model: Model, tag: str, version: ModelVersion) -> None:
+        existing = session.scalar(select(Tag).where(Tag.model_id == model.id, Tag.tag == tag))
+        previous_version = existing.version if existing else None
+        if existing is None:
+            session.add(Tag(model=model, tag=tag, version=version))
+        else:
+            existing.version = version
+        session.flush()
+        if previous_version is not None and previous_version.id != version.id:
+            self._drop_if_untagged(session, previous_version)
+
+    def _drop_if_untagged(self, session: Session, version: ModelVersion) -> bool:
+        remaining = session.scalar(select(func.count()).select_from(Tag).where(Tag.version_id == version.id))
+        if remaining:
+            return False
+        session.delete(version)
+        session.flush()
+        return True
+
+    def tag(self, source: str, target: str) -> VersionView:
+        """Point ``target`` (a name with optional tag) at the version ``source`` resolves to."""
+        src_ref = parse_ref(source)
+        dst_ref = parse_ref(target)
+        if dst_ref.digest:
+            raise ConflictError(
+                "the target of a tag must be a name with an optional :tag, not a digest", param="target"
+            )
+        with self.session() as session, session.begin():
+            src_version = self._resolve_version(session, src_ref)
+            model = self._get_or_create_model(session, dst_ref)
+            version = session.scalar(
+                select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.digest == src_version.digest)
+            )
+            if version is None:
+                version = _copy_version(src_version, model)
+                session.add(version)
+                session.flush()
+            self._set_tag(session, model, dst_ref.tag or DEFAULT_TAG, version)
+            session.flush()
+            session.refresh(model)
+            return version_view(version, dst_ref.repository, dst_ref.tag)
+
+    def remove(self, name: str) -> RemoveResult:
+        """Remove a tag (and its version when no other tag points at it), or a whole version by digest."""
+        ref = parse_ref(name)
+        result = RemoveResult()
+        candidates: set[str] = set()
+        with self.session() as session, session.begin():
+            model = self._find_model(session, ref)
+            version = self._resolve_version(session, ref)
+            candidates.update(f.blob_digest for f in version.files)
+            if ref.digest:
+                result.removed_tags = [f"{ref.repository}:{t.tag}" for t in model.tags if t.version_id == version.id]
+                session.delete(version)
+                result.removed_versions.append(version.digest)
+            else:
+                tag = session.scalar(select(Tag).where(Tag.model_id == model.id, Tag.tag == ref.tag))
+                assert tag is not None  # _resolve_version found it
+                session.delete(tag)
+                session.flush()
+                result.removed_tags.append(str(ref))
+                if self._drop_if_untagged(session, version):
+                    result.removed_versions.append(version.digest)
+            session.flush()
+            if not session.scalar(
+                select(func.count()).select_from(ModelVersion).where(ModelVersion.model_id == model.id)
+            ):
+                session.delete(model)
+        result.deleted_blobs = self._delete_unreferenced(candidates)
+        return result
+
+    def _delete_unreferenced(self, digests: Iterable[str]) -> list[str]:
+        deleted: list[str] = []
+        with self.blobs.maintenance(wait_s=10.0) as acquired:
+            if not acquired:  # a writer is busy; maintain() at a later start removes them
+                return deleted
+            with self.session() as session:
+                referenced = self.referenced_blobs(session)
+            for digest in sorted(set(digests) - referenced):
+                if self.blobs.delete(digest):
+                    deleted.append(digest)
+        return deleted
+
+    # --- reading ----------------------------------------------------------------------------------------------------
+
+    def _find_model(self, session: Session, ref: ModelRef) -> Model:
+        model = session.scalar(
+            select(Model)
+            .where(Model.namespace == ref.namespace, Model.name == ref.name)
+            .options(selectinload(Model.tags))
+        )
+        if model is None:
+            raise ModelNotFoundError(f"model {ref.repository!r} not found; `llmos list` shows what is available")
+        return model
+
+    def _resolve_version(self, session: Session, ref: ModelRef) -> ModelVersion:
+        model = self._find_model(session, ref)
+        if ref.digest:
+            version = session.scalar(
+                select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.digest == ref.digest)
+            )
+        else:
+            tag = session.scalar(select(Tag).where(Tag.model_id == model.id, Tag.tag == ref.tag))
+            version = tag.version if tag else None
+        if version is None:
+            raise ModelNotFoundError(f"model {str(ref)!r} not found; `llmos list` shows what is available")
+        return version
+
+    def list_versions(self) -> list[VersionView]:
+        """One entry per tag, ordered by name."""
+        with self.session() as session:
+            tags = session.scalars(
+                select(Tag)
+                .join(Model)
+                .order_by(Model.namespace, Model.name, Tag.tag)
+                .options(
+                    selectinload(Tag.model).selectinload(Model.tags),
+                    selectinload(Tag.version).selectinload(ModelVersion.files),
+                    selectinload(Tag.version).selectinload(ModelVersion.lineage),
+                )
+            ).all()
+            return [version_view(t.version, ModelRef(t.model.namespace, t.model.name).repository, t.tag) for t in tags]
+
+    def show(self, name: str) -> VersionView:
+        ref = parse_ref(name)
+        with self.session() as session:
+            version = self._resolve_version(session, ref)
+            return version_view(version, ref.repository, ref.tag)
+
+    def resolve(self, name: str) -> ResolvedModel:
+        """Find a version and the blob paths of its files, checking that they are present."""
+        view = self.show(name)
+        paths: dict[str, Path] = {}
+        for file in view.files:
+            path = self.blobs.path(file.digest)
+            if not path.is_file():
+                raise ModelNotFoundError(
+                    f"{view.name}: blob {file.digest} is missing from the store; run `llmos verify`"
+                )
+            paths[file.path] = path
+        return ResolvedModel(view, paths)
+
+    def verify(self, progress: ProgressFactory | None = None) -> VerifyReport:
+        """Re-hash every blob and every manifest; report corruption and missing blobs."""
+        report = VerifyReport()
+        with self.session() as session:
+            versions = session.scalars(
+                select(ModelVersion).options(selectinload(ModelVersion.files), selectinload(ModelVersion.model))
+            ).all()
+            users: dict[str, list[str]] = {}
+            for version in versions:
+                name = ModelRef(version.model.namespace, version.model.name, None, version.digest)
+                if f"sha256:{hashlib.sha256(version.manifest.encode('utf-8')).hexdigest()}" != version.digest:
+                    report.bad_manifests.append(str(name))
+                for file in version.files:
+                    users.setdefault(file.blob_digest, []).append(str(name))
+        on_disk = set(self.blobs.iter_digests())
+        for digest in sorted(users):
+            if digest not in on_disk:
+                report.missing.append(digest)
+                report.affected[digest] = users[digest]
+                continue
+            callback = progress(digest, self.blobs.size(digest)) if progress else None
+            actual = self.blobs.rehash(digest)
+            if callback:
+                callback(self.blobs.size(digest))
+            report.checked += 1
+            if actual != digest:
+                report.corrupt.append(digest)
+                report.affected[digest] = users[digest]
+        return report
+
+
+def _copy_version(source: ModelVersion, model: Model) -> ModelVersion:
+    copy = ModelVersion(
+        model=model,
+        digest=source.digest,
+        manifest=source.manifest,
+        format=source.format,
+        architecture=source.architecture,
+        parameter_count=source.parameter_count,
+        quantization=source.quantization,
+        context_length=source.context_length,
+        chat_template=source.chat_template,
+        tokenizer=dict(source.tokenizer),
+        details=dict(source.details),
+        size=source.size,
+    )
+    copy.files = [VersionFile(path=f.path, blob_digest=f.blob_digest, size=f.size) for f in source.files]
+    copy.lineage = [
+        Lineage(
+            operation=lin.operation,
+            parent_digest=lin.parent_digest,
+            parent_name=lin.parent_name,
+            params=dict(lin.params),
+        )
+        for lin in source.lineage
+    ]
+    return copy

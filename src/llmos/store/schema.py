@@ -1,0 +1,115 @@
+"""Database tables of the registry (SQLAlchemy 2 declarative models).
+
+Contract: these classes describe the *current* schema. Every change to them comes with an Alembic migration in
+``llmos/store/migrations/versions``; a test checks that the migrations produce exactly these tables. Rows never hold
+file paths, only digests: bytes live in the blob store.
+
+* ``models``: a name (``namespace/name``).
+* ``model_versions``: an immutable version of a model, identified by the digest of its manifest.
+* ``version_files``: the blobs a version is made of (a GGUF has one; a Hugging Face directory several).
+* ``tags``: movable names pointing at a version of the same model.
+* ``lineage``: how a version was produced: operation, parameters, and parent versions (kept as digests and names so
+  history survives the deletion of a parent).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Model(Base):
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("namespace", "name", name="uq_models_namespace_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    versions: Mapped[list[ModelVersion]] = relationship(
+        back_populates="model", cascade="all, delete-orphan", passive_deletes=True
+    )
+    tags: Mapped[list[Tag]] = relationship(back_populates="model", cascade="all, delete-orphan", passive_deletes=True)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "digest", name="uq_model_versions_model_digest"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    digest: Mapped[str] = mapped_column(String(71), index=True)
+    manifest: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(32))
+    architecture: Mapped[str | None] = mapped_column(String(128))
+    parameter_count: Mapped[int | None] = mapped_column(BigInteger)
+    quantization: Mapped[str | None] = mapped_column(String(64))
+    context_length: Mapped[int | None] = mapped_column(Integer)
+    chat_template: Mapped[str | None] = mapped_column(Text)
+    tokenizer: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    details: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="versions")
+    files: Mapped[list[VersionFile]] = relationship(
+        back_populates="version", cascade="all, delete-orphan", passive_deletes=True, order_by="VersionFile.path"
+    )
+    lineage: Mapped[list[Lineage]] = relationship(
+        back_populates="version", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class VersionFile(Base):
+    __tablename__ = "version_files"
+    __table_args__ = (
+        UniqueConstraint("version_id", "path", name="uq_version_files_version_path"),
+        Index("ix_version_files_blob_digest", "blob_digest"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(String(255))
+    blob_digest: Mapped[str] = mapped_column(String(71))
+    size: Mapped[int] = mapped_column(BigInteger)
+
+    version: Mapped[ModelVersion] = relationship(back_populates="files")
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+    __table_args__ = (UniqueConstraint("model_id", "tag", name="uq_tags_model_tag"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    tag: Mapped[str] = mapped_column(String(128))
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="tags")
+    version: Mapped[ModelVersion] = relationship()
+
+
+class Lineage(Base):
+    __tablename__ = "lineage"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), index=True)
+    operation: Mapped[str] = mapped_column(String(32))
+    parent_digest: Mapped[str | None] = mapped_column(String(71))
+    parent_name: Mapped[str | None] = mapped_column(String(255))
+    params: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    version: Mapped[ModelVersion] = relationship(back_populates="lineage")
