@@ -25,7 +25,7 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-"""ChatML: ``<|im_start|>role\\ncontent<|im_end|>`` turns, no implicit system prompt; used when a model has no template."""
+"""ChatML turns with no implicit system prompt; used when a model carries no template of its own."""
 
 
 def _raise(message: str) -> NoReturn:
