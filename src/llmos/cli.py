@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -24,6 +23,20 @@ from rich.table import Table
 
 from llmos.config import Settings
 from llmos.errors import LlmosError
+
+
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """Typer >= 0.29 raises usage errors from its vendored click; older releases from click itself."""
+    found: list[type[Exception]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(__import__(module, fromlist=["UsageError"]).UsageError)
+        except ImportError:
+            continue
+    return tuple(found)
+
+
+USAGE_ERRORS = _usage_error_types()
 
 if TYPE_CHECKING:
     from llmos.registry.service import ProgressFactory, Registry
@@ -316,7 +329,7 @@ def run(
         prompt = sys.stdin.read()
     with sdk.load_model(name, settings=settings()) as model:
         if prompt is not None:
-            _stream_out(model.stream_text(prompt, raw=raw, system=system, **options))
+            _stream_out(model.stream_text(prompt, raw=True if raw else None, system=system, **options))
             _print_stats(model, verbose)
             return
         _interactive(model, system, options, verbose)
@@ -418,11 +431,16 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app and turn every failure into one line and an exit code."""
     try:
         result = app(args=argv, standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-        err.print(f"[red]error:[/] {escape(exc.format_message())}{hint}", highlight=False)
+    except USAGE_ERRORS as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            out.print(ctx.get_help(), highlight=False)
+            sys.exit(0)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err.print(f"[red]error:[/] {escape(message)}{hint}", highlight=False)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err.print("[red]aborted[/]")
         sys.exit(130)
     except LlmosError as exc:

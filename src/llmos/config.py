@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,9 +59,6 @@ class Settings(BaseSettings):
             "Let llama.cpp use its CPU 'extra buffer types' (weight repacking, AMX on Intel). Faster; turn off if a"
             " CPU-specific kernel misbehaves (llama.cpp issue 20824)."
         ),
-    )
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
-        default="warning", description="Minimum level of log records written to stderr."
     )
 
     @field_validator("home", mode="after")

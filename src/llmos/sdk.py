@@ -9,7 +9,7 @@ Contract::
     for delta in model.stream_chat(messages): ...
 
 * ``generate_text`` sends the prompt as one user turn through the model's chat template (like Ollama's generate);
-  ``raw=True`` completes the prompt text exactly as given.
+  ``raw=True`` completes the prompt text exactly as given, which is the default for models without a template.
 * Decoding is greedy unless ``temperature`` is given (as in transformers' ``generate``). ``max_length`` is the most
   tokens to generate (``max_tokens`` is accepted as an alias).
 * Errors are :mod:`llmos.errors` exceptions. A ``Model`` holds native memory until :meth:`Model.close` (or the end
@@ -23,7 +23,7 @@ from typing import Any
 
 from llmos.config import Settings
 from llmos.engine.backends.llamacpp import LlamaCppModel
-from llmos.engine.chat_template import render_chat
+from llmos.engine.chat_template import render_chat, template_for
 from llmos.engine.generate import Generation, GenerationStats
 from llmos.errors import BackendUnavailableError, ModelNotFoundError
 from llmos.registry import sources
@@ -80,7 +80,7 @@ class Model:
         """The exact prompt text the model sees for ``messages``."""
         return render_chat(
             _as_messages(messages),
-            self.info.chat_template,
+            template_for(self.info.chat_template, self.info.architecture),
             bos_token=self.info.tokenizer.get("bos_token"),
             eos_token=self.info.tokenizer.get("eos_token"),
             add_generation_prompt=add_generation_prompt,
@@ -106,17 +106,23 @@ class Model:
             self.last_stats = generation.stats
 
     def stream_text(
-        self, prompt: str, *, raw: bool = False, system: str | None = None, **sampling: Any
+        self, prompt: str, *, raw: bool | None = None, system: str | None = None, **sampling: Any
     ) -> Iterator[str]:
-        """Stream the answer to ``prompt`` (or, with ``raw=True``, its continuation) as text deltas."""
+        """Stream the answer to ``prompt`` (or, with ``raw=True``, its continuation) as text deltas.
+
+        ``raw=None`` (the default) means raw only for models without a chat template of their own (base models),
+        as Ollama does.
+        """
         params = sampling_params(**sampling)
+        if raw is None:
+            raw = self.info.chat_template is None
         if raw:
             return self._stream(prompt, params, template_rendered=False)
         messages = [ChatMessage("system", system)] if system is not None else []
         messages.append(ChatMessage("user", prompt))
         return self._stream(self.render(messages), params, template_rendered=True)
 
-    def generate_text(self, prompt: str, *, raw: bool = False, system: str | None = None, **sampling: Any) -> str:
+    def generate_text(self, prompt: str, *, raw: bool | None = None, system: str | None = None, **sampling: Any) -> str:
         return "".join(self.stream_text(prompt, raw=raw, system=system, **sampling))
 
     def stream_chat(self, messages: Iterable[MessageLike], **sampling: Any) -> Iterator[str]:

@@ -28,6 +28,26 @@ CHATML_TEMPLATE = (
 """ChatML turns with no implicit system prompt; used when a model carries no template of its own."""
 
 
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\\n\\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') + message['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+"""Gemma 1-3 turns (``<start_of_turn>user`` / ``model``); a system message is folded into the first user turn."""
+
+_BY_ARCHITECTURE = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
+
+
+def template_for(own_template: str | None, architecture: str | None) -> str:
+    """The template to use: the model's own, else a known one for its architecture, else ChatML."""
+    if own_template:
+        return own_template
+    return _BY_ARCHITECTURE.get((architecture or "").lower(), CHATML_TEMPLATE)
+
+
 def _raise(message: str) -> NoReturn:
     raise InvalidInputError(f"the model's chat template rejected the messages: {message}", param="messages")
 

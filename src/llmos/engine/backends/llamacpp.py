@@ -28,6 +28,15 @@ from llmos.types import SamplingParams
 
 _init_lock = threading.Lock()
 _lib: ModuleType | None = None
+_silent_log: Any = None
+
+
+def _make_silent_log(lib: ModuleType) -> Any:
+    @lib.llama_log_callback  # type: ignore[untyped-decorator]
+    def silent(_level: int, _text: bytes, _user_data: Any) -> None:
+        return None
+
+    return silent
 
 
 def load_library() -> ModuleType:
@@ -43,6 +52,10 @@ def load_library() -> ModuleType:
                     "the llama.cpp backend is not installed; run `make install` (or pip install 'llmos[llamacpp]')"
                 ) from exc
             llama_logger.logger.setLevel(logging.DEBUG if os.environ.get("LLMOS_LLAMACPP_VERBOSE") else logging.ERROR)
+            if not os.environ.get("LLMOS_LLAMACPP_VERBOSE"):
+                global _silent_log
+                _silent_log = _make_silent_log(llama_cpp)  # keep a reference: C holds the pointer
+                llama_cpp.llama_log_set(_silent_log, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _lib = llama_cpp
         return _lib

@@ -1,0 +1,124 @@
+"""The registry through the real CLI and a real SQLite store: digests, dedup, tags, removal, verification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tests.helpers import gguf_bytes, run_cli, store_snapshot
+
+
+def sha256_file(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def blob_files(home: Path) -> list[Path]:
+    return sorted(p for p in (home / "blobs" / "sha256").rglob("*") if p.is_file())
+
+
+def test_pull_registers_the_bundled_model_with_content_digests(home: Path, smollm2_file: Path) -> None:
+    result = run_cli(home, "pull", "smollm2")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(run_cli(home, "list", "--json").stdout)
+    assert [entry["name"] for entry in listed] == ["smollm2:latest"]
+    entry = listed[0]
+    assert entry["files"][0]["digest"] == sha256_file(smollm2_file)  # the GGUF's own bytes
+    assert (entry["format"], entry["architecture"], entry["quantization"]) == ("gguf", "llama", "Q4_1")
+    shown = json.loads(run_cli(home, "show", "smollm2", "--json").stdout)
+    manifest = shown["manifest"].encode()
+    assert entry["digest"] == "sha256:" + hashlib.sha256(manifest).hexdigest()  # version id = manifest digest
+    assert json.loads(manifest)["files"][0]["digest"] == entry["files"][0]["digest"]
+    assert shown["lineage"][0]["operation"] == "pull"
+    # pulling again changes nothing
+    before = store_snapshot(home)
+    assert run_cli(home, "pull", "smollm2").returncode == 0
+    after = store_snapshot(home)
+    assert before["files"] == after["files"]
+    assert len(after["rows"]["model_versions"]) == 1
+
+
+def test_same_file_twice_is_stored_once_and_blobs_follow_references(home: Path, tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(gguf_bytes())
+    for name in ("tiny:one", "other/tiny:two"):
+        result = run_cli(home, "import", str(model), "--name", name)
+        assert result.returncode == 0, result.stderr
+    assert len(blob_files(home)) == 1
+    assert blob_files(home)[0].read_bytes() == model.read_bytes()
+
+    assert run_cli(home, "rm", "tiny:one").returncode == 0
+    assert len(blob_files(home)) == 1, "the other name still references the blob"
+    names = [e["name"] for e in json.loads(run_cli(home, "list", "--json").stdout)]
+    assert names == ["other/tiny:two"]
+
+    assert run_cli(home, "rm", "other/tiny:two").returncode == 0
+    assert blob_files(home) == []
+    assert json.loads(run_cli(home, "list", "--json").stdout) == []
+    assert all(rows == [] for table, rows in store_snapshot(home)["rows"].items() if table != "alembic_version")
+
+
+def test_tags_move_and_an_untagged_version_goes_away(home: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    first.write_bytes(gguf_bytes())
+    second.write_bytes(gguf_bytes(tensors=[("token_embd.weight", (16, 4), 0)]))
+    assert run_cli(home, "import", str(first), "--name", "m").returncode == 0
+    assert run_cli(home, "tag", "m", "m:stable").returncode == 0
+    assert run_cli(home, "import", str(second), "--name", "m").returncode == 0  # moves m:latest
+    listed = {e["name"]: e for e in json.loads(run_cli(home, "list", "--json").stdout)}
+    assert set(listed) == {"m:latest", "m:stable"}
+    assert listed["m:latest"]["digest"] != listed["m:stable"]["digest"]
+    assert len(blob_files(home)) == 2
+    assert run_cli(home, "rm", "m:stable").returncode == 0
+    assert len(blob_files(home)) == 1  # the first version lost its last tag, and its blob with it
+    digest = listed["m:latest"]["digest"]
+    assert run_cli(home, "rm", f"m@{digest}").returncode == 0
+    assert blob_files(home) == []
+
+
+def test_verify_detects_a_blob_changed_on_disk(home: Path, tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(gguf_bytes())
+    assert run_cli(home, "import", str(model), "--name", "tiny").returncode == 0
+    ok = run_cli(home, "verify")
+    assert ok.returncode == 0, ok.stderr
+    assert "verified 1 blob(s): ok" in ok.stderr
+    blob = blob_files(home)[0]
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    bad = run_cli(home, "verify", "--json")
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert report["ok"] is False
+    assert report["corrupt"] == ["sha256:" + blob.name]
+    assert report["affected"]["sha256:" + blob.name][0].startswith("tiny@sha256:")
+
+
+def test_verify_reports_a_missing_blob(home: Path, tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(gguf_bytes())
+    assert run_cli(home, "import", str(model), "--name", "tiny").returncode == 0
+    blob_files(home)[0].unlink()
+    result = run_cli(home, "verify", "--json")
+    assert result.returncode == 1
+    assert len(json.loads(result.stdout)["missing"]) == 1
+
+
+def test_unknown_names_fail_cleanly(home: Path) -> None:
+    for args in (("show", "nothing"), ("rm", "nothing:v1"), ("run", "nothing", "hi")):
+        result = run_cli(home, *args)
+        assert result.returncode == 1
+        assert "not found" in result.stderr
+        assert "Traceback" not in result.stderr
+    pulled = run_cli(home, "pull", "no-such-model")
+    assert pulled.returncode == 1
+    assert "smollm2" in pulled.stderr and "gemma3-270m" in pulled.stderr
+
+
+def test_config_and_version_commands(home: Path) -> None:
+    config = json.loads(run_cli(home, "config", "--json").stdout)
+    assert config["home"] == str(home)
+    version = run_cli(home, "version")
+    assert version.returncode == 0
+    assert "llmos" in version.stdout and "llama-cpp-python 0.3.36" in version.stdout
