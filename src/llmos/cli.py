@@ -388,6 +388,122 @@ def _interactive(model: Any, system: str | None, options: dict[str, Any], verbos
         _print_stats(model, verbose)
 
 
+# --- server ---------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port to listen on (default 8470).")] = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", "-m", help="Model to load at startup (repeatable).")
+    ] = None,
+) -> None:
+    """Serve the OpenAI-compatible HTTP API (and /health, /metrics, /admin/runtime)."""
+    import uvicorn
+
+    from llmos.api.app import create_app
+    from llmos.registry.names import parse_ref
+
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    effective = settings().model_copy(update=overrides)
+    for name in model or []:
+        parse_ref(name)
+    open_registry().close()  # apply migrations and surface store errors before binding the port
+    app = create_app(effective, preload=model or [])
+    err.print(f"llmos serving on http://{effective.host}:{effective.port} (OpenAI API under /v1)")
+    uvicorn.run(app, host=effective.host, port=effective.port, log_level="warning", access_log=False)
+
+
+def _server_url(url: str | None) -> str:
+    return url or f"http://{settings().host}:{settings().port}"
+
+
+@app.command()
+def ps(
+    url: Annotated[str | None, typer.Option("--url", help="Server address (default from LLMOS_HOST/PORT).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show what a running server has loaded and is doing."""
+    import httpx
+
+    from llmos.errors import BackendUnavailableError
+
+    base = _server_url(url)
+    try:
+        response = httpx.get(f"{base}/admin/runtime", timeout=10)
+    except httpx.HTTPError as exc:
+        raise BackendUnavailableError(f"no llmos server answers at {base} ({type(exc).__name__})") from exc
+    if response.status_code != 200:
+        raise BackendUnavailableError(f"{base}/admin/runtime answered {response.status_code}")
+    models = response.json()["models"]
+    if as_json:
+        print_json(models)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "ID", "BACKEND", "SIZE", "RUNNING", "WAITING", "KV USED", "TOKENS OUT"):
+        table.add_column(column)
+    for m in models:
+        kv = f"{m['kv_cells_used']}/{m['kv_cells_total']}"
+        table.add_row(
+            escape(m["name"]),
+            m["digest"].split(":", 1)[1][:12],
+            m["backend"],
+            human_size(m["size"]),
+            f"{m['running']}/{m['slots']}",
+            str(m["waiting"]),
+            kv,
+            str(m["generated_tokens"]),
+        )
+    out.print(table)
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
+    levels: Annotated[str, typer.Option("--levels", help="Comma-separated client counts.")] = "1,4,16,64",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Output tokens per request.")] = 128,
+    peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Also run llama_cpp.server.")] = True,
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="Where server logs go.")] = Path("bench-logs"),
+) -> None:
+    """Benchmark `llmos serve` against llama_cpp.server on the same GGUF (streaming chat, several client counts)."""
+    from llmos.bench.serving import format_table, run_benchmark
+    from llmos.errors import InvalidInputError
+
+    try:
+        counts = [int(x) for x in levels.split(",") if x.strip()]
+    except ValueError as exc:
+        raise InvalidInputError(f"--levels must be comma-separated integers, got {levels!r}") from exc
+    registry = open_registry()
+    resolved = registry.resolve(model)
+    registry.close()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    effective = settings()
+    err.print(f"CPU: {_cpu_name()}; threads {effective.threads}; model {resolved.view.name}")
+    sides = run_benchmark(
+        resolved.view.name,
+        resolved.primary_path,
+        counts,
+        max_tokens,
+        effective.threads,
+        effective.context_length,
+        state.home,
+        log_dir,
+        peer=peer,
+    )
+    out.print(format_table(sides), highlight=False)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 # --- system ---------------------------------------------------------------------------------------------------------
 
 

@@ -46,12 +46,33 @@ class Settings(BaseSettings):
         description="CPU threads llama.cpp uses for a forward pass (default: the CPUs this process may use).",
     )
     context_length: int = Field(
-        default=4096,
+        default=2048,
         ge=64,
-        description="Context window a model is loaded with, capped at the model's own trained length.",
+        description=(
+            "Context window of each sequence (prompt + completion), capped at the model's trained length. KV memory"
+            " per model grows with context_length x max_running."
+        ),
     )
     batch_size: int = Field(
-        default=512, ge=1, description="Largest number of prompt tokens llama.cpp evaluates in one call."
+        default=512, ge=1, description="Most tokens (all sequences together) evaluated in one forward pass."
+    )
+    max_running: int = Field(
+        default=16, ge=1, le=256, description="Sequences a served model decodes together (its KV slots)."
+    )
+    max_waiting: int = Field(
+        default=64,
+        ge=0,
+        description="Requests that may queue per model when all slots are busy; beyond that, new ones get 503.",
+    )
+    max_prefill_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Prompt tokens per step while other sequences are decoding (chunked prefill keeps them flowing).",
+    )
+    host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
+    port: int = Field(default=8470, ge=1, le=65535, description="Port `llmos serve` listens on.")
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted (larger gets 413)."
     )
     llamacpp_extra_buffers: bool = Field(
         default=True,

@@ -61,6 +61,11 @@ class UnsafeFormatError(InvalidModelFileError):
     code = "unsafe_format"
 
 
+class PayloadTooLargeError(InvalidInputError):
+    code = "request_too_large"
+    status = 413
+
+
 # --- lookup errors (404) --------------------------------------------------------------------------------------------
 
 
@@ -115,6 +120,24 @@ class BackendUnavailableError(LlmosError):
     """An inference backend is not installed or cannot run on this machine."""
 
     code = "backend_unavailable"
+    type = "server_error"
+    status = 503
+
+
+class OverloadedError(LlmosError):
+    """Admission control refused the request: the waiting queue is full. Retry after ``retry_after`` seconds."""
+
+    code = "server_overloaded"
+    type = "server_error"
+    status = 503
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineStoppedError(LlmosError):
+    code = "engine_stopped"
     type = "server_error"
     status = 503
 

@@ -8,31 +8,56 @@ Contract::
     model.chat([{"role": "user", "content": "Hi"}])
     for delta in model.stream_chat(messages): ...
 
+* Generation runs on the same engine as the server (continuous batching on a dedicated decode thread), so a
+  ``Model`` may be used from several threads at once and their requests are batched together.
 * ``generate_text`` sends the prompt as one user turn through the model's chat template (like Ollama's generate);
   ``raw=True`` completes the prompt text exactly as given, which is the default for models without a template.
 * Decoding is greedy unless ``temperature`` is given (as in transformers' ``generate``). ``max_length`` is the most
   tokens to generate (``max_tokens`` is accepted as an alias).
-* Errors are :mod:`llmos.errors` exceptions. A ``Model`` holds native memory until :meth:`Model.close` (or the end
-  of a ``with`` block).
+* Errors are :mod:`llmos.errors` exceptions. A ``Model`` holds native memory and a thread until
+  :meth:`Model.close` (or the end of a ``with`` block). Abandoning a stream cancels its request.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from llmos.config import Settings
-from llmos.engine.backends.llamacpp import LlamaCppModel
-from llmos.engine.chat_template import render_chat, template_for
-from llmos.engine.generate import Generation, GenerationStats
-from llmos.errors import BackendUnavailableError, ModelNotFoundError
+from llmos.engine.request import GenerationRequest
+from llmos.engine.streams import SyncOutputStream
+from llmos.errors import ModelNotFoundError
 from llmos.registry import sources
 from llmos.registry.names import parse_ref
 from llmos.registry.service import Registry
-from llmos.registry.views import VersionView
-from llmos.types import ChatMessage, SamplingParams
+from llmos.runtime.model import LoadedModel, load
+from llmos.types import ChatMessage, FinishReason, SamplingParams
 
 MessageLike = ChatMessage | Mapping[str, Any]
+SDK_SLOTS = 4
+"""Sequences an SDK model decodes together (threads sharing one Model are batched)."""
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_seconds: float
+    decode_seconds: float
+    finish_reason: FinishReason
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first, over the time spent producing them (the first comes with the prompt pass)."""
+        if self.completion_tokens <= 1 or self.decode_seconds <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / self.decode_seconds
 
 
 def _as_messages(messages: Iterable[MessageLike]) -> list[ChatMessage]:
@@ -46,18 +71,18 @@ def _as_messages(messages: Iterable[MessageLike]) -> list[ChatMessage]:
 
 
 class Model:
-    """A model loaded for generation. Not thread-safe: use one Model per thread (or the server)."""
+    """A model loaded for generation."""
 
-    def __init__(self, view: VersionView, backend: LlamaCppModel) -> None:
-        self.info = view
-        self.name = view.name
-        self._backend = backend
+    def __init__(self, loaded: LoadedModel) -> None:
+        self._loaded = loaded
+        self.info = loaded.view
+        self.name = loaded.view.name
         self.last_stats: GenerationStats | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._backend.close()
+        self._loaded.close()
 
     def __enter__(self) -> Model:
         return self
@@ -71,39 +96,44 @@ class Model:
     # --- tokens -----------------------------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        return self._backend.tokenize(text, add_special=False, parse_special=False)
+        return self._loaded.backend.tokenize(text, add_special=False, parse_special=False)
 
     def detokenize(self, tokens: list[int]) -> str:
-        return self._backend.detokenize(tokens)
+        return self._loaded.backend.detokenize(tokens)
 
     def render(self, messages: Iterable[MessageLike], *, add_generation_prompt: bool = True) -> str:
         """The exact prompt text the model sees for ``messages``."""
-        return render_chat(
-            _as_messages(messages),
-            template_for(self.info.chat_template, self.info.architecture),
-            bos_token=self.info.tokenizer.get("bos_token"),
-            eos_token=self.info.tokenizer.get("eos_token"),
-            add_generation_prompt=add_generation_prompt,
-        )
-
-    def _prompt_tokens(self, text: str) -> list[int]:
-        bos = self.info.tokenizer.get("bos_token")
-        starts_with_bos = bool(bos) and text.startswith(str(bos))
-        return self._backend.tokenize(text, add_special=not starts_with_bos, parse_special=True)
+        return self._loaded.render(_as_messages(messages), add_generation_prompt=add_generation_prompt)
 
     # --- generation -------------------------------------------------------------------------------------------------
 
-    def _stream(self, prompt_text: str, params: SamplingParams, *, template_rendered: bool) -> Iterator[str]:
-        tokens = (
-            self._prompt_tokens(prompt_text)
-            if template_rendered
-            else self._backend.tokenize(prompt_text, add_special=True, parse_special=False)
-        )
-        generation = Generation(self._backend, tokens, params)
+    def _stream(self, prompt_tokens: list[int], params: SamplingParams) -> Iterator[str]:
+        engine = self._loaded.engine
+        stream = SyncOutputStream()
+        request = GenerationRequest(prompt_tokens, params)
+        started = time.monotonic()
+        engine.submit(request, stream)
+        first: float | None = None
+        finished = False
         try:
-            yield from generation
+            for output in stream:
+                if first is None and (output.token_ids or output.finished):
+                    first = output.time
+                if output.text:
+                    yield output.text
+                if output.finished:
+                    finished = True
+                    first = first or output.time
+                    self.last_stats = GenerationStats(
+                        prompt_tokens=output.prompt_tokens,
+                        completion_tokens=output.completion_tokens,
+                        prompt_seconds=first - started,
+                        decode_seconds=output.time - first,
+                        finish_reason=output.finish_reason or "stop",
+                    )
         finally:
-            self.last_stats = generation.stats
+            if not finished:
+                engine.abort(request.request_id)
 
     def stream_text(
         self, prompt: str, *, raw: bool | None = None, system: str | None = None, **sampling: Any
@@ -117,16 +147,17 @@ class Model:
         if raw is None:
             raw = self.info.chat_template is None
         if raw:
-            return self._stream(prompt, params, template_rendered=False)
+            return self._stream(self._loaded.text_tokens(prompt), params)
         messages = [ChatMessage("system", system)] if system is not None else []
         messages.append(ChatMessage("user", prompt))
-        return self._stream(self.render(messages), params, template_rendered=True)
+        return self._stream(self._loaded.chat_tokens(messages), params)
 
     def generate_text(self, prompt: str, *, raw: bool | None = None, system: str | None = None, **sampling: Any) -> str:
         return "".join(self.stream_text(prompt, raw=raw, system=system, **sampling))
 
     def stream_chat(self, messages: Iterable[MessageLike], **sampling: Any) -> Iterator[str]:
-        return self._stream(self.render(messages), sampling_params(**sampling), template_rendered=True)
+        tokens = self._loaded.chat_tokens(_as_messages(messages))
+        return self._stream(tokens, sampling_params(**sampling))
 
     def chat(self, messages: Iterable[MessageLike], **sampling: Any) -> str:
         return "".join(self.stream_chat(messages, **sampling))
@@ -164,15 +195,4 @@ def load_model(name: str = "smollm2", *, settings: Settings | None = None, pull:
             resolved = registry.resolve(name)
     finally:
         registry.close()
-    if resolved.view.format != "gguf":
-        raise BackendUnavailableError(
-            f"{resolved.view.name} is a {resolved.view.format} model; only GGUF models can be run so far"
-        )
-    backend = LlamaCppModel(
-        resolved.primary_path,
-        n_ctx=settings.context_length,
-        n_batch=settings.batch_size,
-        threads=settings.threads,
-        extra_buffers=settings.llamacpp_extra_buffers,
-    )
-    return Model(resolved.view, backend)
+    return Model(load(resolved, settings, max_running=SDK_SLOTS))

@@ -1,10 +1,11 @@
 """llama.cpp backend over the low-level C API of llama-cpp-python.
 
-Contract: :class:`LlamaCppModel` owns one ``llama_model`` and one ``llama_context`` and exposes what the engine
-needs and nothing more: tokenize / token bytes, end-of-generation tests, per-sequence samplers, and
-:meth:`LlamaCppModel.decode` of a batch that may mix several sequences (each with its own positions in the shared
-KV cache). It is not thread-safe: exactly one thread at a time may call into a model (the engine gives each model
-one decode thread). Native resources are freed by :meth:`close`; using a closed model raises.
+Contract: :class:`LlamaCppModel` implements :class:`llmos.engine.backends.base.Backend` over one ``llama_model``
+and one ``llama_context``: tokenize / token bytes, end-of-generation tests, per-sequence sampler chains (optionally
+grammar-constrained), logprobs, and :meth:`LlamaCppModel.decode` of a batch that mixes several sequences. Each
+sequence slot has its own KV stream of ``n_ctx_seq`` cells (llama.cpp's non-unified KV cache), so attention work
+stays proportional to each sequence's own length. Not thread-safe: exactly one thread at a time may call into a
+model (the engine gives each model one decode thread). Native resources are freed by :meth:`close`.
 
 Build notes (see README, "llama.cpp build"): llmos installs llama-cpp-python compiled with ``GGML_OPENMP=OFF`` so
 decode runs at full speed off the main thread, and native CPU flags. ``Settings.llamacpp_extra_buffers`` turns off
@@ -18,11 +19,13 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
+from llmos.engine.backends.base import BatchItem, TokenLogprob
 from llmos.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
 from llmos.types import SamplingParams
 
@@ -67,22 +70,13 @@ def system_info() -> str:
     return bytes(lib.llama_print_system_info()).decode("utf-8", errors="replace").strip()
 
 
-@dataclass(frozen=True)
-class BatchItem:
-    """Tokens of one sequence to append to its KV cache; ``want_logits`` asks for logits of the last token."""
-
-    seq_id: int
-    tokens: Sequence[int]
-    start_pos: int
-    want_logits: bool = True
-
-
 class Sampler:
-    """A llama.cpp sampler chain for one sequence (penalties, bias, top-k/p, min-p, temperature, seed)."""
+    """A llama.cpp sampler chain for one sequence: grammar, bias, penalties, top-k/p, min-p, temperature, seed."""
 
-    def __init__(self, model: LlamaCppModel, params: SamplingParams) -> None:
+    def __init__(self, model: LlamaCppModel, params: SamplingParams, grammar: str | None = None) -> None:
         lib = model.lib
         self._lib = lib
+        self._model = model
         chain_params = lib.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self._chain = lib.llama_sampler_chain_init(chain_params)
@@ -90,6 +84,12 @@ class Sampler:
         def add(sampler: Any) -> None:
             lib.llama_sampler_chain_add(self._chain, sampler)
 
+        if grammar is not None:
+            grammar_sampler = lib.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+            if not grammar_sampler:
+                self.close()
+                raise InvalidInputError("the response format could not be compiled into a grammar")
+            add(grammar_sampler)
         if params.logit_bias:
             biases = (lib.llama_logit_bias * len(params.logit_bias))()
             for i, (token, bias) in enumerate(params.logit_bias):
@@ -122,9 +122,9 @@ class Sampler:
             seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
             add(lib.llama_sampler_init_dist(seed))
 
-    def sample(self, ctx: Any, output_index: int) -> int:
-        """Pick the next token from the logits at ``output_index`` of the last decode (and record it)."""
-        return int(self._lib.llama_sampler_sample(self._chain, ctx, output_index))
+    def sample(self, output_row: int) -> int:
+        """Pick the next token from the logits at ``output_row`` of the last decode (and record it)."""
+        return int(self._lib.llama_sampler_sample(self._chain, self._model.context, output_row))
 
     def close(self) -> None:
         if self._chain is not None:
@@ -136,13 +136,13 @@ class Sampler:
 
 
 class LlamaCppModel:
-    """One GGUF model loaded into llama.cpp with a context for up to ``n_seq_max`` parallel sequences."""
+    """One GGUF model loaded into llama.cpp with KV room for ``n_seq_max`` sequences of ``n_ctx_seq`` tokens."""
 
     def __init__(
         self,
         path: Path,
         *,
-        n_ctx: int = 4096,
+        n_ctx_seq: int = 4096,
         n_batch: int = 512,
         n_seq_max: int = 1,
         threads: int = 2,
@@ -161,7 +161,9 @@ class LlamaCppModel:
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
         ctx_params = lib.llama_context_default_params()
-        ctx_params.n_ctx = min(n_ctx, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx
+        per_seq = min(n_ctx_seq, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx_seq
+        ctx_params.n_ctx = per_seq * n_seq_max
+        ctx_params.kv_unified = False
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
         ctx_params.n_seq_max = n_seq_max
@@ -175,6 +177,7 @@ class LlamaCppModel:
             raise ModelLoadError(f"llama.cpp could not create a context for {path.name}")
         self._memory = lib.llama_get_memory(self._ctx)
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
+        self.n_ctx_seq = int(lib.llama_n_ctx_seq(self._ctx))
         self.n_batch = n_batch
         self.n_seq_max = n_seq_max
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
@@ -202,6 +205,10 @@ class LlamaCppModel:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+    @property
+    def vocab(self) -> Any:
+        return self._vocab
 
     @property
     def context(self) -> Any:
@@ -246,16 +253,16 @@ class LlamaCppModel:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self._vocab, token))
 
-    def new_sampler(self, params: SamplingParams) -> Sampler:
-        return Sampler(self, params)
+    def new_sampler(self, params: SamplingParams, grammar: str | None = None) -> Sampler:
+        return Sampler(self, params, grammar)
 
     # --- compute ----------------------------------------------------------------------------------------------------
 
-    def decode(self, items: Sequence[BatchItem]) -> dict[int, int]:
+    def decode(self, items: Sequence[BatchItem]) -> dict[int, list[int]]:
         """Append each item's tokens to its sequence and run one forward pass.
 
-        The total number of tokens must not exceed ``n_batch``. Returns, for every item that asked for logits, the
-        output index to sample from (keyed by ``seq_id``).
+        The total number of tokens must not exceed ``n_batch``. Returns, per ``seq_id`` that asked for logits, the
+        rows to sample from (batch indices; one for ``"last"``, one per token for ``"all"``).
         """
         lib, batch = self.lib, self._batch
         total = sum(len(item.tokens) for item in items)
@@ -263,7 +270,7 @@ class LlamaCppModel:
             return {}
         if total > self.n_batch:
             raise ValueError(f"batch of {total} tokens exceeds n_batch={self.n_batch}")
-        outputs: dict[int, int] = {}
+        rows: dict[int, list[int]] = {}
         index = 0
         for item in items:
             last = len(item.tokens) - 1
@@ -272,16 +279,27 @@ class LlamaCppModel:
                 batch.pos[index] = item.start_pos + offset
                 batch.n_seq_id[index] = 1
                 batch.seq_id[index][0] = item.seq_id
-                wants = item.want_logits and offset == last
+                wants = item.logits == "all" or (item.logits == "last" and offset == last)
                 batch.logits[index] = wants
-                if wants:
-                    outputs[item.seq_id] = index
+                if wants:  # llama.cpp addresses logits by the token's index in the batch
+                    rows.setdefault(item.seq_id, []).append(index)
                 index += 1
         batch.n_tokens = total
         status = lib.llama_decode(self.context, batch)
         if status != 0:
             raise ModelLoadError(f"llama_decode failed with status {status} (KV cache full or invalid batch)")
-        return outputs
+        return rows
+
+    def logprobs(self, output_row: int, token: int, top_n: int) -> tuple[float, list[TokenLogprob]]:
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.context, output_row), shape=(self.n_vocab,))
+        shifted = logits - logits.max()
+        log_z = float(np.log(np.exp(shifted, dtype=np.float64).sum()))
+        chosen = float(shifted[token]) - log_z
+        if top_n <= 0:
+            return chosen, []
+        best = np.argpartition(-shifted, top_n)[:top_n] if top_n < self.n_vocab else np.arange(self.n_vocab)
+        best = best[np.argsort(-shifted[best])]
+        return chosen, [TokenLogprob(int(t), float(shifted[t]) - log_z) for t in best]
 
     def forget_sequence(self, seq_id: int, from_pos: int = 0) -> None:
         """Drop a sequence's KV cache entries from ``from_pos`` on (all of them by default)."""
@@ -289,8 +307,3 @@ class LlamaCppModel:
 
     def clear(self) -> None:
         self.lib.llama_memory_clear(self._memory, True)
-
-    def logits(self, output_index: int) -> list[float]:
-        """Raw logits at an output index of the last decode (for logprobs and tests)."""
-        pointer = self.lib.llama_get_logits_ith(self.context, output_index)
-        return list(pointer[: self.n_vocab])

@@ -1,0 +1,322 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions.
+
+Contract: each handler parses and validates the body (see :mod:`llmos.api.body`), resolves and loads the model in
+a worker thread, renders and tokenizes the prompt in a worker thread (the event loop never blocks on CPU work),
+checks the context window, submits every choice to the model's engine, and answers with one JSON body or an SSE
+stream. Semantics follow the OpenAI API reference: defaults ``temperature=1``, ``top_p=1``; ``max_tokens``
+defaults to the rest of the context for chat and 16 for completions; ``n`` choices with seeds ``seed + i``;
+``stop`` is applied on text and never split across chunks; ``finish_reason`` is ``stop`` or ``length``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from llmos.api.body import parse_body
+from llmos.api.errors import error_body
+from llmos.api.generation import Call, submit_all
+from llmos.api.openai import render
+from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from llmos.api.state import AppState
+from llmos.engine.grammar import json_object_grammar, json_schema_grammar
+from llmos.engine.request import GenerationRequest, Logprob
+from llmos.errors import InvalidInputError, LlmosError
+from llmos.runtime.model import LoadedModel
+from llmos.types import ChatMessage, SamplingParams
+
+router = APIRouter()
+
+ROLE_MAP = {"developer": "system"}
+
+
+def app_state(request: Request) -> AppState:
+    state: AppState = request.app.state.llmos
+    return state
+
+
+async def load_model(state: AppState, name: str) -> LoadedModel:
+    return await to_thread.run_sync(state.manager.get, name)
+
+
+def sampling(body: SamplingFields, max_tokens: int, index: int, n_vocab: int) -> SamplingParams:
+    bias: tuple[tuple[int, float], ...] = ()
+    if body.logit_bias:
+        for key in body.logit_bias:
+            if int(key) >= n_vocab:
+                raise InvalidInputError(f"logit_bias token id {key} is outside the vocabulary", param="logit_bias")
+        bias = tuple((int(k), v) for k, v in body.logit_bias.items())
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        repeat_penalty=body.repeat_penalty or 1.0,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        seed=None if body.seed is None else body.seed + index,
+        stop=body.stops(),
+        logit_bias=bias,
+    )
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def error_event(exc: LlmosError) -> bytes:
+    return render.sse(error_body(exc.message, exc.type, exc.code, exc.param))
+
+
+# --- models ---------------------------------------------------------------------------------------------------------
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    state = app_state(request)
+    views = await to_thread.run_sync(state.manager.registry.list_versions)
+    return {"object": "list", "data": [render.model_object(v) for v in views]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request) -> dict[str, Any]:
+    state = app_state(request)
+    view = await to_thread.run_sync(state.manager.registry.show, model)
+    return render.model_object(view)
+
+
+# --- chat -----------------------------------------------------------------------------------------------------------
+
+
+def _grammar(body: ChatCompletionRequest) -> str | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_object_grammar()
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise InvalidInputError("response_format json_schema needs a 'json_schema.schema'", param="response_format")
+    return json_schema_grammar(fmt.json_schema.schema_)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Any:
+    arrived = time.monotonic()
+    state = app_state(request)
+    body = await parse_body(request, ChatCompletionRequest, state.settings.max_request_bytes)
+    grammar = await to_thread.run_sync(_grammar, body)
+    model = await load_model(state, body.model)
+    messages = [ChatMessage(ROLE_MAP.get(m.role, m.role), m.text()) for m in body.messages]  # type: ignore[arg-type]
+    prompt = await to_thread.run_sync(model.chat_tokens, messages)
+    limit = body.limit()
+    model.engine.check_fits(len(prompt), limit)
+    max_tokens = limit if limit is not None else model.engine.max_context - len(prompt)
+    top = body.top_logprobs or 0
+    requests = [
+        GenerationRequest(
+            prompt,
+            sampling(body, max_tokens, i, model.backend.n_vocab),
+            logprobs=top if body.logprobs else None,
+            grammar=grammar,
+            priority=body.priority,
+        )
+        for i in range(body.n)
+    ]
+    call = submit_all(model, requests, state.metrics, prompt_tokens=len(prompt), arrived=arrived)
+    completion_id, created = new_id("chatcmpl"), int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _chat_stream(call, completion_id, created, model.name, len(prompt), include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    texts: dict[int, list[str]] = {i: [] for i in range(body.n)}
+    logprobs: dict[int, list[Logprob]] = {i: [] for i in range(body.n)}
+    reasons: dict[int, str] = {}
+    completion_tokens = 0
+    async for index, output in call.outputs():
+        texts[index].append(output.text)
+        logprobs[index].extend(output.logprobs or [])
+        if output.finished:
+            reasons[index] = output.finish_reason or "stop"
+            completion_tokens += output.completion_tokens
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+            "logprobs": render.chat_logprobs(logprobs[i]) if body.logprobs else None,
+            "finish_reason": reasons[i],
+        }
+        for i in range(body.n)
+    ]
+    return render.chat_completion(completion_id, created, model.name, choices, len(prompt), completion_tokens)
+
+
+async def _chat_stream(
+    call: Call, completion_id: str, created: int, model: str, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[bytes]:
+    completion_tokens = 0
+    try:
+        for index in range(len(call.requests)):
+            yield render.sse(
+                render.chat_chunk(completion_id, created, model, index, {"role": "assistant", "content": ""})
+            )
+        want_logprobs = call.requests[0].logprobs is not None
+        async for index, output in call.outputs():
+            logprobs = render.chat_logprobs(output.logprobs or []) if want_logprobs and output.logprobs else None
+            if output.text or logprobs:
+                delta = {"content": output.text}
+                yield render.sse(render.chat_chunk(completion_id, created, model, index, delta, logprobs=logprobs))
+            if output.finished:
+                completion_tokens += output.completion_tokens
+                yield render.sse(
+                    render.chat_chunk(completion_id, created, model, index, {}, finish_reason=output.finish_reason)
+                )
+        if include_usage:
+            usage = render.usage(prompt_tokens, completion_tokens)
+            yield render.sse(render.usage_chunk(completion_id, created, model, "chat.completion.chunk", usage))
+        yield render.SSE_DONE
+    except LlmosError as exc:
+        yield error_event(exc)
+
+
+# --- completions ----------------------------------------------------------------------------------------------------
+
+
+def _prompt_token_lists(body: CompletionRequest, model: LoadedModel) -> list[tuple[list[int], str]]:
+    """Every prompt of the request as (tokens, text); token-array prompts are checked against the vocabulary."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        items: list[str | list[int]] = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)  # type: ignore[arg-type]
+    result = []
+    for item in items:
+        if isinstance(item, str):
+            result.append((model.text_tokens(item), item))
+        else:
+            if any(not 0 <= t < model.backend.n_vocab for t in item):
+                raise InvalidInputError("prompt token ids must be within the vocabulary", param="prompt")
+            result.append((list(item), model.backend.detokenize(item)))
+    return result
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Any:
+    arrived = time.monotonic()
+    state = app_state(request)
+    body = await parse_body(request, CompletionRequest, state.settings.max_request_bytes)
+    if body.suffix is not None:
+        raise InvalidInputError("suffix (fill-in-the-middle) is not supported by llmos", param="suffix")
+    if body.max_tokens == 0 and not body.echo:
+        raise InvalidInputError(
+            "max_tokens must be at least 1 unless echo is true (prompt scoring)", param="max_tokens"
+        )
+    model = await load_model(state, body.model)
+    prompts = await to_thread.run_sync(_prompt_token_lists, body, model)
+    for tokens, _text in prompts:
+        model.engine.check_fits(len(tokens), body.max_tokens)
+    score_prompt = body.echo and body.logprobs is not None
+    requests = [
+        GenerationRequest(
+            tokens,
+            sampling(body, body.max_tokens, j, model.backend.n_vocab),
+            logprobs=body.logprobs,
+            prompt_logprobs=score_prompt,
+            priority=body.priority,
+        )
+        for tokens, _text in prompts
+        for j in range(body.n)
+    ]
+    prompt_tokens = sum(len(tokens) for tokens, _text in prompts)
+    call = submit_all(model, requests, state.metrics, prompt_tokens=prompt_tokens, arrived=arrived)
+    completion_id, created = new_id("cmpl"), int(time.time())
+    echoes = [text for _tokens, text in prompts for _ in range(body.n)]
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _completion_stream(call, body, completion_id, created, model.name, echoes, prompt_tokens, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    count = len(requests)
+    texts: dict[int, list[str]] = {i: [] for i in range(count)}
+    prompt_lps: dict[int, list[Logprob]] = {i: [] for i in range(count)}
+    output_lps: dict[int, list[Logprob]] = {i: [] for i in range(count)}
+    reasons: dict[int, str] = {}
+    completion_tokens = 0
+    async for index, output in call.outputs():
+        texts[index].append(output.text)
+        prompt_lps[index].extend(output.prompt_logprobs or [])
+        output_lps[index].extend(output.logprobs or [])
+        if output.finished:
+            reasons[index] = output.finish_reason or "stop"
+            completion_tokens += output.completion_tokens
+    choices = []
+    for i in range(count):
+        text = "".join(texts[i])
+        logprobs = None
+        if body.logprobs is not None:
+            items = (prompt_lps[i] if body.echo else []) + output_lps[i]
+            logprobs = render.completion_logprobs(items)
+        choices.append(
+            {
+                "index": i,
+                "text": (echoes[i] + text) if body.echo else text,
+                "logprobs": logprobs,
+                "finish_reason": reasons[i],
+            }
+        )
+    usage = render.usage(prompt_tokens, completion_tokens)
+    return render.text_completion(completion_id, created, model.name, choices, usage)
+
+
+async def _completion_stream(
+    call: Call,
+    body: CompletionRequest,
+    completion_id: str,
+    created: int,
+    model: str,
+    echoes: list[str],
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    completion_tokens = 0
+    try:
+        if body.echo:
+            for index, echo in enumerate(echoes):
+                choice = {"index": index, "text": echo, "logprobs": None, "finish_reason": None}
+                yield render.sse(render.text_completion(completion_id, created, model, [choice], None))
+        async for index, output in call.outputs():
+            logprobs = None
+            if body.logprobs is not None and output.logprobs:
+                logprobs = render.completion_logprobs(output.logprobs)
+            if output.text or logprobs or output.finished:
+                if output.finished:
+                    completion_tokens += output.completion_tokens
+                choice = {
+                    "index": index,
+                    "text": output.text,
+                    "logprobs": logprobs,
+                    "finish_reason": output.finish_reason if output.finished else None,
+                }
+                yield render.sse(render.text_completion(completion_id, created, model, [choice], None))
+        if include_usage:
+            usage = render.usage(prompt_tokens, completion_tokens)
+            yield render.sse(render.usage_chunk(completion_id, created, model, "text_completion", usage))
+        yield render.SSE_DONE
+    except LlmosError as exc:
+        yield error_event(exc)
+
+
+__all__ = ["JSONResponse", "router"]

@@ -1,0 +1,1 @@
+"""Benchmarks that compare llmos against a peer in one run."""

@@ -1,0 +1,265 @@
+"""Serving benchmark: llmos against llama-cpp-python's ``llama_cpp.server`` on the same GGUF, in one run.
+
+Contract: :func:`run_benchmark` starts each server as a subprocess on a free loopback port (llmos first, then the
+peer), checks that both answer the Paris question correctly, drives both with the same streaming chat workload at
+each concurrency level (distinct prompts, ``max_tokens`` output tokens, greedy), stops the server, and returns per
+level: aggregate output tok/s, time to first token p50/p95, end-to-end p50/p95, errors, and for llmos the latency of
+``/health`` probed while the streams run. :func:`format_table` prints it with llmos/peer ratios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+TOPICS = [
+    "a lighthouse keeper", "a robot chef", "a lost dragon", "a desert city", "a time traveller", "a river spirit",
+    "a mountain village", "an old library", "a sky whale", "a clockwork bird", "a pirate astronomer", "a winter fox",
+    "a jazz musician", "a glass forest", "a night market", "a moon garden",
+]  # fmt: skip
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    tokens: int = 0
+    ttft: float = 0.0
+    total: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    wall: float
+    results: list[RequestResult]
+    health_latencies: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[RequestResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def errors(self) -> int:
+        return len(self.results) - len(self.ok)
+
+    @property
+    def throughput(self) -> float:
+        return sum(r.tokens for r in self.ok) / self.wall if self.wall else 0.0
+
+    def pct(self, attr: str, q: float) -> float:
+        values = sorted(getattr(r, attr) for r in self.ok)
+        if not values:
+            return float("nan")
+        return float(values[min(len(values) - 1, round(q * (len(values) - 1)))])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server(command: list[str], ready_url: str, env: dict[str, str], log_path: Path) -> Iterator[None]:
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(f"server exited with {process.returncode}; see {log_path}")
+                try:
+                    if httpx.get(ready_url, timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise RuntimeError(f"server not ready after 180 s; see {log_path}")
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+async def one_request(client: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int) -> RequestResult:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    try:
+        async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return RequestResult(False, error=f"HTTP {response.status_code}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return RequestResult(False, error=str(chunk["error"].get("message")))
+                for choice in chunk.get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        tokens += 1
+                        if not first:
+                            first = time.perf_counter() - started
+    except httpx.HTTPError as exc:
+        return RequestResult(False, error=type(exc).__name__)
+    return RequestResult(True, tokens, first, time.perf_counter() - started)
+
+
+async def probe_health(base: str, stop: asyncio.Event, latencies: list[float]) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                await client.get(f"{base}/health")
+                latencies.append(time.perf_counter() - started)
+            except httpx.HTTPError:
+                latencies.append(float("inf"))
+            await asyncio.sleep(0.25)
+
+
+async def run_level(
+    base: str, model: str, concurrency: int, rounds: int, max_tokens: int, probe: bool, salt: str
+) -> LevelResult:
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    results: list[RequestResult] = []
+    health: list[float] = []
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+
+        async def client_loop(index: int) -> None:
+            for round_ in range(rounds):
+                topic = TOPICS[(index + round_) % len(TOPICS)]
+                prompt = f"({salt} {index}.{round_}) Write a long, detailed story about {topic}."
+                results.append(await one_request(client, base, model, prompt, max_tokens))
+
+        prober = asyncio.create_task(probe_health(base, stop, health)) if probe else None
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
+        wall = time.perf_counter() - started
+        stop.set()
+        if prober is not None:
+            await prober
+    return LevelResult(concurrency, concurrency * rounds, wall, results, health)
+
+
+def paris_check(base: str, model: str) -> str:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 24,
+        "temperature": 0.0,
+    }
+    response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+    response.raise_for_status()
+    return str(response.json()["choices"][0]["message"]["content"]).strip()
+
+
+@dataclass
+class SideResult:
+    name: str
+    answer: str
+    levels: list[LevelResult]
+
+
+def bench_side(
+    name: str, command: list[str], ready_path: str, port: int, model: str, levels: list[int], max_tokens: int,
+    env: dict[str, str], log_dir: Path,
+) -> SideResult:  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    with server(command, base + ready_path, env, log_dir / f"{name}.log"):
+        answer = paris_check(base, model)
+        results = []
+        for level in levels:
+            rounds = 2 if level <= 16 else 1
+            probe = name == "llmos"
+            results.append(asyncio.run(run_level(base, model, level, rounds, max_tokens, probe, salt=name)))
+            print(f"  {name}: {level} clients done ({results[-1].throughput:.1f} tok/s)", file=sys.stderr, flush=True)
+    return SideResult(name, answer, results)
+
+
+def run_benchmark(
+    model: str, gguf: Path, levels: list[int], max_tokens: int, threads: int, context: int, home: Path | None,
+    log_dir: Path, peer: bool = True,
+) -> list[SideResult]:  # fmt: skip
+    env = {**os.environ}
+    if home is not None:
+        env["LLMOS_HOME"] = str(home)
+    sides = []
+    port = free_port()
+    llmos_cmd = [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(port)]
+    sides.append(bench_side("llmos", llmos_cmd, "/health", port, model, levels, max_tokens, env, log_dir))
+    if peer:
+        port = free_port()
+        peer_cmd = [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+            "--n_ctx", str(context), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+            "--n_batch", "512", "--chat_format", "chatml",
+        ]  # fmt: skip
+        sides.append(
+            bench_side("llama_cpp.server", peer_cmd, "/v1/models", port, model, levels, max_tokens, env, log_dir)
+        )
+    return sides
+
+
+def format_table(sides: list[SideResult]) -> str:
+    lines = []
+    for side in sides:
+        lines.append(f"{side.name} answers the Paris question with: {side.answer!r}")
+    header = (
+        f"{'clients':>7} {'server':<17} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9}"
+        f" {'E2E p50':>8} {'E2E p95':>8} {'errors':>6}"
+    )
+    lines += ["", header, "-" * len(header)]
+    by_level: dict[int, dict[str, LevelResult]] = {}
+    for side in sides:
+        for level in side.levels:
+            by_level.setdefault(level.concurrency, {})[side.name] = level
+            lines.append(
+                f"{level.concurrency:>7} {side.name:<17} {level.throughput:>8.1f} {level.pct('ttft', 0.5):>8.2f}s"
+                f" {level.pct('ttft', 0.95):>8.2f}s {level.pct('total', 0.5):>7.2f}s {level.pct('total', 0.95):>7.2f}s"
+                f" {level.errors:>6}"
+            )
+    if len(sides) == 2:
+        lines += ["", f"{'clients':>7} {'tok/s ratio':>12} {'TTFT p95 ratio':>15}   (llmos / peer)"]
+        for concurrency, pair in sorted(by_level.items()):
+            ours, theirs = pair.get(sides[0].name), pair.get(sides[1].name)
+            if ours and theirs and theirs.throughput:
+                ttft_ratio = ours.pct("ttft", 0.95) / theirs.pct("ttft", 0.95)
+                lines.append(f"{concurrency:>7} {ours.throughput / theirs.throughput:>12.2f} {ttft_ratio:>15.3f}")
+    for level in sides[0].levels:
+        if level.health_latencies:
+            finite = [h for h in level.health_latencies if h != float("inf")]
+            worst = max(level.health_latencies)
+            median = statistics.median(finite) if finite else float("nan")
+            lines.append(
+                f"/health while {level.concurrency} streams decode: median {median * 1000:.1f} ms,"
+                f" max {worst * 1000:.1f} ms over {len(level.health_latencies)} probes"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,305 @@
+"""The engine: one model, one decode thread, a step loop of schedule -> execute -> update.
+
+Contract:
+
+* :meth:`EngineCore.submit` validates a request against the context window, then queues it (or raises
+  :class:`~llmos.errors.OverloadedError` when the waiting queue is full). Its events arrive on the given
+  :class:`~llmos.engine.streams.OutputStream` from the engine thread.
+* The engine thread is the only thread that touches the backend's KV cache and samplers. Each step it asks the
+  :class:`~llmos.engine.scheduler.Scheduler` for a plan, runs one batched ``decode``, then samples, detokenizes,
+  applies stop strings and pushes one event per sequence that produced something.
+* :meth:`EngineCore.abort` cancels a request; its KV cache is freed within one step and its stream gets a final
+  ``cancelled`` event. A failing step fails only the sequences in it; the engine keeps serving.
+* The engine knows nothing of HTTP, tenants or the registry: token ids and sampling parameters in, tokens out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llmos.engine.backends.base import Backend, BatchItem
+from llmos.engine.request import GenerationOutput, GenerationRequest, Logprob
+from llmos.engine.scheduler import Chunk, Scheduler, SchedulerConfig, Sequence
+from llmos.engine.streams import OutputStream
+from llmos.engine.text import IncrementalDecoder, StopMatcher
+from llmos.errors import ContextLengthExceededError, EngineStoppedError, LlmosError, ModelLoadError
+from llmos.types import FinishReason
+
+log = logging.getLogger("llmos.engine")
+
+
+def _slot(seq: Sequence) -> int:
+    assert seq.slot is not None, "only running sequences are scheduled"
+    return seq.slot
+
+
+@dataclass
+class EngineConfig:
+    max_waiting: int = 64
+    max_prefill_tokens: int = 256
+
+
+@dataclass
+class StepStats:
+    """What one step did; handed to the step listener (metrics) from the engine thread."""
+
+    sequences: int
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_cells_used: int = 0
+    kv_cells_total: int = 0
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class EngineCore:
+    def __init__(
+        self,
+        backend: Backend,
+        config: EngineConfig | None = None,
+        *,
+        name: str = "model",
+        step_listener: Callable[[StepStats], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.config = config or EngineConfig()
+        self.name = name
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_running=backend.n_seq_max,
+                max_waiting=self.config.max_waiting,
+                max_batch_tokens=backend.n_batch,
+                max_prefill_tokens=min(self.config.max_prefill_tokens, backend.n_batch),
+            )
+        )
+        self.step_listener = step_listener
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._stopping = False
+        self._stats = EngineStats(kv_cells_total=backend.n_seq_max * backend.n_ctx_seq)
+        self._thread = threading.Thread(target=self._run, name=f"llmos-engine-{name}", daemon=True)
+        self._thread.start()
+
+    # --- public API (any thread) ------------------------------------------------------------------------------------
+
+    @property
+    def max_context(self) -> int:
+        """Tokens one sequence may hold: prompt plus completion."""
+        return self.backend.n_ctx_seq
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int | None = None) -> None:
+        if prompt_tokens >= self.max_context:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {self.max_context} tokens, but the prompt is"
+                f" {prompt_tokens} tokens (at least one must be left for the completion)",
+                param="messages",
+            )
+        if max_tokens is not None and prompt_tokens + max_tokens > self.max_context:
+            raise ContextLengthExceededError(
+                f"this model's maximum context length is {self.max_context} tokens, but {prompt_tokens} prompt"
+                f" tokens plus max_tokens={max_tokens} ask for {prompt_tokens + max_tokens}",
+                param="max_tokens",
+            )
+
+    def submit(self, request: GenerationRequest, stream: OutputStream) -> None:
+        if not request.prompt_tokens:
+            raise ContextLengthExceededError("the prompt is empty after tokenization", param="prompt")
+        self.check_fits(len(request.prompt_tokens))
+        seq = Sequence(request)
+        seq.state["stream"] = stream
+        with self._lock:
+            if self._stopping:
+                raise EngineStoppedError(f"the engine for {self.name} is shutting down")
+            self.scheduler.add(seq)
+            self._wakeup.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            waiting = self.scheduler.abort(request_id)
+            self._wakeup.notify()
+        if waiting is not None:
+            self._finish(waiting, "cancelled", notify_scheduler=False)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            stats = EngineStats(**{**self._stats.__dict__, "finished": dict(self._stats.finished)})
+            stats.running = self.scheduler.num_running
+            stats.waiting = self.scheduler.num_waiting
+            stats.kv_cells_used = sum(seq.position for seq in self.scheduler.running)
+        return stats
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop, fail what is still queued or running, free the backend."""
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join(timeout)
+        self.backend.close()
+
+    # --- engine thread ----------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.scheduler.has_work():
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+                plan = self.scheduler.schedule()
+            for seq in plan.dropped:
+                self._finish(seq, "cancelled", notify_scheduler=False)
+            if plan.chunks:
+                self._step(plan.chunks)
+        self._fail_all(EngineStoppedError(f"the engine for {self.name} stopped"))
+
+    def _fail_all(self, error: LlmosError) -> None:
+        with self._lock:
+            sequences = list(self.scheduler.running)
+            sequences.extend(self.scheduler.drain_waiting())
+        for seq in sequences:
+            self._finish(seq, "error", error=error)
+
+    def _step(self, chunks: list[Chunk]) -> None:
+        started = time.perf_counter()
+        items = [BatchItem(_slot(c.seq), c.tokens, c.start_pos, c.logits) for c in chunks]
+        try:
+            rows = self.backend.decode(items)
+        except (LlmosError, ValueError) as exc:
+            log.exception("decode failed for %d sequences", len(chunks))
+            error = exc if isinstance(exc, LlmosError) else ModelLoadError(str(exc))
+            for chunk in chunks:
+                self._finish(chunk.seq, "error", error=error)
+            return
+        self._stats.steps += 1
+        for chunk in chunks:
+            seq = chunk.seq
+            if seq.aborted or seq.finished:
+                continue
+            try:
+                self._advance(seq, chunk, rows.get(_slot(seq), []))
+            except LlmosError as exc:
+                self._finish(seq, "error", error=exc)
+        if self.step_listener is not None:
+            self.step_listener(StepStats(len(chunks), len(items), time.perf_counter() - started))
+
+    def _advance(self, seq: Sequence, chunk: Chunk, rows: list[int]) -> None:
+        request = seq.request
+        state = seq.state
+        output = GenerationOutput(request.request_id, prompt_tokens=seq.prompt_len)
+        if seq.prefilling:
+            if request.prompt_logprobs:
+                output.prompt_logprobs = self._prompt_logprobs(seq, chunk, rows)
+            seq.prompt_done += len(chunk.tokens)
+            seq.position = seq.prompt_done
+            self._stats.prompt_tokens += len(chunk.tokens)
+            if not chunk.samples:
+                if output.prompt_logprobs:
+                    self._push(seq, output)
+                return
+            self._start_generation(seq)
+        else:
+            seq.position += 1
+        if state["limit"] == 0:
+            self._emit_finish(seq, output, "length")
+            return
+        row = rows[-1]
+        token = state["sampler"].sample(row)
+        if "first_token_at" not in state:
+            state["first_token_at"] = time.monotonic()
+        if self.backend.is_end_of_generation(token):
+            self._emit_finish(seq, output, "stop")
+            return
+        seq.generated.append(token)
+        self._stats.generated_tokens += 1
+        output.token_ids = [token]
+        if request.logprobs is not None:
+            output.logprobs = [self._logprob(row, token, request.logprobs)]
+        stops: StopMatcher = state["stops"]
+        output.text = stops.feed(state["decoder"].feed(self.backend.token_bytes(token)))
+        if stops.stopped:
+            self._emit_finish(seq, output, "stop")
+        elif len(seq.generated) >= state["limit"]:
+            self._emit_finish(seq, output, "length")
+        else:
+            seq.pending = token
+            output.completion_tokens = len(seq.generated)
+            self._push(seq, output)
+
+    def _start_generation(self, seq: Sequence) -> None:
+        request = seq.request
+        seq.state["limit"] = min(request.params.max_tokens, self.max_context - seq.prompt_len)
+        seq.state["decoder"] = IncrementalDecoder()
+        seq.state["stops"] = StopMatcher(request.params.stop)
+        seq.state["sampler"] = self.backend.new_sampler(request.params, request.grammar)
+
+    def _prompt_logprobs(self, seq: Sequence, chunk: Chunk, rows: list[int]) -> list[Logprob]:
+        """Row j of a chunk predicts prompt token start+j+1; the very first prompt token has no logprob."""
+        prompt = seq.request.prompt_tokens
+        top_n = seq.request.logprobs or 0
+        result: list[Logprob] = []
+        if chunk.start_pos == 0:
+            result.append(Logprob(prompt[0], self.backend.token_bytes(prompt[0]), None))
+        for j, row in enumerate(rows):
+            index = chunk.start_pos + j + 1
+            if index < len(prompt):
+                result.append(self._logprob(row, prompt[index], top_n))
+        seq.state["last_prompt_row"] = rows[-1] if rows else None
+        return result
+
+    def _logprob(self, row: int, token: int, top_n: int) -> Logprob:
+        value, top = self.backend.logprobs(row, token, top_n)
+        return Logprob(
+            token,
+            self.backend.token_bytes(token),
+            value,
+            tuple((t.token, self.backend.token_bytes(t.token), t.logprob) for t in top),
+        )
+
+    def _emit_finish(self, seq: Sequence, output: GenerationOutput, reason: FinishReason) -> None:
+        if reason != "stop" or not seq.state["stops"].stopped:
+            tail = seq.state["stops"].feed(seq.state["decoder"].flush()) + seq.state["stops"].flush()
+            output.text += tail
+        self._finish(seq, reason, output=output)
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        *,
+        output: GenerationOutput | None = None,
+        error: LlmosError | None = None,
+        notify_scheduler: bool = True,
+    ) -> None:
+        if notify_scheduler:
+            with self._lock:
+                self.scheduler.finish(seq)
+        seq.finished = True
+        if seq.slot is not None:
+            self.backend.forget_sequence(seq.slot)
+        sampler = seq.state.pop("sampler", None)
+        if sampler is not None:
+            sampler.close()
+        final = output or GenerationOutput(seq.request_id, prompt_tokens=seq.prompt_len)
+        final.finished = True
+        final.finish_reason = reason
+        final.error = error
+        final.completion_tokens = len(seq.generated)
+        self._stats.finished[reason] = self._stats.finished.get(reason, 0) + 1
+        self._push(seq, final)
+
+    @staticmethod
+    def _push(seq: Sequence, output: GenerationOutput) -> None:
+        stream: OutputStream = seq.state["stream"]
+        stream.push(output)

@@ -1,0 +1,60 @@
+"""Messages between the engine and its callers: what to generate, and what came out.
+
+Contract: plain dataclasses, no behaviour. A :class:`GenerationRequest` is immutable once submitted. The engine
+answers with a stream of :class:`GenerationOutput` events for that request: zero or more with new text, then
+exactly one with ``finished=True`` (and, on failure, ``error`` set). Every event carries the cumulative token
+counts, so the last one is also the usage record.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from llmos.errors import LlmosError
+from llmos.types import FinishReason, SamplingParams
+
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"req-{next(_ids)}-{time.monotonic_ns() % 1_000_000_000}"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_tokens: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=new_request_id)
+    priority: int = 0
+    """Lower runs first; equal priorities are served first-come-first-served."""
+    logprobs: int | None = None
+    """None: no logprobs. N >= 0: logprob of each generated token plus the N most likely alternatives."""
+    prompt_logprobs: bool = False
+    """Score the prompt too (completions ``echo`` with ``logprobs``): logprob of every prompt token but the first."""
+    grammar: str | None = None
+    """GBNF grammar the output must follow (JSON mode / JSON schema)."""
+
+
+@dataclass(frozen=True)
+class Logprob:
+    token: int
+    text: bytes
+    logprob: float | None
+    top: tuple[tuple[int, bytes, float], ...] = ()
+
+
+@dataclass
+class GenerationOutput:
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] | None = None
+    prompt_logprobs: list[Logprob] | None = None
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: LlmosError | None = None
+    time: float = field(default_factory=time.monotonic)

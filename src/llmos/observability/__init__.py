@@ -1,0 +1,1 @@
+"""Metrics and logs: how the system reports what it is doing."""

@@ -1,0 +1,94 @@
+"""A registry version loaded for generation: backend + engine + the model's prompt format.
+
+Contract: :func:`load` turns a resolved registry version into a :class:`LoadedModel` whose engine thread is
+running. :class:`LoadedModel` builds prompts exactly once for everyone (SDK, CLI, HTTP API): chat messages are
+rendered with the version's chat template (or the architecture's known template, or ChatML) and tokenized with
+special tokens parsed; raw text is tokenized as plain text. :meth:`LoadedModel.close` stops the engine and frees
+the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from llmos.config import Settings
+from llmos.engine.backends.llamacpp import LlamaCppModel
+from llmos.engine.chat_template import render_chat, template_for
+from llmos.engine.core import EngineConfig, EngineCore, StepStats
+from llmos.errors import BackendUnavailableError, ContextLengthExceededError
+from llmos.registry.service import ResolvedModel
+from llmos.registry.views import VersionView
+from llmos.types import ChatMessage
+
+MAX_BYTES_PER_TOKEN = 64
+"""No tokenizer llmos runs packs more bytes than this into one token; longer texts are refused before tokenizing."""
+
+
+@dataclass
+class LoadedModel:
+    view: VersionView
+    backend: LlamaCppModel
+    engine: EngineCore
+
+    @property
+    def name(self) -> str:
+        return self.view.name
+
+    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        return render_chat(
+            messages,
+            template_for(self.view.chat_template, self.view.architecture),
+            bos_token=self.view.tokenizer.get("bos_token"),
+            eos_token=self.view.tokenizer.get("eos_token"),
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def _guard_length(self, text: str) -> None:
+        if len(text.encode("utf-8", errors="surrogatepass")) > self.engine.max_context * MAX_BYTES_PER_TOKEN:
+            raise ContextLengthExceededError(
+                f"the prompt is far longer than this model's maximum context length of {self.engine.max_context}"
+                " tokens",
+                param="messages",
+            )
+
+    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        text = self.render(messages)
+        self._guard_length(text)
+        bos = self.view.tokenizer.get("bos_token")
+        starts_with_bos = bool(bos) and text.startswith(str(bos))
+        return self.backend.tokenize(text, add_special=not starts_with_bos, parse_special=True)
+
+    def text_tokens(self, text: str) -> list[int]:
+        self._guard_length(text)
+        return self.backend.tokenize(text, add_special=True, parse_special=False)
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def load(
+    resolved: ResolvedModel,
+    settings: Settings,
+    *,
+    max_running: int | None = None,
+    step_listener: Callable[[StepStats], None] | None = None,
+) -> LoadedModel:
+    view = resolved.view
+    if view.format != "gguf":
+        raise BackendUnavailableError(f"{view.name} is a {view.format} model; only GGUF models can be run so far")
+    backend = LlamaCppModel(
+        resolved.primary_path,
+        n_ctx_seq=settings.context_length,
+        n_batch=settings.batch_size,
+        n_seq_max=max_running or settings.max_running,
+        threads=settings.threads,
+        extra_buffers=settings.llamacpp_extra_buffers,
+    )
+    engine = EngineCore(
+        backend,
+        EngineConfig(max_waiting=settings.max_waiting, max_prefill_tokens=settings.max_prefill_tokens),
+        name=view.name,
+        step_listener=step_listener,
+    )
+    return LoadedModel(view, backend, engine)
