@@ -8,10 +8,11 @@ PROMPT ?= What is the capital of France?
 
 .PHONY: run test install dev lint bench clean
 
-## run: install llmos into $(VENV), pull the default model and stream an answer from it
+## run: install llmos into $(VENV), pull the default model, stream an answer, then serve the OpenAI API
 run: install
 	$(VENV)/bin/llmos pull $(MODEL)
 	$(VENV)/bin/llmos run $(MODEL) "$(PROMPT)" --temperature 0 --verbose
+	$(VENV)/bin/llmos serve --model $(MODEL)
 
 ## test: install the dev tools too, then lint, type-check, check import layers and run the whole test suite
 test: dev lint
@@ -39,9 +40,11 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 		$(PIP) install --quiet --find-links "$$wheels" -e '.[llamacpp,dev]'
 	touch $@
 
-## bench: compare llmos's SDK against llama_cpp.Llama on the same file and build
+## bench: llmos against llama-cpp-python: the SDK against llama_cpp.Llama, the server against llama_cpp.server
 bench: install
+	$(PIP) install --quiet -e '.[llamacpp,bench]' --find-links "$$(scripts/build_llama_cpp.sh $(PY))"
 	$(PY) benchmarks/bench_sdk.py
+	$(VENV)/bin/llmos bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

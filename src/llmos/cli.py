@@ -464,6 +464,7 @@ def bench(
     levels: Annotated[str, typer.Option("--levels", help="Comma-separated client counts.")] = "1,4,16,64",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Output tokens per request.")] = 128,
     peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Also run llama_cpp.server.")] = True,
+    repeats: Annotated[int, typer.Option("--repeats", help="Turns per server and level (alternating order).")] = 2,
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Where server logs go.")] = Path("bench-logs"),
 ) -> None:
     """Benchmark `llmos serve` against llama_cpp.server on the same GGUF (streaming chat, several client counts)."""
@@ -490,6 +491,7 @@ def bench(
         state.home,
         log_dir,
         peer=peer,
+        repeats=repeats,
     )
     out.print(format_table(sides), highlight=False)
 

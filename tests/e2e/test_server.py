@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from llmos.config import Settings
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, run_cli
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -208,9 +208,16 @@ def test_metrics_and_request_ids(server: ServerProcess) -> None:
     assert error.status_code == 400 and error.headers["x-request-id"]
 
 
-def test_runtime_view(server: ServerProcess) -> None:
+def test_runtime_view_and_llmos_ps(server: ServerProcess, pulled_settings: Settings) -> None:
     models = httpx.get(f"{server.base}/admin/runtime").json()["models"]
     assert models[0]["name"] == "smollm2:latest" and models[0]["slots"] == 16
+    listed = run_cli(pulled_settings.home, "ps", "--url", server.base, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)[0]["backend"] == "llama.cpp"
+    table = run_cli(pulled_settings.home, "ps", "--url", server.base)
+    assert "smollm2:latest" in table.stdout and "RUNNING" in table.stdout
+    down = run_cli(pulled_settings.home, "ps", "--url", "http://127.0.0.1:9")
+    assert down.returncode == 1 and "no llmos server answers" in down.stderr
 
 
 async def _stream_and_drop(base: str) -> None:

@@ -1,10 +1,11 @@
 """Serving benchmark: llmos against llama-cpp-python's ``llama_cpp.server`` on the same GGUF, in one run.
 
-Contract: :func:`run_benchmark` starts each server as a subprocess on a free loopback port (llmos first, then the
-peer), checks that both answer the Paris question correctly, drives both with the same streaming chat workload at
-each concurrency level (distinct prompts, ``max_tokens`` output tokens, greedy), stops the server, and returns per
-level: aggregate output tok/s, time to first token p50/p95, end-to-end p50/p95, errors, and for llmos the latency of
-``/health`` probed while the streams run. :func:`format_table` prints it with llmos/peer ratios.
+Contract: :func:`run_benchmark` starts both servers as subprocesses on free loopback ports, checks that both answer
+the Paris question correctly, then drives them in turns (never both at once) with the same streaming chat workload
+at each concurrency level (distinct prompts, ``max_tokens`` output tokens, greedy), alternating which goes first,
+and returns per side and level: aggregate output tok/s, time to first token p50/p95, end-to-end p50/p95, errors,
+and for llmos the latency of ``/health`` probed while the streams run. :func:`format_table` prints it with
+llmos/peer ratios.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,44 +189,61 @@ class SideResult:
     levels: list[LevelResult]
 
 
-def bench_side(
-    name: str, command: list[str], ready_path: str, port: int, model: str, levels: list[int], max_tokens: int,
-    env: dict[str, str], log_dir: Path,
-) -> SideResult:  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    with server(command, base + ready_path, env, log_dir / f"{name}.log"):
-        answer = paris_check(base, model)
-        results = []
-        for level in levels:
-            rounds = 2 if level <= 16 else 1
-            probe = name == "llmos"
-            results.append(asyncio.run(run_level(base, model, level, rounds, max_tokens, probe, salt=name)))
-            print(f"  {name}: {level} clients done ({results[-1].throughput:.1f} tok/s)", file=sys.stderr, flush=True)
-    return SideResult(name, answer, results)
+def merge(runs: list[LevelResult]) -> LevelResult:
+    """Several runs of one level as one: requests pooled, wall time summed (so tok/s is the overall rate)."""
+    merged = LevelResult(runs[0].concurrency, sum(r.requests for r in runs), sum(r.wall for r in runs), [])
+    for run in runs:
+        merged.results.extend(run.results)
+        merged.health_latencies.extend(run.health_latencies)
+    return merged
+
+
+def peer_command(gguf: Path, port: int, threads: int, context: int) -> list[str]:
+    """llama_cpp.server in its best correct configuration: ChatML (the GGUF's template derails this model's answers)
+    and no interruption of running streams by new requests (its default cuts them off)."""
+    return [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", str(context), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_batch", "512",
+        "--chat_format", "chatml", "--interrupt_requests", "False",
+    ]  # fmt: skip
 
 
 def run_benchmark(
     model: str, gguf: Path, levels: list[int], max_tokens: int, threads: int, context: int, home: Path | None,
-    log_dir: Path, peer: bool = True,
+    log_dir: Path, peer: bool = True, repeats: int = 2,
 ) -> list[SideResult]:  # fmt: skip
+    """Start both servers, then for each level drive them in turns (llmos, peer, peer, llmos, ...).
+
+    A server is idle while the other is driven; alternating the order cancels slow drifts of a shared, noisy
+    machine, which back-to-back runs would attribute to one side.
+    """
     env = {**os.environ}
     if home is not None:
         env["LLMOS_HOME"] = str(home)
-    sides = []
-    port = free_port()
-    llmos_cmd = [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(port)]
-    sides.append(bench_side("llmos", llmos_cmd, "/health", port, model, levels, max_tokens, env, log_dir))
+    ports = {"llmos": free_port()}
+    commands = {"llmos": [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(ports["llmos"])]}
     if peer:
-        port = free_port()
-        peer_cmd = [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "--n_ctx", str(context), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--n_batch", "512", "--chat_format", "chatml",
-        ]  # fmt: skip
-        sides.append(
-            bench_side("llama_cpp.server", peer_cmd, "/v1/models", port, model, levels, max_tokens, env, log_dir)
-        )
-    return sides
+        ports["llama_cpp.server"] = free_port()
+        commands["llama_cpp.server"] = peer_command(gguf, ports["llama_cpp.server"], threads, context)
+    ready = {"llmos": "/health", "llama_cpp.server": "/v1/models"}
+    bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    runs: dict[str, dict[int, list[LevelResult]]] = {name: {} for name in bases}
+    with ExitStack() as stack:
+        for name, command in commands.items():
+            stack.enter_context(server(command, bases[name] + ready[name], env, log_dir / f"{name}.log"))
+        answers = {name: paris_check(base, model) for name, base in bases.items()}
+        for level in levels:
+            rounds = 2 if level <= 16 else 1
+            for repeat in range(repeats):
+                order = list(bases) if repeat % 2 == 0 else list(bases)[::-1]
+                for name in order:
+                    probe = name == "llmos"
+                    result = asyncio.run(
+                        run_level(bases[name], model, level, rounds, max_tokens, probe, f"{name}{repeat}")
+                    )
+                    runs[name].setdefault(level, []).append(result)
+                    print(f"  {name}: {level} clients: {result.throughput:.1f} tok/s", file=sys.stderr, flush=True)
+    return [SideResult(name, answers[name], [merge(runs[name][level]) for level in levels]) for name in bases]
 
 
 def format_table(sides: list[SideResult]) -> str:

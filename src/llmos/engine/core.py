@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from llmos.engine.backends.base import Backend, BatchItem
 from llmos.engine.request import GenerationOutput, GenerationRequest, Logprob
 from llmos.engine.scheduler import Chunk, Scheduler, SchedulerConfig, Sequence
-from llmos.engine.streams import OutputStream
+from llmos.engine.streams import OutputStream, deliver
 from llmos.engine.text import IncrementalDecoder, StopMatcher
 from llmos.errors import ContextLengthExceededError, EngineStoppedError, LlmosError, ModelLoadError
 from llmos.types import FinishReason
@@ -89,6 +89,8 @@ class EngineCore:
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
         self._stats = EngineStats(kv_cells_total=backend.n_seq_max * backend.n_ctx_seq)
+        self._outbox: list[tuple[OutputStream, GenerationOutput]] | None = None
+        """While a step runs, its events collect here and go out together at the end of the step."""
         self._thread = threading.Thread(target=self._run, name=f"llmos-engine-{name}", daemon=True)
         self._thread.start()
 
@@ -172,6 +174,14 @@ class EngineCore:
             self._finish(seq, "error", error=error)
 
     def _step(self, chunks: list[Chunk]) -> None:
+        self._outbox = []
+        try:
+            self._run_step(chunks)
+        finally:
+            outbox, self._outbox = self._outbox, None
+            deliver(outbox)
+
+    def _run_step(self, chunks: list[Chunk]) -> None:
         started = time.perf_counter()
         items = [BatchItem(_slot(c.seq), c.tokens, c.start_pos, c.logits) for c in chunks]
         try:
@@ -255,7 +265,6 @@ class EngineCore:
             index = chunk.start_pos + j + 1
             if index < len(prompt):
                 result.append(self._logprob(row, prompt[index], top_n))
-        seq.state["last_prompt_row"] = rows[-1] if rows else None
         return result
 
     def _logprob(self, row: int, token: int, top_n: int) -> Logprob:
@@ -299,7 +308,9 @@ class EngineCore:
         self._stats.finished[reason] = self._stats.finished.get(reason, 0) + 1
         self._push(seq, final)
 
-    @staticmethod
-    def _push(seq: Sequence, output: GenerationOutput) -> None:
+    def _push(self, seq: Sequence, output: GenerationOutput) -> None:
         stream: OutputStream = seq.state["stream"]
-        stream.push(output)
+        if self._outbox is not None and threading.current_thread() is self._thread:
+            self._outbox.append((stream, output))
+        else:
+            stream.push(output)

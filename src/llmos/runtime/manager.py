@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from llmos.config import Settings
 from llmos.engine.core import StepStats
+from llmos.errors import EngineStoppedError
 from llmos.registry.service import Registry
 from llmos.runtime.model import LoadedModel, load
 
@@ -45,6 +46,8 @@ class ModelManager:
 
     def get(self, name: str) -> LoadedModel:
         """The loaded model ``name`` resolves to (loading it if needed). Raises ModelNotFoundError for unknown names."""
+        if self._closed:
+            raise EngineStoppedError("the server is shutting down")
         resolved = self.registry.resolve(name)
         digest = resolved.view.digest
         while True:

@@ -17,7 +17,7 @@ from typing import Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from llmos.api.body import parse_body
 from llmos.api.errors import error_body
@@ -317,6 +317,3 @@ async def _completion_stream(
         yield render.SSE_DONE
     except LlmosError as exc:
         yield error_event(exc)
-
-
-__all__ = ["JSONResponse", "router"]
