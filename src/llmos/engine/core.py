@@ -15,7 +15,9 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -153,6 +155,10 @@ class EngineCore:
     # --- engine thread ----------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # Compute yields to the process's other threads (the HTTP event loop), so a busy engine never makes the
+        # server slow to answer; ggml's worker threads inherit this niceness.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
         while True:
             with self._lock:
                 while not self._stopping and not self.scheduler.has_work():
