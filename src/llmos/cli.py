@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,8 +51,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Wide enough that digests and names are never cut when the output goes to a pipe or a file.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
 
 
 class State:
@@ -157,8 +159,11 @@ def import_(
     chat_template: Annotated[
         Path | None, typer.Option("--chat-template", help="Jinja chat template file replacing the model's own.")
     ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="For a LoRA adapter: the registered model it was trained on.")
+    ] = None,
 ) -> None:
-    """Import a local model file or directory into the registry (the bytes are copied into the store)."""
+    """Import a model file or directory (GGUF, safetensors, Hugging Face, peft LoRA) into the registry."""
     from llmos.formats.detect import inspect_path
     from llmos.registry.names import parse_ref
 
@@ -167,7 +172,7 @@ def import_(
     registry = open_registry()
     with progress_bars() as progress:
         if template is None:
-            view = registry.import_path(path, name, progress=progress)
+            view = registry.import_path(path, name, progress=progress, base=base)
         else:
             info = inspect_path(path)
             info.chat_template = template
@@ -184,6 +189,24 @@ def _read_template(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"cannot read chat template {path}: {exc}") from exc
+
+
+@app.command()
+def convert(
+    name: Annotated[str, typer.Argument(help="Registered model to convert, e.g. smollm2.")],
+    to: Annotated[str, typer.Option("--to", help="Target format.")] = "safetensors",
+    target: Annotated[
+        str | None, typer.Option("--name", "-n", help="Name of the result (default NAME:safetensors).")
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
+) -> None:
+    """Convert a model to another format as a new registry version with lineage (GGUF -> safetensors)."""
+    from llmos.registry.convert import convert as run_convert
+
+    registry = open_registry()
+    with progress_bars() as progress:
+        view = run_convert(registry, name, to=to, target=target, dtype=dtype, progress=progress)
+    err.print(f"converted to [bold]{escape(view.name)}[/] {view.short_digest} ({human_size(view.size)})")
 
 
 @app.command("list")
@@ -398,19 +421,52 @@ def serve(
     model: Annotated[
         list[str] | None, typer.Option("--model", "-m", help="Model to load at startup (repeatable).")
     ] = None,
+    pin: Annotated[
+        list[str] | None, typer.Option("--pin", help="Model to keep loaded no matter what (repeatable).")
+    ] = None,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option("--backend", help="NAME=BACKEND: run NAME on llama.cpp, torch or sentence-transformers."),
+    ] = None,
+    memory_budget: Annotated[
+        str | None, typer.Option("--memory-budget", help="Memory for resident models, e.g. 8GB or 60%.")
+    ] = None,
+    keep_alive: Annotated[
+        str | None, typer.Option("--keep-alive", help="Default idle time before a model is unloaded (5m, -1, 0).")
+    ] = None,
+    replicas: Annotated[
+        list[str] | None, typer.Option("--replicas", help="NAME=N: run N engine instances of NAME (load balanced).")
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API (and /health, /metrics, /admin/runtime)."""
     import uvicorn
 
     from llmos.api.app import create_app
     from llmos.registry.names import parse_ref
+    from llmos.runtime.loader import parse_overrides, parse_replicas
+    from llmos.runtime.memory import parse_size
+    from llmos.runtime.residency import parse_keep_alive
 
-    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("host", host), ("port", port), ("memory_budget", memory_budget), ("keep_alive", keep_alive))
+        if v is not None
+    }
     effective = settings().model_copy(update=overrides)
-    for name in model or []:
+    parse_size(effective.memory_budget)
+    parse_keep_alive(effective.keep_alive)
+    for name in [*(model or []), *(pin or [])]:
         parse_ref(name)
+    backends = parse_overrides(backend or [])
+    replica_counts = parse_replicas(replicas or [])
     open_registry().close()  # apply migrations and surface store errors before binding the port
-    app = create_app(effective, preload=model or [])
+    app = create_app(
+        effective,
+        preload=[*(model or []), *(pin or [])],
+        pinned=pin or [],
+        backend_overrides=backends,
+        replicas=replica_counts,
+    )
     err.print(f"llmos serving on http://{effective.host}:{effective.port} (OpenAI API under /v1)")
     uvicorn.run(app, host=effective.host, port=effective.port, log_level="warning", access_log=False)
 
@@ -436,26 +492,56 @@ def ps(
         raise BackendUnavailableError(f"no llmos server answers at {base} ({type(exc).__name__})") from exc
     if response.status_code != 200:
         raise BackendUnavailableError(f"{base}/admin/runtime answered {response.status_code}")
-    models = response.json()["models"]
+    runtime = response.json()
+    models = runtime["models"]
     if as_json:
         print_json(models)
         return
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "ID", "BACKEND", "SIZE", "RUNNING", "WAITING", "KV USED", "TOKENS OUT"):
+    for column in ("NAME", "ID", "BACKEND", "MEMORY", "IN FLIGHT", "RUNNING", "WAITING", "EXPIRES"):
         table.add_column(column)
+    now = time.time()
     for m in models:
-        kv = f"{m['kv_cells_used']}/{m['kv_cells_total']}"
+        expires = "never" if m["expires_at"] is None else f"in {max(0, int(m['expires_at'] - now))}s"
+        running = f"{m['running']}/{m['slots']}" if "slots" in m else "-"
         table.add_row(
             escape(m["name"]),
             m["digest"].split(":", 1)[1][:12],
             m["backend"],
-            human_size(m["size"]),
-            f"{m['running']}/{m['slots']}",
-            str(m["waiting"]),
-            kv,
-            str(m["generated_tokens"]),
+            human_size(m["memory"]),
+            str(m["in_flight"]),
+            running,
+            str(m.get("waiting", "-")),
+            "pinned" if m["pinned"] else expires,
         )
     out.print(table)
+    err.print(
+        f"[dim]memory: {human_size(runtime['used'])} of {human_size(runtime['budget'])} budget;"
+        f" server RSS {human_size(runtime['rss'])}[/]"
+    )
+
+
+@app.command()
+def stop(
+    name: Annotated[str, typer.Argument(help="Model to unload from a running server.")],
+    url: Annotated[str | None, typer.Option("--url", help="Server address (default from LLMOS_HOST/PORT).")] = None,
+) -> None:
+    """Unload a model from a running server as soon as it is idle."""
+    import httpx
+
+    from llmos.errors import BackendUnavailableError, ModelNotFoundError
+
+    base = _server_url(url)
+    try:
+        response = httpx.post(f"{base}/admin/runtime/unload", json={"model": name}, timeout=30)
+    except httpx.HTTPError as exc:
+        raise BackendUnavailableError(f"no llmos server answers at {base} ({type(exc).__name__})") from exc
+    if response.status_code == 404:
+        raise ModelNotFoundError(response.json()["error"]["message"])
+    if response.status_code != 200:
+        raise BackendUnavailableError(f"{base} answered {response.status_code}: {response.text[:200]}")
+    state_text = "unloading" if response.json()["unloaded"] else "was not loaded"
+    err.print(f"{escape(name)}: {state_text}")
 
 
 @app.command()

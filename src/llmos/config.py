@@ -53,6 +53,11 @@ class Settings(BaseSettings):
             " per model grows with context_length x max_running."
         ),
     )
+    torch_context_length: int = Field(
+        default=1024,
+        ge=64,
+        description="Context window of each sequence on the PyTorch backend (its fp32 KV cache is preallocated).",
+    )
     batch_size: int = Field(
         default=512, ge=1, description="Most tokens (all sequences together) evaluated in one forward pass."
     )
@@ -68,6 +73,22 @@ class Settings(BaseSettings):
         default=256,
         ge=1,
         description="Prompt tokens per step while other sequences are decoding (chunked prefill keeps them flowing).",
+    )
+    memory_budget: str = Field(
+        default="60%",
+        description=(
+            "Memory resident models may use together: bytes (8GB, 512MiB) or a share of RAM (60%). Idle models are"
+            " evicted least-recently-used first to make room."
+        ),
+    )
+    keep_alive: str = Field(
+        default="5m",
+        description="How long an idle model stays loaded (Ollama semantics: 5m, 1h, 0 = unload at once, -1 = forever).",
+    )
+    memory_wait_seconds: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="How long a request waits for busy models to free memory before it gets 503.",
     )
     host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
     port: int = Field(default=8470, ge=1, le=65535, description="Port `llmos serve` listens on.")

@@ -136,6 +136,14 @@ class OverloadedError(LlmosError):
         self.retry_after = retry_after
 
 
+class InsufficientMemoryError(LlmosError):
+    """A model cannot fit the memory budget even with every other model unloaded."""
+
+    code = "insufficient_memory"
+    type = "server_error"
+    status = 503
+
+
 class EngineStoppedError(LlmosError):
     code = "engine_stopped"
     type = "server_error"

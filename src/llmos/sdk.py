@@ -28,11 +28,12 @@ from typing import Any
 from llmos.config import Settings
 from llmos.engine.request import GenerationRequest
 from llmos.engine.streams import SyncOutputStream
-from llmos.errors import ModelNotFoundError
+from llmos.errors import InvalidInputError, ModelNotFoundError
 from llmos.registry import sources
 from llmos.registry.names import parse_ref
 from llmos.registry.service import Registry
-from llmos.runtime.model import LoadedModel, load
+from llmos.runtime.loader import Loader
+from llmos.runtime.model import LoadedModel
 from llmos.types import ChatMessage, FinishReason, SamplingParams
 
 MessageLike = ChatMessage | Mapping[str, Any]
@@ -177,10 +178,13 @@ def sampling_params(
     return SamplingParams(max_tokens=256 if limit is None else limit, temperature=temperature, stop=stops, **rest)
 
 
-def load_model(name: str = "smollm2", *, settings: Settings | None = None, pull: bool = True) -> Model:
-    """Load a registered model by name (``name[:tag]`` or ``name@sha256:...``).
+def load_model(
+    name: str = "smollm2", *, settings: Settings | None = None, pull: bool = True, backend: str | None = None
+) -> Model:
+    """Load a registered model by name (``name[:tag]`` or ``name@sha256:...``) for generation.
 
     With ``pull=True``, a bundled model (see ``llmos pull --help``) that is not registered yet is pulled first.
+    ``backend`` ("llama.cpp" or "torch") overrides the choice made from the model's format.
     """
     settings = settings or Settings()
     registry = Registry(settings)
@@ -193,6 +197,12 @@ def load_model(name: str = "smollm2", *, settings: Settings | None = None, pull:
                 raise
             sources.pull(registry, name)
             resolved = registry.resolve(name)
+        overrides = {resolved.view.repository: backend} if backend else {}
+        loader = Loader(settings, registry, max_running=SDK_SLOTS, overrides=overrides)
+        instance = loader(resolved, loader.backend_for(resolved.view))
     finally:
         registry.close()
-    return Model(load(resolved, settings, max_running=SDK_SLOTS))
+    if not isinstance(instance, LoadedModel):
+        instance.close()
+        raise InvalidInputError(f"{resolved.view.name} is an embedding model, not a text generator")
+    return Model(instance)

@@ -1,9 +1,10 @@
 """The FastAPI application of ``llmos serve``.
 
-Contract: :func:`create_app` wires settings, a :class:`~llmos.runtime.manager.ModelManager`, metrics, error
-mapping and middleware, and mounts the OpenAI routes, ``/health``, ``/metrics`` and the admin routes. Models named
-in ``preload`` are loaded in a background thread at startup; ``/health`` answers 503 until they are ready (and 500
-with the reason if one failed), then 200. Shutdown stops every engine.
+Contract: :func:`create_app` wires settings, the registry, a :class:`~llmos.runtime.residency.Residency` memory
+manager with its :class:`~llmos.runtime.loader.Loader`, metrics, error mapping and middleware, and mounts the OpenAI
+routes, ``/health``, ``/metrics`` and the admin routes. Models named in ``preload`` are loaded in a background
+thread at startup; ``/health`` answers 503 until they are ready (and 500 with the reason if one failed), then 200.
+Shutdown unloads every model.
 """
 
 from __future__ import annotations
@@ -11,39 +12,79 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from anyio import to_thread
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from llmos.api import errors
+from llmos.api.admin import router as admin_router
 from llmos.api.middleware import RequestContextMiddleware
+from llmos.api.openai.embeddings import router as embeddings_router
 from llmos.api.openai.routes import router as openai_router
 from llmos.api.state import AppState
 from llmos.config import Settings
 from llmos.engine.core import EngineStats
 from llmos.errors import LlmosError
 from llmos.observability.metrics import CONTENT_TYPE, Metrics
-from llmos.runtime.manager import ModelManager
+from llmos.registry.service import Registry
+from llmos.runtime.loader import Loader
+from llmos.runtime.memory import process_rss
+from llmos.runtime.model import LoadedModel
+from llmos.runtime.replicas import ReplicaSet
+from llmos.runtime.residency import Residency
 
 
-def create_app(settings: Settings, preload: Iterable[str] = ()) -> FastAPI:
-    holder: dict[str, ModelManager] = {}
+def create_app(
+    settings: Settings,
+    preload: Iterable[str] = (),
+    *,
+    pinned: Iterable[str] = (),
+    backend_overrides: dict[str, str] | None = None,
+    replicas: dict[str, int] | None = None,
+) -> FastAPI:
+    holder: dict[str, Residency] = {}
 
     def engine_stats() -> list[tuple[str, EngineStats]]:
-        manager = holder.get("manager")
-        return [(r.model.name, r.model.engine.stats()) for r in manager.resident()] if manager else []
+        residency = holder.get("residency")
+        stats: list[tuple[str, EngineStats]] = []
+        for entry in residency.snapshot() if residency is not None else []:
+            instance = entry.instance
+            replicas = instance.replicas if isinstance(instance, ReplicaSet) else [instance]
+            for index, replica in enumerate(replicas):
+                if isinstance(replica, LoadedModel):
+                    label = entry.view.name if len(replicas) == 1 else f"{entry.view.name}#{index}"
+                    stats.append((label, replica.engine.stats()))
+        return stats
 
-    metrics = Metrics(engine_stats)
-    manager = ModelManager(settings, step_listener=metrics.observe_step)
-    holder["manager"] = manager
-    state = AppState(settings=settings, manager=manager, metrics=metrics, preload=list(preload))
+    def memory() -> tuple[int, int, list[tuple[str, str, int]]]:
+        residency = holder.get("residency")
+        if residency is None:
+            return 0, process_rss(), []
+        return residency.budget, process_rss(), [(e.view.name, e.backend, e.reserved) for e in residency.snapshot()]
+
+    metrics = Metrics(engine_stats, memory)
+    registry = Registry(settings)
+    loader = Loader(
+        settings, registry, overrides=backend_overrides, replicas=replicas, step_listener=metrics.observe_step
+    )
+    residency = Residency(
+        settings,
+        registry,
+        loader,
+        backend_for=loader.backend_for,
+        listener=metrics,
+        pinned=pinned,
+        kv_tokens=loader.kv_tokens,
+        copies=loader.copies,
+    )
+    holder["residency"] = residency
+    state = AppState(settings, registry, loader, residency, metrics, preload=list(preload))
 
     def load_preloads() -> None:
         try:
             for name in state.preload:
-                manager.get(name)
+                residency.lease(name, keep_alive=-1 if name in set(pinned) else None).release()
         except LlmosError as exc:
             state.preload_error = exc.message
         finally:
@@ -55,13 +96,16 @@ def create_app(settings: Settings, preload: Iterable[str] = ()) -> FastAPI:
         try:
             yield
         finally:
-            await to_thread.run_sync(manager.close)
+            await to_thread.run_sync(residency.close)
+            registry.close()
 
     app = FastAPI(title="llmos", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.llmos = state
     errors.install(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     app.include_router(openai_router)
+    app.include_router(embeddings_router)
+    app.include_router(admin_router)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -75,31 +119,5 @@ def create_app(settings: Settings, preload: Iterable[str] = ()) -> FastAPI:
     async def prometheus() -> Response:
         body = await to_thread.run_sync(metrics.render)
         return Response(body, media_type=CONTENT_TYPE)
-
-    @app.get("/admin/runtime")
-    async def runtime(request: Request) -> dict[str, Any]:
-        models = []
-        for resident in manager.resident():
-            stats = resident.model.engine.stats()
-            models.append(
-                {
-                    "name": resident.model.name,
-                    "digest": resident.model.view.digest,
-                    "backend": "llama.cpp",
-                    "size": resident.model.view.size,
-                    "loaded_at": resident.loaded_at,
-                    "load_seconds": round(resident.load_seconds, 3),
-                    "slots": resident.model.backend.n_seq_max,
-                    "context_per_sequence": resident.model.engine.max_context,
-                    "running": stats.running,
-                    "waiting": stats.waiting,
-                    "kv_cells_used": stats.kv_cells_used,
-                    "kv_cells_total": stats.kv_cells_total,
-                    "generated_tokens": stats.generated_tokens,
-                    "prompt_tokens": stats.prompt_tokens,
-                    "finished": stats.finished,
-                }
-            )
-        return {"models": models}
 
     return app

@@ -1,10 +1,13 @@
 """Running a set of generation requests for one HTTP call: submit, merge streams, observe, cancel.
 
-Contract: :func:`submit_all` queues every choice of a call on the model's engine before any response byte is sent,
-so admission errors (503 with ``Retry-After``) are proper HTTP errors; if one choice is refused the others are
-aborted. :class:`Call` then yields ``(choice_index, output)`` pairs as the engine produces them, records time to
-first token, inter-token latency, tokens and finish reasons in the metrics, and aborts every unfinished choice if
-the consumer goes away (client disconnect) or fails.
+Contract: :func:`acquire` resolves the requested name to a resident generation model (through the residency
+manager: loading and evicting as needed) and, for a LoRA adapter, to its resident base with the adapter loaded; the
+returned :class:`Target` holds a lease until released. :func:`submit_all` queues every choice of a call on the
+model's engine before any response byte is sent, so admission errors (503 with ``Retry-After``) are proper HTTP
+errors; if one choice is refused the others are aborted and the lease released. :class:`Call` then yields
+``(choice_index, output)`` pairs as the engine produces them, records time to first token, inter-token latency,
+tokens and finish reasons in the metrics, aborts every unfinished choice if the consumer goes away (client
+disconnect) or fails, and releases the lease (applying the request's keep-alive) when it ends.
 """
 
 from __future__ import annotations
@@ -13,21 +16,76 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from anyio import to_thread
+
+from llmos.api.state import AppState
 from llmos.engine.request import GenerationOutput, GenerationRequest
 from llmos.engine.streams import AsyncOutputStream
-from llmos.errors import OverloadedError
+from llmos.errors import InvalidInputError, OverloadedError
 from llmos.observability.metrics import Metrics
+from llmos.registry.names import parse_ref
 from llmos.runtime.model import LoadedModel
+from llmos.runtime.replicas import ReplicaSet
+from llmos.runtime.residency import Lease, parse_keep_alive
+
+
+@dataclass
+class Target:
+    lease: Lease
+    model: LoadedModel
+    adapter: str | None
+    keep_alive: float | None
+
+    @property
+    def name(self) -> str:
+        """The name responses report: the adapter when one was asked for, else the model."""
+        return self.adapter or self.model.name
+
+    def release(self) -> None:
+        self.lease.release(self.keep_alive)
+
+
+async def acquire(state: AppState, name: str, keep_alive_value: object = None) -> Target:
+    keep_alive = parse_keep_alive(keep_alive_value)  # type: ignore[arg-type]
+    view = await to_thread.run_sync(state.registry.show, name)
+    adapter: str | None = None
+    lease_name = name
+    if view.format == "lora":
+        adapter = view.name
+        base_repository = parse_ref(str(view.details.get("base_name", ""))).repository
+        lease_name = f"{base_repository}@{view.details.get('base_digest')}"
+    lease = await to_thread.run_sync(state.residency.lease, lease_name, keep_alive)
+    model = lease.instance
+    try:
+        if isinstance(model, ReplicaSet):
+            model = model.pick()
+        if not isinstance(model, LoadedModel):
+            raise InvalidInputError(f"{view.name} is an embedding model; use /v1/embeddings", param="model")
+        if adapter is not None:
+            backend = model.backend
+            if not hasattr(backend, "add_adapter"):
+                raise InvalidInputError(f"adapter {adapter} needs its base on the PyTorch backend", param="model")
+            if adapter not in getattr(backend, "adapters", {}):
+                adapter_dir = await to_thread.run_sync(lambda: state.registry.model_dir(state.registry.resolve(name)))
+                await to_thread.run_sync(backend.add_adapter, adapter, adapter_dir)
+    except BaseException:
+        lease.release(keep_alive)
+        raise
+    return Target(lease, model, adapter, keep_alive)
 
 
 @dataclass
 class Call:
-    model: LoadedModel
+    target: Target
     requests: list[GenerationRequest]
     streams: list[AsyncOutputStream]
     metrics: Metrics
     arrived: float
     finished: set[int] = field(default_factory=set)
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.target.model
 
     async def outputs(self) -> AsyncIterator[tuple[int, GenerationOutput]]:
         label = self.model.name
@@ -48,6 +106,7 @@ class Call:
                 yield index, output
         finally:
             self.abort_unfinished()
+            self.target.release()
 
     def abort_unfinished(self) -> None:
         for index, request in enumerate(self.requests):
@@ -89,8 +148,9 @@ class Call:
 
 
 def submit_all(
-    model: LoadedModel, requests: list[GenerationRequest], metrics: Metrics, *, prompt_tokens: int, arrived: float
+    target: Target, requests: list[GenerationRequest], metrics: Metrics, *, prompt_tokens: int, arrived: float
 ) -> Call:
+    model = target.model
     streams: list[AsyncOutputStream] = []
     submitted: list[GenerationRequest] = []
     try:
@@ -99,14 +159,12 @@ def submit_all(
             model.engine.submit(request, stream)
             streams.append(stream)
             submitted.append(request)
-    except OverloadedError:
-        metrics.rejected.labels(model.name).inc()
+    except BaseException as exc:
+        if isinstance(exc, OverloadedError):
+            metrics.rejected.labels(model.name).inc()
         for request in submitted:
             model.engine.abort(request.request_id)
-        raise
-    except BaseException:
-        for request in submitted:
-            model.engine.abort(request.request_id)
+        target.release()
         raise
     metrics.prompt_tokens.labels(model.name).inc(prompt_tokens)
-    return Call(model, requests, streams, metrics, arrived=arrived)
+    return Call(target, requests, streams, metrics, arrived=arrived)

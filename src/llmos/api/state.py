@@ -1,4 +1,4 @@
-"""What the HTTP handlers share: settings, the model manager, metrics, readiness."""
+"""What the HTTP handlers share: settings, the registry, the memory manager, metrics, readiness."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ from dataclasses import dataclass, field
 
 from llmos.config import Settings
 from llmos.observability.metrics import Metrics
-from llmos.runtime.manager import ModelManager
+from llmos.registry.service import Registry
+from llmos.runtime.loader import Loader
+from llmos.runtime.residency import Residency
 
 
 @dataclass
 class AppState:
     settings: Settings
-    manager: ModelManager
+    registry: Registry
+    loader: Loader
+    residency: Residency
     metrics: Metrics
     preload: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)

@@ -90,6 +90,8 @@ class EngineCore:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
+        self.crashed: str | None = None
+        """Why the engine thread died, if it did (then every request on it failed and new ones are refused)."""
         self._stats = EngineStats(kv_cells_total=backend.n_seq_max * backend.n_ctx_seq)
         self._outbox: list[tuple[OutputStream, GenerationOutput]] | None = None
         """While a step runs, its events collect here and go out together at the end of the step."""
@@ -136,6 +138,15 @@ class EngineCore:
         if waiting is not None:
             self._finish(waiting, "cancelled", notify_scheduler=False)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def outstanding(self) -> int:
+        """Requests queued or running (read without the lock: good enough for load balancing)."""
+        return self.scheduler.num_running + self.scheduler.num_waiting
+
     def stats(self) -> EngineStats:
         with self._lock:
             stats = EngineStats(**{**self._stats.__dict__, "finished": dict(self._stats.finished)})
@@ -159,17 +170,25 @@ class EngineCore:
         # server slow to answer; ggml's worker threads inherit this niceness.
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self.scheduler.has_work():
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                    plan = self.scheduler.schedule()
+                for seq in plan.dropped:
+                    self._finish(seq, "cancelled", notify_scheduler=False)
+                if plan.chunks:
+                    self._step(plan.chunks)
+        except BaseException as exc:  # a bug or a backend failure: fail cleanly, never leave a stream hanging
+            log.exception("engine for %s crashed", self.name)
             with self._lock:
-                while not self._stopping and not self.scheduler.has_work():
-                    self._wakeup.wait()
-                if self._stopping:
-                    break
-                plan = self.scheduler.schedule()
-            for seq in plan.dropped:
-                self._finish(seq, "cancelled", notify_scheduler=False)
-            if plan.chunks:
-                self._step(plan.chunks)
+                self._stopping = True
+            self.crashed = f"{type(exc).__name__}: {exc}"
+            self._fail_all(EngineStoppedError(f"the engine for {self.name} failed ({type(exc).__name__}); retry"))
+            return
         self._fail_all(EngineStoppedError(f"the engine for {self.name} stopped"))
 
     def _fail_all(self, error: LlmosError) -> None:
@@ -189,6 +208,15 @@ class EngineCore:
 
     def _run_step(self, chunks: list[Chunk]) -> None:
         started = time.perf_counter()
+        for chunk in list(chunks):
+            if chunk.start_pos == 0 and chunk.seq.prompt_done == 0:  # the sequence just took its slot
+                try:
+                    self.backend.bind_adapter(_slot(chunk.seq), chunk.seq.request.adapter)
+                except LlmosError as exc:
+                    chunks.remove(chunk)
+                    self._finish(chunk.seq, "error", error=exc)
+        if not chunks:
+            return
         items = [BatchItem(_slot(c.seq), c.tokens, c.start_pos, c.logits) for c in chunks]
         try:
             rows = self.backend.decode(items)

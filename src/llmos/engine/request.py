@@ -35,6 +35,8 @@ class GenerationRequest:
     """Score the prompt too (completions ``echo`` with ``logprobs``): logprob of every prompt token but the first."""
     grammar: str | None = None
     """GBNF grammar the output must follow (JSON mode / JSON schema)."""
+    adapter: str | None = None
+    """Name of a LoRA adapter loaded on the backend to apply to this request's tokens."""
 
 
 @dataclass(frozen=True)

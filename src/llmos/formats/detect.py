@@ -30,12 +30,18 @@ HF_SIDE_FILES = {
     "special_tokens_map.json",
     "added_tokens.json",
     "vocab.json",
+    "vocab.txt",
     "merges.txt",
     "tokenizer.model",
     "chat_template.jinja",
     "chat_template.json",
     "model.safetensors.index.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 }
+_MODULE_DIR = re.compile(r"^\d+_[A-Za-z]+$")
+"""sentence-transformers module folders (``1_Pooling``, ``2_Normalize``); only their config.json is taken."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -56,6 +62,8 @@ def inspect_path(path: Path) -> ModelInfo:
     if not path.exists():
         raise InvalidModelFileError(f"{path}: no such file or directory")
     if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return inspect_lora_dir(path)
         return inspect_hf_dir(path)
     if not path.is_file():
         raise InvalidModelFileError(f"{path}: not a regular file")
@@ -126,6 +134,11 @@ def inspect_hf_dir(directory: Path) -> ModelInfo:
     for side in entries:
         if side.name in HF_SIDE_FILES:
             files.append(ModelFile(side, side.name, side.stat().st_size))
+    for module_dir in sorted(p for p in directory.iterdir() if p.is_dir() and _MODULE_DIR.match(p.name)):
+        module_config = module_dir / "config.json"
+        if module_config.is_file() and not module_config.is_symlink():
+            _read_json(module_config)
+            files.append(ModelFile(module_config, f"{module_dir.name}/config.json", module_config.stat().st_size))
 
     tokenizer_config = (
         _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
@@ -158,8 +171,30 @@ def inspect_hf_dir(directory: Path) -> ModelInfo:
             "bos_token": _token_text(tokenizer_config, "bos_token"),
             "eos_token": _token_text(tokenizer_config, "eos_token"),
         },
-        metadata={"model_type": config.get("model_type"), "torch_dtype": config.get("torch_dtype")},
+        metadata={
+            "model_type": config.get("model_type"),
+            "torch_dtype": config.get("torch_dtype") or config.get("dtype"),
+            "task": "embedding" if (directory / "modules.json").is_file() else "generation",
+            **({"shape": shape} if (shape := _hf_shape(config)) else {}),
+        },
     )
+
+
+def _hf_shape(config: dict[str, Any]) -> dict[str, int] | None:
+    def get(key: str) -> int | None:
+        value = config.get(key)
+        return value if isinstance(value, int) and value > 0 else None
+
+    layers, embedding, heads = get("num_hidden_layers"), get("hidden_size"), get("num_attention_heads")
+    if not (layers and embedding and heads):
+        return None
+    return {
+        "layers": layers,
+        "embedding": embedding,
+        "heads": heads,
+        "kv_heads": get("num_key_value_heads") or heads,
+        "head_dim": get("head_dim") or embedding // heads,
+    }
 
 
 def _token_text(tokenizer_config: Any, key: str) -> str | None:
@@ -169,3 +204,41 @@ def _token_text(tokenizer_config: Any, key: str) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+def inspect_lora_dir(directory: Path) -> ModelInfo:
+    """A peft LoRA adapter: adapter_config.json + adapter_model.safetensors (pickled adapters are refused)."""
+    config = _read_json(directory / "adapter_config.json")
+    if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise InvalidModelFileError("adapter_config.json: only LoRA adapters (peft_type LORA) are supported")
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise _unsafe(directory / "adapter_model.bin")
+        raise InvalidModelFileError(f"{directory}: no adapter_model.safetensors")
+    header = read_safetensors_header(weights)
+    shapes = {name: list(shape) for name, (_dtype, shape) in header.tensors.items()}
+    layers = sorted({int(m.group(1)) for n in shapes if (m := re.search(r"layers\.(\d+)\.", n))})
+    hidden = next((s[1] for n, s in shapes.items() if n.endswith("q_proj.lora_A.weight")), None)
+    return ModelInfo(
+        format="lora",
+        files=[
+            ModelFile(
+                directory / "adapter_config.json",
+                "adapter_config.json",
+                (directory / "adapter_config.json").stat().st_size,
+            ),
+            ModelFile(weights, "adapter_model.safetensors", header.file_size),
+        ],
+        architecture=None,
+        parameter_count=header.parameter_count,
+        quantization=header.main_dtype,
+        metadata={
+            "r": config.get("r"),
+            "lora_alpha": config.get("lora_alpha"),
+            "target_modules": sorted(config.get("target_modules") or []),
+            "base_model_name_or_path": config.get("base_model_name_or_path"),
+            "adapter_layers": (layers[-1] + 1) if layers else 0,
+            "adapter_hidden": hidden,
+        },
+    )

@@ -321,6 +321,7 @@ def inspect_gguf(path: Path, model_path: str = "model.gguf") -> ModelInfo:
         "eos_token": _token(tokens, meta.get("tokenizer.ggml.eos_token_id")),
     }
     template = meta.get("tokenizer.chat_template")
+    shape = _shape(meta, arch)
     scalars = {
         k: v
         for k, v in meta.items()
@@ -337,8 +338,33 @@ def inspect_gguf(path: Path, model_path: str = "model.gguf") -> ModelInfo:
         context_length=int(context) if isinstance(context, int) and context > 0 else None,
         chat_template=template if isinstance(template, str) else None,
         tokenizer=tokenizer,
-        metadata={"gguf_version": header.version, "tensor_count": len(header.tensors), **_small(scalars)},
+        metadata={
+            "gguf_version": header.version,
+            "tensor_count": len(header.tensors),
+            **({"shape": shape} if shape else {}),
+            **_small(scalars),
+        },
     )
+
+
+def _shape(meta: dict[str, Any], arch: str | None) -> dict[str, int] | None:
+    """Transformer dimensions (for memory estimates), when the file states them."""
+
+    def get(key: str) -> int | None:
+        value = meta.get(f"{arch}.{key}")
+        return value if isinstance(value, int) and value > 0 else None
+
+    layers, embedding, heads = get("block_count"), get("embedding_length"), get("attention.head_count")
+    if not (arch and layers and embedding and heads):
+        return None
+    kv_heads = get("attention.head_count_kv") or heads
+    return {
+        "layers": layers,
+        "embedding": embedding,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": get("attention.key_length") or embedding // heads,
+    }
 
 
 def _small(values: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ModelFormat = Literal["gguf", "safetensors", "hf"]
+ModelFormat = Literal["gguf", "safetensors", "hf", "lora"]
 
 
 @dataclass(frozen=True)
@@ -50,4 +50,5 @@ class ModelInfo:
             "quantization": self.quantization,
             "context_length": self.context_length,
             "chat_template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest() if template else None,
+            **({"base": self.metadata["base_digest"]} if self.metadata.get("base_digest") else {}),
         }

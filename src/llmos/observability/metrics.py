@@ -25,10 +25,26 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine_stats: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
+    def __init__(
+        self,
+        engine_stats: Callable[[], Iterable[tuple[str, EngineStats]]],
+        memory: Callable[[], tuple[int, int, list[tuple[str, str, int]]]],
+    ) -> None:
         self._engine_stats = engine_stats
+        self._memory = memory
 
     def collect(self) -> Iterator[Any]:
+        budget, rss, residents = self._memory()
+        yield GaugeMetricFamily("llmos_memory_budget_bytes", "Memory budget for resident models", value=budget)
+        yield GaugeMetricFamily("llmos_process_resident_memory_bytes", "RSS of the server process", value=rss)
+        models = GaugeMetricFamily("llmos_resident_models", "Models loaded in memory", value=len(residents))
+        yield models
+        memory = GaugeMetricFamily(
+            "llmos_resident_model_memory_bytes", "Measured memory of each resident model", labels=["model", "backend"]
+        )
+        for model, backend, size in residents:
+            memory.add_metric([model, backend], size)
+        yield memory
         waiting = GaugeMetricFamily("llmos_queue_depth", "Requests waiting for a slot", labels=["model"])
         running = GaugeMetricFamily("llmos_running_sequences", "Sequences in the running batch", labels=["model"])
         kv = GaugeMetricFamily("llmos_kv_cache_usage_ratio", "Used share of KV cache cells", labels=["model"])
@@ -43,7 +59,11 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], Iterable[tuple[str, EngineStats]]] = lambda: ()) -> None:
+    def __init__(
+        self,
+        engine_stats: Callable[[], Iterable[tuple[str, EngineStats]]] = lambda: (),
+        memory: Callable[[], tuple[int, int, list[tuple[str, str, int]]]] = lambda: (0, 0, []),
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -86,7 +106,26 @@ class Metrics:
         self.step_duration = Histogram(
             "llmos_step_duration_seconds", "Duration of one engine step", ["model"], buckets=LATENCY_BUCKETS, registry=r
         )
-        r.register(_EngineCollector(engine_stats))
+        self.loads = Counter("llmos_model_loads_total", "Model loads", ["model", "backend"], registry=r)
+        self.unloads = Counter(
+            "llmos_model_unloads_total",
+            "Model unloads by reason (budget, expired, ...)",
+            ["model", "backend", "reason"],
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "llmos_model_load_seconds", "Time to load a model", ["backend"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.embedding_inputs = Counter("llmos_embedding_inputs_total", "Texts embedded", ["model"], registry=r)
+        r.register(_EngineCollector(engine_stats, memory))
+
+    # residency listener
+    def loaded(self, model: str, backend: str, seconds: float, bytes_used: int) -> None:
+        self.loads.labels(model, backend).inc()
+        self.load_seconds.labels(backend).observe(seconds)
+
+    def unloaded(self, model: str, backend: str, reason: str) -> None:
+        self.unloads.labels(model, backend, reason).inc()
 
     def observe_step(self, model: str, stats: StepStats) -> None:
         self.batch_size.labels(model).observe(stats.sequences)

@@ -14,6 +14,9 @@ Contract:
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, selectinload
 
 from llmos.config import Settings
-from llmos.errors import ConflictError, InvalidModelFileError, ModelNotFoundError
+from llmos.errors import ConflictError, InvalidInputError, InvalidModelFileError, ModelNotFoundError
 from llmos.formats.detect import inspect_path
 from llmos.formats.info import ModelInfo
 from llmos.registry.names import DEFAULT_TAG, ModelRef, parse_ref
@@ -80,6 +83,27 @@ class ResolvedModel:
             return next(iter(self.paths.values()))
         raise InvalidModelFileError(f"{self.view.name} has several files; load it as a directory")
 
+    def materialize(self, root: Path) -> Path:
+        """A directory under ``root`` where the version's files appear under their own names (symlinks to blobs).
+
+        Built in a temporary directory and renamed into place, so a half-built directory is never used; libraries
+        that expect a Hugging Face layout load from it. Deleting a blob leaves a dangling link, never stale bytes.
+        """
+        target = root / self.view.digest.split(":", 1)[1]
+        if target.is_dir():
+            return target
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="materialize-", dir=root))
+        for relative, blob in self.paths.items():
+            link = staging / relative
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(blob, link)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process got there first
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
 
 class Registry:
     """The model registry of one llmos home. Cheap to construct; safe to use from several processes at once."""
@@ -117,21 +141,81 @@ class Registry:
             tmp_removed = self.blobs.clean_tmp()
             with self.session() as session:
                 referenced = self.referenced_blobs(session)
+                versions = {d.split(":", 1)[1] for d in session.scalars(select(ModelVersion.digest).distinct())}
             orphans = [d for d in self.blobs.iter_digests() if d not in referenced]
             for digest in orphans:
                 self.blobs.delete(digest)
+            if self.materialized_dir.is_dir():
+                for entry in self.materialized_dir.iterdir():
+                    if entry.name not in versions:
+                        shutil.rmtree(entry, ignore_errors=True)
             return tmp_removed, len(orphans)
+
+    @property
+    def materialized_dir(self) -> Path:
+        """Where multi-file versions are laid out under their own file names (see ResolvedModel.materialize)."""
+        return self.settings.home / "models"
+
+    def model_dir(self, resolved: ResolvedModel) -> Path:
+        return resolved.materialize(self.materialized_dir)
 
     # --- writing ----------------------------------------------------------------------------------------------------
 
     def import_path(
-        self, source: Path, name: str, *, progress: ProgressFactory | None = None, params: dict[str, Any] | None = None
+        self,
+        source: Path,
+        name: str,
+        *,
+        progress: ProgressFactory | None = None,
+        params: dict[str, Any] | None = None,
+        base: str | None = None,
+        operation: str = "import",
     ) -> VersionView:
-        """Import a GGUF file, a safetensors file or a Hugging Face directory under ``name``."""
+        """Import a GGUF file, a safetensors file, a Hugging Face directory or a peft LoRA directory under ``name``.
+
+        A LoRA adapter must name its ``base`` (a registered Hugging Face model of the same architecture).
+        """
         parse_ref(name)  # a bad name is refused before the file is even opened
+        info = inspect_path(source)
+        parents: list[ParentRef] = []
+        if info.format == "lora":
+            parents.append(self._bind_adapter(info, base))
+        elif base is not None:
+            raise InvalidInputError("--base applies only to LoRA adapters", param="base")
         return self.import_info(
-            inspect_path(source), name, progress=progress, params={"source": source.name, **(params or {})}
+            info,
+            name,
+            progress=progress,
+            operation=operation,
+            parents=parents,
+            params={"source": source.name, **(params or {})},
         )
+
+    def _bind_adapter(self, info: ModelInfo, base: str | None) -> ParentRef:
+        """Check that a LoRA adapter fits its base model and record the base in the adapter's metadata."""
+        if base is None:
+            raise InvalidInputError("a LoRA adapter needs --base NAME: the registered model it was trained on")
+        try:
+            base_view = self.show(base)
+        except ModelNotFoundError as exc:
+            raise InvalidModelFileError(f"the adapter's base model {base!r} is not registered") from exc
+        if base_view.format != "hf":
+            raise InvalidModelFileError(
+                f"LoRA adapters run on the PyTorch backend; {base_view.name} is {base_view.format}"
+                " (make a Hugging Face copy with `llmos convert NAME --to safetensors`)"
+            )
+        shape = base_view.details.get("shape") or {}
+        layers, hidden = info.metadata.get("adapter_layers"), info.metadata.get("adapter_hidden")
+        if (layers and shape.get("layers") and layers > shape["layers"]) or (
+            hidden and shape.get("embedding") and hidden != shape["embedding"]
+        ):
+            raise InvalidModelFileError(
+                f"the adapter was trained for another architecture ({layers} layers, hidden size {hidden}) than"
+                f" {base_view.name} ({shape.get('layers')} layers, hidden size {shape.get('embedding')})"
+            )
+        info.architecture = base_view.architecture
+        info.metadata.update({"base_digest": base_view.digest, "base_name": base_view.name})
+        return ParentRef(base_view.digest, base_view.name)
 
     def import_info(
         self,

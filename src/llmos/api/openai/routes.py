@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from llmos.api.body import parse_body
 from llmos.api.errors import error_body
-from llmos.api.generation import Call, submit_all
+from llmos.api.generation import Call, acquire, submit_all
 from llmos.api.openai import render
 from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from llmos.api.state import AppState
@@ -39,10 +39,6 @@ ROLE_MAP = {"developer": "system"}
 def app_state(request: Request) -> AppState:
     state: AppState = request.app.state.llmos
     return state
-
-
-async def load_model(state: AppState, name: str) -> LoadedModel:
-    return await to_thread.run_sync(state.manager.get, name)
 
 
 def sampling(body: SamplingFields, max_tokens: int, index: int, n_vocab: int) -> SamplingParams:
@@ -81,14 +77,14 @@ def error_event(exc: LlmosError) -> bytes:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     state = app_state(request)
-    views = await to_thread.run_sync(state.manager.registry.list_versions)
+    views = await to_thread.run_sync(state.registry.list_versions)
     return {"object": "list", "data": [render.model_object(v) for v in views]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     state = app_state(request)
-    view = await to_thread.run_sync(state.manager.registry.show, model)
+    view = await to_thread.run_sync(state.registry.show, model)
     return render.model_object(view)
 
 
@@ -112,29 +108,35 @@ async def chat_completions(request: Request) -> Any:
     state = app_state(request)
     body = await parse_body(request, ChatCompletionRequest, state.settings.max_request_bytes)
     grammar = await to_thread.run_sync(_grammar, body)
-    model = await load_model(state, body.model)
-    messages = [ChatMessage(ROLE_MAP.get(m.role, m.role), m.text()) for m in body.messages]  # type: ignore[arg-type]
-    prompt = await to_thread.run_sync(model.chat_tokens, messages)
-    limit = body.limit()
-    model.engine.check_fits(len(prompt), limit)
-    max_tokens = limit if limit is not None else model.engine.max_context - len(prompt)
-    top = body.top_logprobs or 0
-    requests = [
-        GenerationRequest(
-            prompt,
-            sampling(body, max_tokens, i, model.backend.n_vocab),
-            logprobs=top if body.logprobs else None,
-            grammar=grammar,
-            priority=body.priority,
-        )
-        for i in range(body.n)
-    ]
-    call = submit_all(model, requests, state.metrics, prompt_tokens=len(prompt), arrived=arrived)
+    target = await acquire(state, body.model, body.keep_alive)
+    try:
+        model = target.model
+        messages = [ChatMessage(ROLE_MAP.get(m.role, m.role), m.text()) for m in body.messages]  # type: ignore[arg-type]
+        prompt = await to_thread.run_sync(model.chat_tokens, messages)
+        limit = body.limit()
+        model.engine.check_fits(len(prompt), limit)
+        max_tokens = limit if limit is not None else model.engine.max_context - len(prompt)
+        top = body.top_logprobs or 0
+        requests = [
+            GenerationRequest(
+                prompt,
+                sampling(body, max_tokens, i, model.backend.n_vocab),
+                logprobs=top if body.logprobs else None,
+                grammar=grammar,
+                priority=body.priority,
+                adapter=target.adapter,
+            )
+            for i in range(body.n)
+        ]
+    except BaseException:
+        target.release()
+        raise
+    call = submit_all(target, requests, state.metrics, prompt_tokens=len(prompt), arrived=arrived)
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _chat_stream(call, completion_id, created, model.name, len(prompt), include_usage),
+            _chat_stream(call, completion_id, created, target.name, len(prompt), include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -157,7 +159,7 @@ async def chat_completions(request: Request) -> Any:
         }
         for i in range(body.n)
     ]
-    return render.chat_completion(completion_id, created, model.name, choices, len(prompt), completion_tokens)
+    return render.chat_completion(completion_id, created, target.name, choices, len(prompt), completion_tokens)
 
 
 async def _chat_stream(
@@ -222,30 +224,36 @@ async def completions(request: Request) -> Any:
         raise InvalidInputError(
             "max_tokens must be at least 1 unless echo is true (prompt scoring)", param="max_tokens"
         )
-    model = await load_model(state, body.model)
-    prompts = await to_thread.run_sync(_prompt_token_lists, body, model)
-    for tokens, _text in prompts:
-        model.engine.check_fits(len(tokens), body.max_tokens)
-    score_prompt = body.echo and body.logprobs is not None
-    requests = [
-        GenerationRequest(
-            tokens,
-            sampling(body, body.max_tokens, j, model.backend.n_vocab),
-            logprobs=body.logprobs,
-            prompt_logprobs=score_prompt,
-            priority=body.priority,
-        )
-        for tokens, _text in prompts
-        for j in range(body.n)
-    ]
+    target = await acquire(state, body.model, body.keep_alive)
+    try:
+        model = target.model
+        prompts = await to_thread.run_sync(_prompt_token_lists, body, model)
+        for tokens, _text in prompts:
+            model.engine.check_fits(len(tokens), body.max_tokens)
+        score_prompt = body.echo and body.logprobs is not None
+        requests = [
+            GenerationRequest(
+                tokens,
+                sampling(body, body.max_tokens, j, model.backend.n_vocab),
+                logprobs=body.logprobs,
+                prompt_logprobs=score_prompt,
+                priority=body.priority,
+                adapter=target.adapter,
+            )
+            for tokens, _text in prompts
+            for j in range(body.n)
+        ]
+    except BaseException:
+        target.release()
+        raise
     prompt_tokens = sum(len(tokens) for tokens, _text in prompts)
-    call = submit_all(model, requests, state.metrics, prompt_tokens=prompt_tokens, arrived=arrived)
+    call = submit_all(target, requests, state.metrics, prompt_tokens=prompt_tokens, arrived=arrived)
     completion_id, created = new_id("cmpl"), int(time.time())
     echoes = [text for _tokens, text in prompts for _ in range(body.n)]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _completion_stream(call, body, completion_id, created, model.name, echoes, prompt_tokens, include_usage),
+            _completion_stream(call, body, completion_id, created, target.name, echoes, prompt_tokens, include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -278,7 +286,7 @@ async def completions(request: Request) -> Any:
             }
         )
     usage = render.usage(prompt_tokens, completion_tokens)
-    return render.text_completion(completion_id, created, model.name, choices, usage)
+    return render.text_completion(completion_id, created, target.name, choices, usage)
 
 
 async def _completion_stream(

@@ -76,6 +76,7 @@ class SamplingFields(Strict):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     priority: int = Field(default=0, ge=-100, le=100)
+    keep_alive: str | int | float | None = None
 
     @field_validator("stop")
     @classmethod

@@ -45,6 +45,7 @@ class SequenceSampler(Protocol):
 
 
 class Backend(Protocol):
+    backend_name: str
     n_seq_max: int
     n_ctx_seq: int
     n_batch: int
@@ -54,6 +55,8 @@ class Backend(Protocol):
 
     def token_bytes(self, token: int) -> bytes: ...
 
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
     def is_end_of_generation(self, token: int) -> bool: ...
 
     def new_sampler(self, params: SamplingParams, grammar: str | None = None) -> SequenceSampler: ...
@@ -62,6 +65,10 @@ class Backend(Protocol):
 
     def logprobs(self, output_row: int, token: int, top_n: int) -> tuple[float, list[TokenLogprob]]:
         """Log-probability of ``token`` and the ``top_n`` most likely tokens at ``output_row`` (raw distribution)."""
+        ...
+
+    def bind_adapter(self, seq_id: int, adapter: str | None) -> None:
+        """Apply LoRA ``adapter`` (None: the plain base) to the tokens of sequence ``seq_id`` until it is forgotten."""
         ...
 
     def forget_sequence(self, seq_id: int) -> None: ...

@@ -37,6 +37,7 @@ class FakeSampler:
 
 
 class FakeBackend:
+    backend_name = "fake"
     n_vocab = 256
 
     def __init__(
@@ -59,6 +60,7 @@ class FakeBackend:
         self.batches: list[list[tuple[int, int]]] = []
         """Per decode call: (seq_id, number of tokens) for each item."""
         self.closed_samplers = 0
+        self.adapters: dict[int, str | None] = {}
         self.fail_next_decode: Exception | None = None
         self.closed = False
         self._thread: int | None = None
@@ -68,6 +70,9 @@ class FakeBackend:
 
     def token_bytes(self, token: int) -> bytes:
         return b"" if token == EOS else bytes([token])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_end_of_generation(self, token: int) -> bool:
         return token == EOS
@@ -110,6 +115,9 @@ class FakeBackend:
         value = 0.0 if token == predicted else -math.inf
         top = [TokenLogprob(predicted, 0.0)][:top_n]
         return value, top
+
+    def bind_adapter(self, seq_id: int, adapter: str | None) -> None:
+        self.adapters[seq_id] = adapter
 
     def forget_sequence(self, seq_id: int) -> None:
         self.kv.pop(seq_id, None)

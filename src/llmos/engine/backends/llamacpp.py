@@ -138,6 +138,8 @@ class Sampler:
 class LlamaCppModel:
     """One GGUF model loaded into llama.cpp with KV room for ``n_seq_max`` sequences of ``n_ctx_seq`` tokens."""
 
+    backend_name = "llama.cpp"
+
     def __init__(
         self,
         path: Path,
@@ -300,6 +302,10 @@ class LlamaCppModel:
         best = np.argpartition(-shifted, top_n)[:top_n] if top_n < self.n_vocab else np.arange(self.n_vocab)
         best = best[np.argsort(-shifted[best])]
         return chosen, [TokenLogprob(int(t), float(shifted[t]) - log_z) for t in best]
+
+    def bind_adapter(self, seq_id: int, adapter: str | None) -> None:
+        if adapter is not None:
+            raise InvalidInputError("LoRA adapters run on the PyTorch backend, not on llama.cpp", param="model")
 
     def forget_sequence(self, seq_id: int, from_pos: int = 0) -> None:
         """Drop a sequence's KV cache entries from ``from_pos`` on (all of them by default)."""

@@ -1,0 +1,331 @@
+"""PyTorch backend for Llama-family causal LMs (Hugging Face checkpoints), with continuous batching and multi-LoRA.
+
+Contract: implements :class:`llmos.engine.backends.base.Backend`. The Hugging Face model supplies the weights and
+its modules (projections, norms, rotary embedding); the forward pass is llmos's own, so that one call can mix
+sequences of different lengths:
+
+* every scheduled token of every sequence is packed into one ``[1, N, hidden]`` batch for the projections and MLPs
+  (the expensive part), with its own position;
+* each sequence slot has a preallocated KV cache ``[layers, slots, kv_heads, n_ctx_seq, head_dim]``; new keys and
+  values are written at the sequence's positions, and attention runs per sequence over its own cache (prefill
+  chunks with a causal mask offset by the cached length, decodes over everything cached);
+* LoRA adapters (peft format) add ``scale * x A^T B^T`` to the adapted projections for exactly the tokens of the
+  sequences that asked for that adapter, so requests for different adapters and for the base share a batch.
+
+Only logits of requested rows are computed (final norm + LM head on those rows). Supported: architectures whose HF
+implementation follows the Llama module layout (llama, mistral, qwen2, smollm). Not thread-safe (engine thread only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmos.engine.backends.base import BatchItem, TokenLogprob
+from llmos.engine.backends.torch_sampling import TorchSampler
+from llmos.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
+from llmos.types import SamplingParams
+
+SUPPORTED_TYPES = {"llama", "mistral", "qwen2", "smollm3"}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraAdapter:
+    """Per (layer, module): A [r, in], B [out, r]; ``scale = alpha / r``."""
+
+    name: str
+    scale: float
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character each byte is mapped to, inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class TorchBackend:
+    backend_name = "torch"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        n_seq_max: int = 4,
+        n_ctx_seq: int = 2048,
+        n_batch: int = 512,
+        threads: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:  # pragma: no cover - depends on installation
+            raise BackendUnavailableError("the PyTorch backend needs `pip install 'llmos[torch]'`") from exc
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"transformers could not load the model: {exc}") from exc
+        self.tokenizer = tokenizer
+        self.model = model
+        self.model.eval()
+        config = self.model.config
+        if config.model_type not in SUPPORTED_TYPES:
+            raise BackendUnavailableError(
+                f"the PyTorch backend supports {', '.join(sorted(SUPPORTED_TYPES))} models, not {config.model_type}"
+            )
+        self.dtype = dtype
+        self.n_seq_max = n_seq_max
+        self.n_ctx_seq = min(n_ctx_seq, int(getattr(config, "max_position_embeddings", n_ctx_seq)))
+        self.n_batch = n_batch
+        self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        self.layers = list(self.model.model.layers)
+        heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        self.heads = heads
+        shape = (len(self.layers), n_seq_max, self.kv_heads, self.n_ctx_seq, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.adapters: dict[str, LoraAdapter] = {}
+        self._seq_adapter: dict[int, str | None] = {}
+        self._logits: torch.Tensor | None = None
+        self._eos = self._end_tokens()
+        self._pieces: dict[int, bytes] = {}
+        decoder = type(getattr(self.tokenizer.backend_tokenizer, "decoder", None)).__name__
+        self._byte_level = decoder == "ByteLevel"
+        self._bytes = _byte_decoder() if self._byte_level else {}
+        self._special = set(self.tokenizer.all_special_ids)
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self._apply_rope = apply_rotary_pos_emb
+
+    def _end_tokens(self) -> set[int]:
+        ends: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ends.add(value)
+            elif isinstance(value, list | tuple):
+                ends.update(int(v) for v in value)
+        return ends
+
+    # --- vocabulary -------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError("the text is not valid Unicode (it contains a lone surrogate)") from exc
+        encoded = self.tokenizer(text, add_special_tokens=add_special, split_special_tokens=not parse_special)
+        return list(encoded["input_ids"])
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            if token in self._special:
+                piece = b""
+            else:
+                text = str(self.tokenizer.convert_ids_to_tokens(token) or "")
+                if self._byte_level:
+                    piece = bytes(self._bytes.get(ch, 0) for ch in text)
+                elif text.startswith("<0x") and text.endswith(">") and len(text) == 6:
+                    piece = bytes([int(text[3:5], 16)])
+                else:
+                    piece = text.replace("\u2581", " ").encode("utf-8")
+            self._pieces[token] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token in self._eos
+
+    # --- sampling ---------------------------------------------------------------------------------------------------
+
+    def new_sampler(self, params: SamplingParams, grammar: str | None = None) -> TorchSampler:
+        if grammar is not None:
+            raise InvalidInputError(
+                "response_format json_object / json_schema needs the llama.cpp backend (GGUF models)",
+                param="response_format",
+            )
+        for token, _bias in params.logit_bias:
+            if not 0 <= token < self.n_vocab:
+                raise InvalidInputError(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
+        return TorchSampler(params, self._row_logits, [])
+
+    def _row_logits(self, row: int) -> torch.Tensor:
+        assert self._logits is not None, "sample() before decode()"
+        logits: torch.Tensor = self._logits[row]
+        return logits
+
+    def logprobs(self, output_row: int, token: int, top_n: int) -> tuple[float, list[TokenLogprob]]:
+        log_probs = torch.log_softmax(self._row_logits(output_row).to(torch.float64), dim=-1)
+        chosen = float(log_probs[token])
+        if top_n <= 0:
+            return chosen, []
+        values, ids = torch.topk(log_probs, min(top_n, self.n_vocab))
+        return chosen, [TokenLogprob(int(t), float(v)) for t, v in zip(ids, values, strict=True)]
+
+    # --- adapters ---------------------------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, adapter_dir: Path) -> None:
+        self.adapters[name] = load_peft_adapter(name, adapter_dir, len(self.layers), self.dtype)
+
+    def bind_adapter(self, seq_id: int, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.adapters:
+            raise InvalidInputError(f"adapter {adapter!r} is not loaded on this model")
+        self._seq_adapter[seq_id] = adapter
+
+    # --- compute ----------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, items: Sequence[BatchItem]) -> dict[int, list[int]]:
+        total = sum(len(item.tokens) for item in items)
+        if total == 0:
+            return {}
+        if total > self.n_batch:
+            raise ValueError(f"batch of {total} tokens exceeds n_batch={self.n_batch}")
+        ids = torch.tensor([t for item in items for t in item.tokens], dtype=torch.long)
+        positions = torch.tensor(
+            [item.start_pos + i for item in items for i in range(len(item.tokens))], dtype=torch.long
+        )
+        spans: list[tuple[BatchItem, int, int]] = []
+        offset = 0
+        for item in items:
+            if item.start_pos + len(item.tokens) > self.n_ctx_seq:
+                raise ModelLoadError(f"sequence {item.seq_id} would exceed its {self.n_ctx_seq}-token KV cache")
+            spans.append((item, offset, offset + len(item.tokens)))
+            offset += len(item.tokens)
+        lora_rows = self._lora_rows(spans)
+
+        inner = self.model.model
+        hidden = inner.embed_tokens(ids)[None]
+        cos, sin = inner.rotary_emb(hidden, positions[None])
+        for layer_index, layer in enumerate(self.layers):
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            attn = layer.self_attn
+            q = self._proj(attn.q_proj, x, layer_index, "q_proj", lora_rows)
+            k = self._proj(attn.k_proj, x, layer_index, "k_proj", lora_rows)
+            v = self._proj(attn.v_proj, x, layer_index, "v_proj", lora_rows)
+            q = q.view(1, total, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = self._apply_rope(q, k, cos, sin)
+            out = torch.empty(1, self.heads, total, self.head_dim, dtype=q.dtype)
+            for item, begin, end in spans:
+                slot, start, length = item.seq_id, item.start_pos, end - begin
+                self.k_cache[layer_index, slot, :, start : start + length] = k[0, :, begin:end]
+                self.v_cache[layer_index, slot, :, start : start + length] = v[0, :, begin:end]
+                keys = self.k_cache[layer_index, slot, :, : start + length][None]
+                values = self.v_cache[layer_index, slot, :, : start + length][None]
+                mask = None
+                if length > 1:
+                    mask = torch.ones(length, start + length, dtype=torch.bool).tril(diagonal=start)
+                out[:, :, begin:end] = F.scaled_dot_product_attention(
+                    q[:, :, begin:end], keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+                )
+            out_flat = out.transpose(1, 2).reshape(1, total, self.heads * self.head_dim)
+            hidden = residual + self._proj(attn.o_proj, out_flat, layer_index, "o_proj", lora_rows)
+            residual = hidden
+            x = layer.post_attention_layernorm(hidden)
+            mlp = layer.mlp
+            gate = self._proj(mlp.gate_proj, x, layer_index, "gate_proj", lora_rows)
+            up = self._proj(mlp.up_proj, x, layer_index, "up_proj", lora_rows)
+            hidden = residual + self._proj(mlp.down_proj, mlp.act_fn(gate) * up, layer_index, "down_proj", lora_rows)
+
+        rows: dict[int, list[int]] = {}
+        wanted: list[int] = []
+        for item, begin, end in spans:
+            if item.logits == "all":
+                picks = list(range(begin, end))
+            elif item.logits == "last":
+                picks = [end - 1]
+            else:
+                picks = []
+            rows[item.seq_id] = list(range(len(wanted), len(wanted) + len(picks)))
+            wanted.extend(picks)
+        if wanted:
+            selected = inner.norm(hidden[0, wanted])
+            self._logits = self.model.lm_head(selected).to(torch.float32)
+        else:
+            self._logits = None
+        return {seq: r for seq, r in rows.items() if r}
+
+    def _lora_rows(self, spans: list[tuple[BatchItem, int, int]]) -> dict[str, torch.Tensor]:
+        groups: dict[str, list[int]] = {}
+        for item, begin, end in spans:
+            adapter = self._seq_adapter.get(item.seq_id)
+            if adapter is not None:
+                groups.setdefault(adapter, []).extend(range(begin, end))
+        return {name: torch.tensor(rows, dtype=torch.long) for name, rows in groups.items()}
+
+    def _proj(
+        self, linear: Any, x: torch.Tensor, layer: int, module: str, lora_rows: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        out: torch.Tensor = linear(x)
+        for name, rows in lora_rows.items():
+            adapter = self.adapters[name]
+            weights = adapter.weights.get((layer, module))
+            if weights is None:
+                continue
+            a, b = weights
+            delta = (x[0, rows] @ a.T) @ b.T
+            out[0, rows] += adapter.scale * delta
+        return out
+
+    def forget_sequence(self, seq_id: int) -> None:
+        self._seq_adapter.pop(seq_id, None)
+
+    def close(self) -> None:
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+        self.model = None
+        self._logits = None
+
+
+def load_peft_adapter(name: str, adapter_dir: Path, n_layers: int, dtype: torch.dtype) -> LoraAdapter:
+    """Read a peft LoRA directory (adapter_config.json + adapter_model.safetensors) into per-module A/B tensors."""
+    import json
+    import re
+
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    rank = int(config.get("r", 8))
+    alpha = float(config.get("lora_alpha", rank))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = pattern.search(key)
+        if match is None:
+            continue
+        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+        if module not in LORA_TARGETS or layer >= n_layers:
+            raise InvalidInputError(f"adapter {name!r} targets {key}, which this base model does not have")
+        parts.setdefault((layer, module), {})[which] = tensor.to(dtype)
+    weights = {k: (v["A"], v["B"]) for k, v in parts.items() if "A" in v and "B" in v}
+    if not weights:
+        raise InvalidInputError(f"adapter {name!r} holds no LoRA weights llmos can apply")
+    return LoraAdapter(name, scale, weights)

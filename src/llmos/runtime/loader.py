@@ -1,0 +1,143 @@
+"""Turning a registry version into a running instance on the right backend.
+
+Contract: :meth:`Loader.backend_for` picks the backend from the version's format and task (GGUF -> llama.cpp, a
+Hugging Face causal LM -> torch, a sentence-transformers directory -> sentence-transformers), unless an override
+names another one for that model. :meth:`Loader.__call__` builds the instance: a
+:class:`~llmos.runtime.model.LoadedModel` (backend + running engine) for generation, or an
+:class:`~llmos.runtime.embedding.EmbeddingModel`. Multi-file versions are loaded from their materialised
+directory. A combination that cannot work (a GGUF on torch, an adapter as a model) is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from llmos.config import Settings
+from llmos.engine.core import EngineConfig, EngineCore, StepStats
+from llmos.errors import BackendUnavailableError, InvalidInputError
+from llmos.registry.names import parse_ref
+from llmos.registry.service import Registry, ResolvedModel
+from llmos.registry.views import VersionView
+from llmos.runtime.model import LoadedModel
+
+BACKENDS = ("llama.cpp", "torch", "sentence-transformers")
+
+
+def default_backend(view: VersionView) -> str:
+    if view.format == "gguf":
+        return "llama.cpp"
+    if view.format == "lora":
+        raise InvalidInputError(f"{view.name} is a LoRA adapter; it runs on its base model, not on its own")
+    if view.details.get("task") == "embedding":
+        return "sentence-transformers"
+    return "torch"
+
+
+def parse_replicas(items: Iterable[str]) -> dict[str, int]:
+    """``NAME=N`` pairs (CLI ``--replicas``) -> {repository: N}."""
+    counts: dict[str, int] = {}
+    for item in items:
+        name, sep, count = item.partition("=")
+        if not sep or not count.isdigit() or not 1 <= int(count) <= 16:
+            raise InvalidInputError(f"--replicas takes NAME=N with N between 1 and 16: {item!r}")
+        counts[parse_ref(name).repository] = int(count)
+    return counts
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, str]:
+    """``NAME=BACKEND`` pairs (CLI ``--backend``) -> {repository: backend}."""
+    overrides: dict[str, str] = {}
+    for item in items:
+        name, sep, backend = item.partition("=")
+        if not sep or backend not in BACKENDS:
+            raise InvalidInputError(f"--backend takes NAME=BACKEND with BACKEND one of {', '.join(BACKENDS)}: {item!r}")
+        overrides[parse_ref(name).repository] = backend
+    return overrides
+
+
+class Loader:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        *,
+        max_running: int | None = None,
+        overrides: dict[str, str] | None = None,
+        replicas: dict[str, int] | None = None,
+        step_listener: Callable[[str, StepStats], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.max_running = max_running or settings.max_running
+        self.overrides = overrides or {}
+        self.replicas = replicas or {}
+        self.step_listener = step_listener
+
+    def backend_for(self, view: VersionView) -> str:
+        return self.overrides.get(view.repository) or default_backend(view)
+
+    def copies(self, view: VersionView) -> int:
+        return self.replicas.get(view.repository, 1)
+
+    def kv_tokens(self, backend: str) -> int:
+        if backend == "llama.cpp":
+            return self.settings.context_length * self.max_running
+        if backend == "torch":
+            return self.settings.torch_context_length * self.max_running
+        return 0
+
+    def __call__(self, resolved: ResolvedModel, backend: str) -> Any:
+        count = self.replicas.get(resolved.view.repository, 1)
+        if count > 1 and backend != "sentence-transformers":
+            from llmos.runtime.replicas import ReplicaSet
+
+            return ReplicaSet(resolved.view, lambda: self._load(resolved, backend), count)
+        return self._load(resolved, backend)
+
+    def _load(self, resolved: ResolvedModel, backend: str) -> Any:
+        view = resolved.view
+        if backend == "sentence-transformers":
+            from llmos.runtime.embedding import EmbeddingModel
+
+            return EmbeddingModel(view, self.registry.model_dir(resolved), threads=self.settings.threads)
+        if backend == "llama.cpp":
+            if view.format != "gguf":
+                raise BackendUnavailableError(
+                    f"{view.name} is a {view.format} model; llama.cpp runs GGUF files (convert it with `llmos convert`)"
+                )
+            from llmos.engine.backends.llamacpp import LlamaCppModel
+
+            generator: Any = LlamaCppModel(
+                resolved.primary_path,
+                n_ctx_seq=self.settings.context_length,
+                n_batch=self.settings.batch_size,
+                n_seq_max=self.max_running,
+                threads=self.settings.threads,
+                extra_buffers=self.settings.llamacpp_extra_buffers,
+            )
+        elif backend == "torch":
+            if view.format != "hf":
+                raise BackendUnavailableError(
+                    f"{view.name} is a {view.format} model; the torch backend runs Hugging Face checkpoints"
+                    " (`llmos convert NAME --to safetensors` makes one)"
+                )
+            from llmos.engine.backends.torch import TorchBackend
+
+            generator = TorchBackend(
+                self.registry.model_dir(resolved),
+                n_seq_max=self.max_running,
+                n_ctx_seq=self.settings.torch_context_length,
+                n_batch=self.settings.batch_size,
+                threads=self.settings.threads,
+            )
+        else:
+            raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        listener = self.step_listener
+        engine = EngineCore(
+            generator,
+            EngineConfig(max_waiting=self.settings.max_waiting, max_prefill_tokens=self.settings.max_prefill_tokens),
+            name=view.name,
+            step_listener=(lambda stats: listener(view.name, stats)) if listener else None,
+        )
+        return LoadedModel(view, generator, engine)
