@@ -546,6 +546,9 @@ def stop(
 
 @app.command()
 def bench(
+    suite: Annotated[
+        str, typer.Option("--suite", help="serving (llmos serve vs llama_cpp.server) or runtime (torch backend, ...).")
+    ] = "serving",
     model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
     levels: Annotated[str, typer.Option("--levels", help="Comma-separated client counts.")] = "1,4,16,64",
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Output tokens per request.")] = 128,
@@ -553,10 +556,20 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", help="Turns per server and level (alternating order).")] = 2,
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Where server logs go.")] = Path("bench-logs"),
 ) -> None:
-    """Benchmark `llmos serve` against llama_cpp.server on the same GGUF (streaming chat, several client counts)."""
+    """Benchmark llmos against peers: `serving` (llama_cpp.server, streaming chat at several client counts) or
+    `runtime` (torch backend vs transformers generate, model switch time, memory per model)."""
     from llmos.bench.serving import format_table, run_benchmark
     from llmos.errors import InvalidInputError
 
+    if suite == "runtime":
+        from llmos.bench import runtime as runtime_bench
+
+        err.print(f"CPU: {_cpu_name()}")
+        for line in runtime_bench.run(settings(), gguf=model, max_tokens=max_tokens):
+            out.print(line, highlight=False)
+        return
+    if suite != "serving":
+        raise InvalidInputError(f"--suite must be serving or runtime, not {suite!r}")
     try:
         counts = [int(x) for x in levels.split(",") if x.strip()]
     except ValueError as exc:

@@ -150,6 +150,14 @@ class EngineStoppedError(LlmosError):
     status = 503
 
 
+class ModelUnavailableError(LlmosError):
+    """A registered model cannot be served now: its files are missing or damaged, or it failed to load."""
+
+    code = "model_unavailable"
+    type = "server_error"
+    status = 503
+
+
 class ModelLoadError(LlmosError):
     code = "model_load_failed"
     type = "server_error"

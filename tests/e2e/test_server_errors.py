@@ -163,7 +163,7 @@ def test_overload_is_refused_with_retry_after_and_the_server_recovers(server: Se
     assert 500 not in statuses
     refused = [r for r in responses if r.status_code in (429, 503)]
     served = [r for r in responses if r.status_code == 200]
-    assert len(served) >= 16 + 64 - 5  # the running batch plus the queue of 64 (others may finish meanwhile)
+    assert len(served) >= 64  # at least the whole queue (plus whatever was running or finished meanwhile)
     assert refused, "300 simultaneous requests must overflow a queue of 64"
     for response in refused:
         assert int(response.headers["retry-after"]) >= 1

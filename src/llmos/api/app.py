@@ -75,8 +75,8 @@ def create_app(
         backend_for=loader.backend_for,
         listener=metrics,
         pinned=pinned,
-        kv_tokens=loader.kv_tokens,
-        copies=loader.copies,
+        estimator=loader.estimate,
+        prepare=loader.prepare,
     )
     holder["residency"] = residency
     state = AppState(settings, registry, loader, residency, metrics, preload=list(preload))

@@ -27,7 +27,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, selectinload
 
 from llmos.config import Settings
-from llmos.errors import ConflictError, InvalidInputError, InvalidModelFileError, ModelNotFoundError
+from llmos.errors import (
+    ConflictError,
+    InvalidInputError,
+    InvalidModelFileError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+)
 from llmos.formats.detect import inspect_path
 from llmos.formats.info import ModelInfo
 from llmos.registry.names import DEFAULT_TAG, ModelRef, parse_ref
@@ -116,6 +122,7 @@ class Registry:
             settings.effective_database_url(), settings.home, settings.db_busy_timeout_ms
         )
         self._sessions = session_factory(self.engine)
+        self._verified: set[tuple[str, int, int, int]] = set()
         if maintain:
             self.maintain()
 
@@ -431,16 +438,32 @@ class Registry:
             version = self._resolve_version(session, ref)
             return version_view(version, ref.repository, ref.tag)
 
-    def resolve(self, name: str) -> ResolvedModel:
-        """Find a version and the blob paths of its files, checking that they are present."""
+    def resolve(self, name: str, *, verify: bool = False) -> ResolvedModel:
+        """Find a version and the blob paths of its files, checking that they are present.
+
+        With ``verify``, also check that each file's bytes still hash to its digest (re-hashed only when the file's
+        size or modification time changed since this process last checked it). Missing or damaged files raise
+        :class:`~llmos.errors.ModelUnavailableError` naming the model.
+        """
         view = self.show(name)
         paths: dict[str, Path] = {}
         for file in view.files:
             path = self.blobs.path(file.digest)
-            if not path.is_file():
-                raise ModelNotFoundError(
-                    f"{view.name}: blob {file.digest} is missing from the store; run `llmos verify`"
-                )
+            try:
+                stat = path.stat()
+            except FileNotFoundError as exc:
+                raise ModelUnavailableError(
+                    f"{view.name} cannot be loaded: its file {file.path} is missing from the store (run `llmos verify`)"
+                ) from exc
+            if verify:
+                key = (file.digest, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+                if key not in self._verified:
+                    if stat.st_size != file.size or self.blobs.rehash(file.digest) != file.digest:
+                        raise ModelUnavailableError(
+                            f"{view.name} cannot be loaded: its file {file.path} is damaged on disk"
+                            " (its bytes no longer match their digest; run `llmos verify`)"
+                        )
+                    self._verified.add(key)
             paths[file.path] = path
         return ResolvedModel(view, paths)
 

@@ -33,7 +33,8 @@ class EmbeddingModel:
         self.view = view
         self.model: Any = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
         self.max_tokens = int(self.model.max_seq_length or 512)
-        self.dimension = int(self.model.get_sentence_embedding_dimension() or 0)
+        dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dimension = int(dimension() or 0)
         self._lock = threading.Lock()
 
     @property

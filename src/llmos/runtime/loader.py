@@ -19,6 +19,7 @@ from llmos.errors import BackendUnavailableError, InvalidInputError
 from llmos.registry.names import parse_ref
 from llmos.registry.service import Registry, ResolvedModel
 from llmos.registry.views import VersionView
+from llmos.runtime.memory import estimate_bytes
 from llmos.runtime.model import LoadedModel
 
 BACKENDS = ("llama.cpp", "torch", "sentence-transformers")
@@ -77,8 +78,30 @@ class Loader:
     def backend_for(self, view: VersionView) -> str:
         return self.overrides.get(view.repository) or default_backend(view)
 
-    def copies(self, view: VersionView) -> int:
-        return self.replicas.get(view.repository, 1)
+    @staticmethod
+    def prepare(backend: str) -> None:
+        """Import the backend's libraries (a one-time cost shared by every model that uses them)."""
+        if backend == "torch":
+            import torch  # noqa: F401
+            import transformers.models.llama.modeling_llama
+        elif backend == "sentence-transformers":
+            import sentence_transformers  # noqa: F401
+            import transformers.models.bert.modeling_bert  # noqa: F401
+        elif backend == "llama.cpp":
+            from llmos.engine.backends.llamacpp import load_library
+
+            load_library()
+
+    def estimate(self, view: VersionView, backend: str) -> int:
+        """Expected RSS growth of loading ``view`` on ``backend`` (all replicas), before any measurement."""
+        one = estimate_bytes(
+            backend=backend,
+            file_size=view.size,
+            parameter_count=view.parameter_count,
+            details=view.details,
+            kv_tokens=self.kv_tokens(backend),
+        )
+        return one * self.replicas.get(view.repository, 1)
 
     def kv_tokens(self, backend: str) -> int:
         if backend == "llama.cpp":

@@ -4,10 +4,11 @@ Contract:
 
 * :meth:`Residency.lease` returns a :class:`Lease` on a loaded instance of the version a name resolves to, loading
   it on first use. Concurrent first requests for the same version (and backend) cause exactly one load.
-* Every resident model is accounted at its estimated cost while it loads and at its *measured* cost (RSS growth of
-  the load) afterwards; the measurement also corrects later estimates of the same version. Before a load, idle
-  models (no lease held) are evicted least-recently-used first until the new one fits. A model with leases in
-  flight is never evicted: the request waits up to ``wait_s`` for memory, then gets
+* Every resident model is accounted at the larger of its estimate (from its metadata) and its *measured* cost
+  (RSS growth of the load, after one-time library imports); a measurement above the estimate also raises later
+  estimates of the same version. Lazily mapped weights make a load's RSS growth an underestimate, hence the max.
+  Before a load, idle models (no lease held) are evicted least-recently-used first until the new one fits. A model
+  with leases in flight is never evicted: the request waits up to ``wait_s`` for memory, then gets
   :class:`~llmos.errors.OverloadedError` (503). A model larger than the whole budget fails at once with
   :class:`~llmos.errors.InsufficientMemoryError` naming both numbers.
 * Keep-alive follows Ollama: each release sets the model's expiry to ``now + keep_alive`` (the request's value, else
@@ -25,7 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmos.config import Settings
-from llmos.errors import EngineStoppedError, InsufficientMemoryError, OverloadedError
+from llmos.errors import (
+    EngineStoppedError,
+    InsufficientMemoryError,
+    ModelLoadError,
+    ModelUnavailableError,
+    OverloadedError,
+)
 from llmos.registry.service import Registry, ResolvedModel
 from llmos.registry.views import VersionView
 from llmos.runtime.memory import estimate_bytes, human, parse_size, process_rss, release_freed_memory
@@ -129,16 +136,18 @@ class Residency:
         backend_for: Callable[[VersionView], str],
         listener: ResidencyListener | None = None,
         pinned: Iterable[str] = (),
-        kv_tokens: Callable[[str], int] = lambda _backend: 0,
-        copies: Callable[[VersionView], int] = lambda _view: 1,
+        estimator: Callable[[VersionView, str], int] | None = None,
+        prepare: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.loader = loader
         self.backend_for = backend_for
         self.listener = listener
-        self.kv_tokens = kv_tokens
-        self.copies = copies
+        self.estimator = estimator
+        self.prepare = prepare
+        """Called before measuring a load, so one-time costs (importing a backend's libraries) are not charged to
+        the first model that happens to use them."""
         self.budget = parse_size(settings.memory_budget)
         self.default_keep_alive = parse_keep_alive(settings.keep_alive)
         self.wait_s = settings.memory_wait_seconds
@@ -159,17 +168,17 @@ class Residency:
             return sum(e.reserved for e in self._entries.values())
 
     def estimate(self, view: VersionView, backend: str) -> int:
-        key = f"{view.digest}/{backend}"
-        if key in self._measured:
-            return self._measured[key]
-        one = estimate_bytes(
-            backend=backend,
-            file_size=view.size,
-            parameter_count=view.parameter_count,
-            details=view.details,
-            kv_tokens=self.kv_tokens(backend),
-        )
-        return one * self.copies(view)
+        if self.estimator is not None:
+            predicted = self.estimator(view, backend)
+        else:
+            predicted = estimate_bytes(
+                backend=backend,
+                file_size=view.size,
+                parameter_count=view.parameter_count,
+                details=view.details,
+                kv_tokens=0,
+            )
+        return max(predicted, self._measured.get(f"{view.digest}/{backend}", 0))
 
     # --- leasing ----------------------------------------------------------------------------------------------------
 
@@ -177,7 +186,7 @@ class Residency:
         """A lease on the loaded model ``name`` resolves to (loading it, and evicting idle ones, if needed)."""
         if self._closed:
             raise EngineStoppedError("the server is shutting down")
-        resolved = self.registry.resolve(name)
+        resolved = self.registry.resolve(name, verify=True)
         view = resolved.view
         backend = self.backend_for(view)
         key = f"{view.digest}/{backend}"
@@ -189,8 +198,8 @@ class Residency:
                 if entry is not None and entry.state == "ready":
                     entry.in_flight += 1
                     return Lease(self, entry)
-                if entry is not None:  # being loaded by another request: wait for it
-                    self._wait(deadline, view, "another request is loading it")
+                if entry is not None:  # being loaded by another request: wait for that load, however long it takes
+                    self._cond.wait()
                     continue
                 estimate = self.estimate(view, backend)
                 if estimate > self.budget:
@@ -243,28 +252,33 @@ class Residency:
     def _load(self, entry: Entry, resolved: ResolvedModel, keep_alive: float | None) -> Lease:
         try:
             with self._load_lock:
+                if self.prepare is not None:
+                    self.prepare(entry.backend)
                 release_freed_memory()
                 before = process_rss()
                 started = time.monotonic()
                 instance = self.loader(resolved, entry.backend)
                 seconds = time.monotonic() - started
+                release_freed_memory()  # transient load buffers (file maps, copies) are not the model's cost
                 measured = max(process_rss() - before, 0)
-        except BaseException:
+        except BaseException as exc:
             with self._cond:
                 self._entries.pop(entry.key, None)
                 self._cond.notify_all()
+            if isinstance(exc, ModelLoadError):
+                raise ModelUnavailableError(f"{entry.view.name} failed to load: {exc.message}") from exc
             raise
         victims: list[Entry] = []
         with self._cond:
             entry.instance = instance
             entry.state = "ready"
             entry.measured = measured
-            entry.reserved = max(measured, 1)
+            entry.reserved = max(measured, entry.reserved, 1)
             entry.loaded_at = time.time()
             entry.load_seconds = seconds
             entry.in_flight += 1
             entry.expires_at = self._expiry(keep_alive)
-            self._measured[entry.key] = entry.reserved
+            self._measured[entry.key] = measured
             over = sum(e.reserved for e in self._entries.values()) - self.budget
             if over > 0:  # the estimate was low: make up for it with idle models, oldest first
                 for other in sorted(self._entries.values(), key=lambda e: e.last_used):

@@ -7,8 +7,9 @@ sequences of different lengths:
 * every scheduled token of every sequence is packed into one ``[1, N, hidden]`` batch for the projections and MLPs
   (the expensive part), with its own position;
 * each sequence slot has a preallocated KV cache ``[layers, slots, kv_heads, n_ctx_seq, head_dim]``; new keys and
-  values are written at the sequence's positions, and attention runs per sequence over its own cache (prefill
-  chunks with a causal mask offset by the cached length, decodes over everything cached);
+  values are written at the sequence's positions. Prefill chunks attend per sequence over their own cache with a
+  causal mask offset by the cached length; all single-token decodes of a step attend in one call that treats the
+  slot dimension of the cache as the batch (a view, no copy), masking each slot beyond its own length;
 * LoRA adapters (peft format) add ``scale * x A^T B^T`` to the adapted projections for exactly the tokens of the
   sequences that asked for that adapter, so requests for different adapters and for the base share a batch.
 
@@ -116,6 +117,7 @@ class TorchBackend:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self._apply_rope = apply_rotary_pos_emb
+        self._fuse_projections()
 
     def _end_tokens(self) -> set[int]:
         ends: set[int] = set()
@@ -216,6 +218,10 @@ class TorchBackend:
             spans.append((item, offset, offset + len(item.tokens)))
             offset += len(item.tokens)
         lora_rows = self._lora_rows(spans)
+        single = [(item, begin) for item, begin, end in spans if end - begin == 1 and item.start_pos > 0]
+        decodes = self._decode_plan(single) if len(single) > 1 else None
+        batched = {id(item) for item, _ in single} if decodes is not None else set()
+        prefills = [span for span in spans if id(span[0]) not in batched]
 
         inner = self.model.model
         hidden = inner.embed_tokens(ids)[None]
@@ -224,15 +230,15 @@ class TorchBackend:
             residual = hidden
             x = layer.input_layernorm(hidden)
             attn = layer.self_attn
-            q = self._proj(attn.q_proj, x, layer_index, "q_proj", lora_rows)
-            k = self._proj(attn.k_proj, x, layer_index, "k_proj", lora_rows)
-            v = self._proj(attn.v_proj, x, layer_index, "v_proj", lora_rows)
-            q = q.view(1, total, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = self._fused(x, layer_index, 0, ("q_proj", "k_proj", "v_proj"), lora_rows)
+            q = q.reshape(1, total, self.heads, self.head_dim).transpose(1, 2)
+            k = k.reshape(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.reshape(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._apply_rope(q, k, cos, sin)
             out = torch.empty(1, self.heads, total, self.head_dim, dtype=q.dtype)
-            for item, begin, end in spans:
+            if decodes is not None:
+                self._attend_decodes(layer_index, attn.scaling, q, k, v, out, decodes)
+            for item, begin, end in prefills:
                 slot, start, length = item.seq_id, item.start_pos, end - begin
                 self.k_cache[layer_index, slot, :, start : start + length] = k[0, :, begin:end]
                 self.v_cache[layer_index, slot, :, start : start + length] = v[0, :, begin:end]
@@ -249,8 +255,7 @@ class TorchBackend:
             residual = hidden
             x = layer.post_attention_layernorm(hidden)
             mlp = layer.mlp
-            gate = self._proj(mlp.gate_proj, x, layer_index, "gate_proj", lora_rows)
-            up = self._proj(mlp.up_proj, x, layer_index, "up_proj", lora_rows)
+            gate, up = self._fused(x, layer_index, 1, ("gate_proj", "up_proj"), lora_rows)
             hidden = residual + self._proj(mlp.down_proj, mlp.act_fn(gate) * up, layer_index, "down_proj", lora_rows)
 
         rows: dict[int, list[int]] = {}
@@ -271,6 +276,39 @@ class TorchBackend:
             self._logits = None
         return {seq: r for seq, r in rows.items() if r}
 
+    def _decode_plan(self, single: list[tuple[BatchItem, int]]) -> dict[str, Any]:
+        """Index tensors for attending all one-token decodes of a step in one call over the slot dimension."""
+        slots = torch.tensor([item.seq_id for item, _ in single], dtype=torch.long)
+        positions = torch.tensor([item.start_pos for item, _ in single], dtype=torch.long)
+        rows = torch.tensor([begin for _, begin in single], dtype=torch.long)
+        length = int(positions.max()) + 1
+        lengths = torch.zeros(self.n_seq_max, dtype=torch.long)
+        lengths[slots] = positions + 1
+        mask = torch.arange(length)[None, :] < lengths[:, None]  # [slots, length]
+        return {"slots": slots, "positions": positions, "rows": rows, "length": length, "mask": mask[:, None, None]}
+
+    def _attend_decodes(
+        self,
+        layer: int,
+        scale: float,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        plan: dict[str, Any],
+    ) -> None:
+        slots, positions, rows, length = plan["slots"], plan["positions"], plan["rows"], plan["length"]
+        self.k_cache[layer, slots, :, positions] = k[0, :, rows].transpose(0, 1)
+        self.v_cache[layer, slots, :, positions] = v[0, :, rows].transpose(0, 1)
+        queries = torch.zeros(self.n_seq_max, self.heads, 1, self.head_dim, dtype=q.dtype)
+        queries[slots] = q[0, :, rows].transpose(0, 1)[:, :, None]
+        keys = self.k_cache[layer, :, :, :length]
+        values = self.v_cache[layer, :, :, :length]
+        attended = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=plan["mask"], scale=scale, enable_gqa=True
+        )  # [slots, heads, 1, head_dim]
+        out[0, :, rows] = attended[slots, :, 0].transpose(0, 1)
+
     def _lora_rows(self, spans: list[tuple[BatchItem, int, int]]) -> dict[str, torch.Tensor]:
         groups: dict[str, list[int]] = {}
         for item, begin, end in spans:
@@ -279,10 +317,51 @@ class TorchBackend:
                 groups.setdefault(adapter, []).extend(range(begin, end))
         return {name: torch.tensor(rows, dtype=torch.long) for name, rows in groups.items()}
 
+    def _fuse_projections(self) -> None:
+        """One weight matrix for q/k/v and one for gate/up per layer: two large GEMMs instead of five small ones.
+
+        The modules' own weights become views into the fused matrices, so nothing is stored twice.
+        """
+        self._fused_weights: list[list[tuple[torch.Tensor, torch.Tensor | None, list[int]]]] = []
+        for layer in self.layers:
+            groups = []
+            for owner, names in (
+                (layer.self_attn, ("q_proj", "k_proj", "v_proj")),
+                (layer.mlp, ("gate_proj", "up_proj")),
+            ):
+                modules = [getattr(owner, n) for n in names]
+                sizes = [int(m.weight.shape[0]) for m in modules]
+                weight = torch.cat([m.weight.detach() for m in modules])
+                biases = [m.bias for m in modules]
+                bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+                offset = 0
+                for module, size in zip(modules, sizes, strict=True):
+                    module.weight = torch.nn.Parameter(weight[offset : offset + size], requires_grad=False)
+                    if bias is not None:
+                        module.bias = torch.nn.Parameter(bias[offset : offset + size], requires_grad=False)
+                    offset += size
+                groups.append((weight, bias if any(b is not None for b in biases) else None, sizes))
+            self._fused_weights.append(groups)
+
+    def _fused(
+        self, x: torch.Tensor, layer: int, group: int, modules: tuple[str, ...], lora_rows: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        weight, bias, sizes = self._fused_weights[layer][group]
+        parts: tuple[torch.Tensor, ...] = torch.split(F.linear(x, weight, bias), sizes, dim=-1)
+        for module, part in zip(modules, parts, strict=True):
+            self._add_lora(part, x, layer, module, lora_rows)
+        return parts
+
     def _proj(
         self, linear: Any, x: torch.Tensor, layer: int, module: str, lora_rows: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         out: torch.Tensor = linear(x)
+        self._add_lora(out, x, layer, module, lora_rows)
+        return out
+
+    def _add_lora(
+        self, out: torch.Tensor, x: torch.Tensor, layer: int, module: str, lora_rows: dict[str, torch.Tensor]
+    ) -> None:
         for name, rows in lora_rows.items():
             adapter = self.adapters[name]
             weights = adapter.weights.get((layer, module))
@@ -291,7 +370,6 @@ class TorchBackend:
             a, b = weights
             delta = (x[0, rows] @ a.T) @ b.T
             out[0, rows] += adapter.scale * delta
-        return out
 
     def forget_sequence(self, seq_id: int) -> None:
         self._seq_adapter.pop(seq_id, None)
