@@ -6,12 +6,13 @@
 #                    dedicated thread; ggml's own thread pool has no such penalty.
 #   GGML_NATIVE=ON   -march=native: AVX2/AVX-512 and, on Intel Sapphire Rapids, AMX kernels (about 2.5x faster
 #                    decode). Because the wheel is CPU-specific, the cache key includes the CPU's feature flags.
+#   LLAVA_BUILD=OFF  no multimodal (mtmd) library: llmos does not use it; it only adds build time.
 # The wheel is cached under ~/.cache/llmos/wheels/<key>/ so later installs (and fresh clones) reuse it.
 set -euo pipefail
 
 PYTHON=${1:-python3}
 VERSION=0.3.36
-LLMOS_CMAKE_ARGS="-DGGML_OPENMP=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+LLMOS_CMAKE_ARGS="-DGGML_OPENMP=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAVA_BUILD=OFF"
 CACHE_ROOT=${LLMOS_WHEEL_CACHE:-$HOME/.cache/llmos/wheels}
 
 cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)

@@ -25,6 +25,9 @@ from rich.table import Table
 from llmos.config import Settings
 from llmos.errors import LlmosError
 
+tenants_app = typer.Typer(help="Manage tenants (the owners of keys, models and quotas).", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys (printed once, stored hashed).", no_args_is_help=True)
+
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
     """Typer >= 0.29 raises usage errors from its vendored click; older releases from click itself."""
@@ -82,6 +85,17 @@ def _global(
     state.home = home
     state.debug = debug
     state.settings = None
+
+
+def record(action: str, target: str) -> None:
+    """Append a registry-changing CLI action to the audit log (actor ``cli:<user>``)."""
+    import getpass
+
+    from llmos.security.service import SecurityService
+
+    security = SecurityService(settings())
+    security.audit(f"cli:{getpass.getuser()}", None, action, target, "ok")
+    security.close()
 
 
 def open_registry() -> Registry:
@@ -149,6 +163,7 @@ def pull(name: Annotated[str, typer.Argument(help="Bundled model to register, e.
     registry = open_registry()
     with progress_bars() as progress:
         view = sources.pull(registry, name, progress=progress)
+    record("model.pull", view.name)
     err.print(f"pulled [bold]{escape(view.name)}[/] {view.short_digest} ({human_size(view.size)})")
 
 
@@ -162,6 +177,9 @@ def import_(
     base: Annotated[
         str | None, typer.Option("--base", help="For a LoRA adapter: the registered model it was trained on.")
     ] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Owning tenant (only it and admins see the model); default public.")
+    ] = None,
 ) -> None:
     """Import a model file or directory (GGUF, safetensors, Hugging Face, peft LoRA) into the registry."""
     from llmos.formats.detect import inspect_path
@@ -169,14 +187,18 @@ def import_(
 
     parse_ref(name)  # reject a bad name before reading anything
     template = _read_template(chat_template) if chat_template else None
+    owner = open_security().tenant_id(tenant) if tenant else None
     registry = open_registry()
     with progress_bars() as progress:
         if template is None:
-            view = registry.import_path(path, name, progress=progress, base=base)
+            view = registry.import_path(path, name, progress=progress, base=base, tenant_id=owner)
         else:
             info = inspect_path(path)
             info.chat_template = template
-            view = registry.import_info(info, name, progress=progress, params={"chat_template": str(chat_template)})
+            view = registry.import_info(
+                info, name, progress=progress, params={"chat_template": str(chat_template)}, tenant_id=owner
+            )
+    record("model.import", view.name)
     err.print(f"imported [bold]{escape(view.name)}[/] {view.short_digest} ({human_size(view.size)})")
 
 
@@ -206,6 +228,7 @@ def convert(
     registry = open_registry()
     with progress_bars() as progress:
         view = run_convert(registry, name, to=to, target=target, dtype=dtype, progress=progress)
+    record("model.convert", view.name)
     err.print(f"converted to [bold]{escape(view.name)}[/] {view.short_digest} ({human_size(view.size)})")
 
 
@@ -285,6 +308,7 @@ def tag(
 ) -> None:
     """Point a (new or existing) tag at a model version."""
     view = open_registry().tag(source, target)
+    record("model.tag", view.name)
     err.print(f"tagged {escape(view.name)} -> {view.short_digest}")
 
 
@@ -294,6 +318,7 @@ def rm(names: Annotated[list[str], typer.Argument(help="Tags or name@sha256:<dig
     registry = open_registry()
     for name in names:
         result = registry.remove(name)
+        record("model.remove", name)
         for removed in result.removed_tags:
             err.print(f"removed {escape(removed)}")
         if result.deleted_blobs:
@@ -437,6 +462,7 @@ def serve(
     replicas: Annotated[
         list[str] | None, typer.Option("--replicas", help="NAME=N: run N engine instances of NAME (load balanced).")
     ] = None,
+    auth: Annotated[bool, typer.Option("--auth", help="Require API keys even before any key exists.")] = False,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API (and /health, /metrics, /admin/runtime)."""
     import uvicorn
@@ -447,12 +473,15 @@ def serve(
     from llmos.runtime.memory import parse_size
     from llmos.runtime.residency import parse_keep_alive
 
-    overrides = {
+    overrides: dict[str, Any] = {
         k: v
         for k, v in (("host", host), ("port", port), ("memory_budget", memory_budget), ("keep_alive", keep_alive))
         if v is not None
     }
+    if auth:
+        overrides["auth"] = True
     effective = settings().model_copy(update=overrides)
+    _refuse_open_bind_without_keys(effective)
     parse_size(effective.memory_budget)
     parse_keep_alive(effective.keep_alive)
     for name in [*(model or []), *(pin or [])]:
@@ -469,6 +498,36 @@ def serve(
     )
     err.print(f"llmos serving on http://{effective.host}:{effective.port} (OpenAI API under /v1)")
     uvicorn.run(app, host=effective.host, port=effective.port, log_level="warning", access_log=False)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_open_bind_without_keys(effective: Settings) -> None:
+    """Secure by default: without any API key, the server only listens on loopback."""
+    from llmos.errors import PermissionDeniedError
+    from llmos.security.service import SecurityService
+
+    if _is_loopback(effective.host):
+        return
+    security = SecurityService(effective)
+    try:
+        if not security.keys():
+            raise PermissionDeniedError(
+                f"refusing to listen on {effective.host} without authentication: no API key exists. Create an admin"
+                " key first (`llmos tenants create default && llmos keys create --tenant default --role admin`)"
+                " or serve on 127.0.0.1"
+            )
+    finally:
+        security.close()
 
 
 def _server_url(url: str | None) -> str:
@@ -639,6 +698,167 @@ def version() -> None:
         out.print(f"llama.cpp: {escape(system_info())}", highlight=False)
     except PackageNotFoundError:
         out.print("llama-cpp-python not installed")
+
+
+# --- security -------------------------------------------------------------------------------------------------------
+
+
+def open_security() -> Any:
+    from llmos.security.service import SecurityService
+
+    return SecurityService(settings())
+
+
+def _limits(rpm: int | None, tpm: int | None, budget: int | None, period: str) -> Any:
+    from llmos.security.principal import Limits
+
+    return Limits(rpm, tpm, budget, period)
+
+
+RpmOption = Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")]
+TpmOption = Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.")]
+BudgetOption = Annotated[int | None, typer.Option("--budget", help="Token budget per period.")]
+PeriodOption = Annotated[str, typer.Option("--period", help="Budget period: day, week or month.")]
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="Tenant name: a-z, 0-9, '.', '_', '-'.")],
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    budget: BudgetOption = None,
+    period: PeriodOption = "month",
+) -> None:
+    """Create a tenant, optionally with limits shared by all its keys."""
+    open_security().create_tenant(name, limits=_limits(rpm, tpm, budget, period), actor="cli")
+    err.print(f"created tenant {escape(name)}")
+
+
+@tenants_app.command("list")
+def tenants_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
+    """List tenants and their limits."""
+    rows = [
+        {"name": t.name, "rpm": t.requests_per_minute, "tpm": t.tokens_per_minute, "budget": t.token_budget,
+         "period": t.budget_period}
+        for t in open_security().tenants()
+    ]  # fmt: skip
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("TENANT", "RPM", "TPM", "BUDGET", "PERIOD"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(escape(str(row[k] if row[k] is not None else "-")) for k in row))
+    out.print(table)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant the key belongs to.")],
+    role: Annotated[str, typer.Option("--role", help="admin, developer or consumer.")],
+    expires: Annotated[str | None, typer.Option("--expires", help="Lifetime, e.g. 30d, 12h, 90m.")] = None,
+    models: Annotated[
+        list[str] | None, typer.Option("--models", help="Models this key may use (repeatable; default all).")
+    ] = None,
+    rpm: RpmOption = None,
+    tpm: TpmOption = None,
+    budget: BudgetOption = None,
+    period: PeriodOption = "month",
+) -> None:
+    """Create an API key. The key is printed once, on stdout; only its prefix is ever shown again."""
+    import re as _re
+    from datetime import timedelta
+
+    from llmos.errors import InvalidInputError
+
+    lifetime = None
+    if expires is not None:
+        match = _re.fullmatch(r"(\d+)([dhm])", expires.strip())
+        if match is None:
+            raise InvalidInputError(f"--expires takes a number with d, h or m (30d, 12h, 90m), not {expires!r}")
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[match.group(2)]
+        lifetime = timedelta(**{unit: int(match.group(1))})
+    key, info = open_security().create_key(
+        tenant, role, expires_in=lifetime, models=models, limits=_limits(rpm, tpm, budget, period)
+    )
+    sys.stdout.write(key + "\n")
+    err.print(f"[dim]{info.role} key for tenant {escape(info.tenant)}, prefix {info.prefix}; store it now[/]")
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's keys.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List keys by prefix (never the key itself)."""
+    keys = [k.to_dict() for k in open_security().keys(tenant)]
+    if as_json:
+        print_json(keys)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("PREFIX", "TENANT", "ROLE", "MODELS", "EXPIRES", "STATUS"):
+        table.add_column(column)
+    for k in keys:
+        status = "active" if k["active"] else ("revoked" if k["revoked_at"] else "expired")
+        table.add_row(k["prefix"], escape(k["tenant"]), k["role"], escape(",".join(k["models"] or ["*"])),
+                      k["expires_at"] or "never", status)  # fmt: skip
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(prefix: Annotated[str, typer.Argument(help="Prefix of the key to revoke.")]) -> None:
+    """Revoke a key; it stops working at once."""
+    open_security().revoke_key(prefix)
+    err.print(f"revoked key {escape(prefix)}")
+
+
+@app.command()
+def usage(
+    by: Annotated[
+        str, typer.Option("--by", help="Group by tenant, model, key and/or day, comma-separated.")
+    ] = "tenant",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Report requests and tokens from the usage records."""
+    rows = open_security().usage_report(by)
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(box=None, header_style="bold")
+    columns = list(rows[0]) if rows else [*by.split(","), "requests", "prompt_tokens", "completion_tokens"]
+    for column in columns:
+        table.add_column(column.upper())
+    for row in rows:
+        table.add_row(*(escape(str(row[c])) for c in columns))
+    out.print(table)
+
+
+@app.command()
+def audit(
+    limit: Annotated[int, typer.Option("--limit", help="Most recent events to show.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show the append-only audit log, newest first."""
+    events = open_security().audit_events(limit)
+    rows = [
+        {"time": e.created_at.isoformat(timespec="seconds"), "actor": e.actor, "tenant": e.tenant or "-",
+         "action": e.action, "target": e.target or "-", "outcome": e.outcome}
+        for e in events
+    ]  # fmt: skip
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("TIME", "ACTOR", "TENANT", "ACTION", "TARGET", "OUTCOME"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(escape(str(v)) for v in row.values()))
+    out.print(table)
+
+
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
 
 
 # --- entry point ----------------------------------------------------------------------------------------------------

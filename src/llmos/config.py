@@ -90,10 +90,30 @@ class Settings(BaseSettings):
         ge=0.0,
         description="How long a request waits for busy models to free memory before it gets 503.",
     )
+    auth: bool = Field(
+        default=False,
+        description="Require API keys even before any exists (authentication is on as soon as one key exists).",
+    )
+    encryption_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Encrypts adapters and fine-tuned weights at rest (AES-256-GCM): 32 bytes in base64/hex or a passphrase."
+        ),
+    )
+    encryption_key_file: Path | None = Field(default=None, description="File holding the encryption key instead.")
     host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
     port: int = Field(default=8470, ge=1, le=65535, description="Port `llmos serve` listens on.")
     max_request_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted (larger gets 413)."
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024, description="Largest total size of a request's headers (larger gets 431)."
+    )
+    request_read_seconds: float = Field(
+        default=30.0, gt=0, description="Deadline for a client to send its whole request body (slower gets 408)."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed to call the API from a browser (CORS); none by default."
     )
     llamacpp_extra_buffers: bool = Field(
         default=True,

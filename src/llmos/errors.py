@@ -66,6 +66,44 @@ class PayloadTooLargeError(InvalidInputError):
     status = 413
 
 
+# --- identity, permission and quota (401, 403, 429) ---
+
+
+class AuthenticationError(LlmosError):
+    """No key, a malformed, unknown, revoked or expired key. The message never echoes the key."""
+
+    code = "invalid_api_key"
+    type = "authentication_error"
+    status = 401
+
+
+class PermissionDeniedError(LlmosError):
+    code = "permission_denied"
+    type = "permission_error"
+    status = 403
+
+
+class RateLimitError(LlmosError):
+    """Over a requests- or tokens-per-minute limit; retry after ``retry_after`` seconds."""
+
+    code = "rate_limit_exceeded"
+    type = "rate_limit_error"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+
+class InsufficientQuotaError(LlmosError):
+    """The token budget of the key or tenant for the current period is spent."""
+
+    code = "insufficient_quota"
+    type = "insufficient_quota"
+    status = 429
+
+
 # --- lookup errors (404) --------------------------------------------------------------------------------------------
 
 

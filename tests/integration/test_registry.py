@@ -55,7 +55,9 @@ def test_same_file_twice_is_stored_once_and_blobs_follow_references(home: Path, 
     assert run_cli(home, "rm", "other/tiny:two").returncode == 0
     assert blob_files(home) == []
     assert json.loads(run_cli(home, "list", "--json").stdout) == []
-    assert all(rows == [] for table, rows in store_snapshot(home)["rows"].items() if table != "alembic_version")
+    rows = store_snapshot(home)["rows"]
+    assert all(rows[table] == [] for table in ("models", "model_versions", "version_files", "tags", "lineage"))
+    assert [r[4] for r in rows["audit_log"]] == ["model.import", "model.import", "model.remove", "model.remove"]
 
 
 def test_tags_move_and_an_untagged_version_goes_away(home: Path, tmp_path: Path) -> None:

@@ -217,3 +217,45 @@ def test_shutdown_fails_what_is_pending(backend: FakeBackend) -> None:
     assert backend.closed
     with pytest.raises(EngineStoppedError):
         submit(engine, "A", greedy(2))
+
+
+def test_a_flooding_tenant_cannot_starve_another(backend: FakeBackend) -> None:
+    backend.step_delay = 0.005
+    engine = EngineCore(backend, EngineConfig(max_waiting=32))
+    try:
+        flood = [submit(engine, chr(65 + i), greedy(60), tenant="a") for i in range(10)]
+        time.sleep(0.1)  # tenant a holds every slot and has more waiting
+        steps_before = len(backend.batches)
+        quiet = SyncOutputStream()
+        request = GenerationRequest(list(b"Z"), greedy(5), tenant="b")
+        engine.submit(request, quiet)
+        events = iter(quiet)
+        first = next(events)
+        assert first.token_ids  # b got a slot at once, by preempting one of a's sequences
+        assert len(backend.batches) - steps_before <= 3
+        assert engine.scheduler.preemptions >= 1
+        list(events)
+        texts = ["".join(o.text for o in stream) for stream in flood]
+        reference = FakeBackend(n_seq_max=4)
+        expected = []
+        for i in range(10):  # what each flood request produces without any preemption
+            solo = EngineCore(reference)
+            expected.append(collect(submit(solo, chr(65 + i), greedy(60)))[0])
+            solo.shutdown()
+            reference = FakeBackend(n_seq_max=4)
+        assert texts == expected  # a preempted stream pauses, then continues exactly where it was
+        assert backend.kv == {}
+    finally:
+        engine.shutdown()
+
+
+def test_no_preemption_without_a_fairness_reason(backend: FakeBackend) -> None:
+    backend.step_delay = 0.002
+    engine = EngineCore(backend, EngineConfig(max_waiting=32))
+    try:
+        streams = [submit(engine, "A", greedy(20), tenant="a") for _ in range(8)]
+        for stream in streams:
+            collect(stream)
+        assert engine.scheduler.preemptions == 0
+    finally:
+        engine.shutdown()

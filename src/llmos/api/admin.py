@@ -1,25 +1,30 @@
-"""Admin routes: what is resident and doing what, and unloading on demand.
+"""Admin routes: runtime state, tenants, keys, usage and the audit log.
 
 Contract: ``GET /admin/runtime`` lists every resident model with backend, measured memory, leases in flight,
 keep-alive expiry and engine activity, plus the budget and the process RSS; ``POST /admin/runtime/unload`` with
-``{"model": NAME}`` unloads it as soon as it is idle (404 if the name is unknown).
+``{"model": NAME}`` unloads it as soon as it is idle (404 if the name is unknown). Tenants, usage and audit are
+admin-only. Keys: admins manage every key; a developer may list, create (developer or consumer role) and revoke
+keys of its own tenant. Every change is audited; a new key is returned once and never again.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from llmos.api.auth import require_role
 from llmos.api.body import parse_body
 from llmos.api.openai.schemas import Strict
 from llmos.api.state import AppState
 from llmos.runtime.memory import process_rss
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.replicas import ReplicaSet
+from llmos.security.principal import Limits
 
 router = APIRouter(prefix="/admin")
 
@@ -30,6 +35,7 @@ class UnloadRequest(Strict):
 
 @router.get("/runtime")
 async def runtime(request: Request) -> dict[str, Any]:
+    require_role(request, "admin")
     state: AppState = request.app.state.llmos
     residency = state.residency
     models = []
@@ -74,7 +80,97 @@ async def runtime(request: Request) -> dict[str, Any]:
 
 @router.post("/runtime/unload")
 async def unload(request: Request) -> dict[str, Any]:
+    caller = require_role(request, "admin")
     state: AppState = request.app.state.llmos
     body = await parse_body(request, UnloadRequest, state.settings.max_request_bytes)
     was_resident = await to_thread.run_sync(state.residency.unload, body.model)
+    state.security.audit(caller.actor, caller.tenant, "model.unload", body.model, "ok")
     return {"model": body.model, "unloaded": was_resident}
+
+
+class TenantRequest(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    token_budget: int | None = Field(default=None, ge=0)
+    budget_period: str = "month"
+
+
+class KeyRequest(Strict):
+    tenant: str = Field(min_length=1, max_length=64)
+    role: str
+    models: list[str] | None = None
+    expires_in_seconds: int | None = Field(default=None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    token_budget: int | None = Field(default=None, ge=0)
+    budget_period: str = "month"
+
+
+def _limits(body: TenantRequest | KeyRequest) -> Limits:
+    return Limits(body.requests_per_minute, body.tokens_per_minute, body.token_budget, body.budget_period)
+
+
+@router.get("/tenants")
+async def list_tenants(request: Request) -> dict[str, Any]:
+    require_role(request, "admin")
+    state: AppState = request.app.state.llmos
+    tenants = await to_thread.run_sync(state.security.tenants)
+    return {"data": [{"name": t.name, "requests_per_minute": t.requests_per_minute,
+                      "tokens_per_minute": t.tokens_per_minute, "token_budget": t.token_budget,
+                      "budget_period": t.budget_period} for t in tenants]}  # fmt: skip
+
+
+@router.post("/tenants")
+async def create_tenant(request: Request) -> dict[str, Any]:
+    caller = require_role(request, "admin")
+    state: AppState = request.app.state.llmos
+    body = await parse_body(request, TenantRequest, state.settings.max_request_bytes)
+    await to_thread.run_sync(lambda: state.security.create_tenant(body.name, limits=_limits(body), actor=caller.actor))
+    return {"name": body.name, "created": True}
+
+
+@router.get("/keys")
+async def list_keys(request: Request) -> dict[str, Any]:
+    caller = require_role(request, "developer")
+    state: AppState = request.app.state.llmos
+    keys = await to_thread.run_sync(lambda: state.security.keys(None if caller.is_admin else caller.tenant))
+    return {"data": [k.to_dict() for k in keys]}
+
+
+@router.post("/keys")
+async def create_key(request: Request) -> dict[str, Any]:
+    caller = require_role(request, "developer")
+    state: AppState = request.app.state.llmos
+    body = await parse_body(request, KeyRequest, state.settings.max_request_bytes)
+    expires = timedelta(seconds=body.expires_in_seconds) if body.expires_in_seconds else None
+    key, info = await to_thread.run_sync(
+        lambda: state.security.create_key(
+            body.tenant, body.role, creator=caller, expires_in=expires, models=body.models, limits=_limits(body)
+        )
+    )
+    return {"key": key, **info.to_dict()}
+
+
+@router.delete("/keys/{prefix}")
+async def revoke_key(prefix: str, request: Request) -> dict[str, Any]:
+    caller = require_role(request, "developer")
+    state: AppState = request.app.state.llmos
+    info = await to_thread.run_sync(lambda: state.security.revoke_key(prefix, actor=caller))
+    return info.to_dict()
+
+
+@router.get("/usage")
+async def usage(request: Request, by: str = "tenant") -> dict[str, Any]:
+    require_role(request, "admin")
+    state: AppState = request.app.state.llmos
+    return {"data": await to_thread.run_sync(state.security.usage_report, by)}
+
+
+@router.get("/audit")
+async def audit(request: Request, limit: int = 100) -> dict[str, Any]:
+    require_role(request, "admin")
+    state: AppState = request.app.state.llmos
+    events = await to_thread.run_sync(state.security.audit_events, max(1, min(limit, 1000)))
+    return {"data": [{"time": e.created_at.isoformat(), "actor": e.actor, "tenant": e.tenant, "action": e.action,
+                      "target": e.target, "outcome": e.outcome, "details": e.details} for e in events]}  # fmt: skip

@@ -12,14 +12,17 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from datetime import datetime
 
 from anyio import to_thread
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from llmos.api import errors
 from llmos.api.admin import router as admin_router
-from llmos.api.middleware import RequestContextMiddleware
+from llmos.api.auth import AuthMiddleware
+from llmos.api.middleware import HardeningMiddleware, RequestContextMiddleware
 from llmos.api.openai.embeddings import router as embeddings_router
 from llmos.api.openai.routes import router as openai_router
 from llmos.api.state import AppState
@@ -33,6 +36,8 @@ from llmos.runtime.memory import process_rss
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.replicas import ReplicaSet
 from llmos.runtime.residency import Residency
+from llmos.security.quotas import QuotaManager
+from llmos.security.service import SecurityService
 
 
 def create_app(
@@ -79,7 +84,16 @@ def create_app(
         prepare=loader.prepare,
     )
     holder["residency"] = residency
-    state = AppState(settings, registry, loader, residency, metrics, preload=list(preload))
+    security = SecurityService(settings)
+
+    def usage_since(scope: str, start: datetime) -> int:
+        kind, _, name = scope.partition(":")
+        if kind == "key":
+            return security.usage_since(start, key_prefix=name)
+        return security.usage_since(start, tenant=name)
+
+    quotas = QuotaManager(usage_since)
+    state = AppState(settings, registry, loader, residency, metrics, security, quotas, preload=list(preload))
 
     def load_preloads() -> None:
         try:
@@ -97,16 +111,29 @@ def create_app(
             yield
         finally:
             await to_thread.run_sync(residency.close)
+            await to_thread.run_sync(security.close)
             registry.close()
 
     app = FastAPI(title="llmos", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.llmos = state
     errors.install(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(AuthMiddleware, security=security)
+    if settings.cors_origins:  # off unless origins are listed
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type"],
+        )
+    app.add_middleware(
+        HardeningMiddleware, max_header_bytes=settings.max_header_bytes, read_seconds=settings.request_read_seconds
+    )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: ids and metrics for every answer
     app.include_router(openai_router)
     app.include_router(embeddings_router)
     app.include_router(admin_router)
 
+    @app.get("/ready")
     @app.get("/health")
     async def health() -> JSONResponse:
         if not state.ready.is_set():

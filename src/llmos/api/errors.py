@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmos.errors import LlmosError, OverloadedError
+from llmos.errors import LlmosError, OverloadedError, RateLimitError
 
 log = logging.getLogger("llmos.api")
 
@@ -26,9 +26,11 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
 
 
 def error_response(exc: LlmosError) -> JSONResponse:
-    headers = {}
-    if isinstance(exc, OverloadedError):
+    headers: dict[str, str] = {}
+    if isinstance(exc, OverloadedError | RateLimitError):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    if isinstance(exc, RateLimitError):
+        headers.update(exc.headers)
     return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status, headers=headers)
 
 

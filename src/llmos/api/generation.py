@@ -13,20 +13,63 @@ disconnect) or fails, and releases the lease (applying the request's keep-alive)
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from anyio import to_thread
+from fastapi import Request
 
+from llmos.api.auth import set_response_headers, visible_view
 from llmos.api.state import AppState
 from llmos.engine.request import GenerationOutput, GenerationRequest
 from llmos.engine.streams import AsyncOutputStream
-from llmos.errors import InvalidInputError, OverloadedError
+from llmos.errors import InvalidInputError, LlmosError, OverloadedError
 from llmos.observability.metrics import Metrics
 from llmos.registry.names import parse_ref
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.replicas import ReplicaSet
 from llmos.runtime.residency import Lease, parse_keep_alive
+from llmos.security.principal import Principal
+from llmos.security.quotas import Reservation
+
+
+@dataclass
+class Metering:
+    """Quota reservation and usage record of one request; :meth:`finish` settles both exactly once."""
+
+    state: AppState
+    caller: Principal
+    reservation: Reservation
+    request_id: str
+    endpoint: str
+    started: float
+    done: bool = False
+
+    def finish(self, model: str, prompt_tokens: int, completion_tokens: int, status: int = 200) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.state.quotas.settle(self.reservation, prompt_tokens + completion_tokens)
+        self.state.security.record_usage(
+            request_id=self.request_id,
+            tenant=self.caller.tenant,
+            key_prefix=self.caller.key_prefix,
+            model=model,
+            endpoint=self.endpoint,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            latency_ms=int((time.monotonic() - self.started) * 1000),
+            status=status,
+        )
+
+
+def meter(state: AppState, request: Request, caller: Principal, tokens: int, endpoint: str, arrived: float) -> Metering:
+    """Reserve ``tokens`` against every limit of the caller (429 if any is exhausted) and start metering."""
+    reservation = state.quotas.reserve(caller, tokens)
+    set_response_headers(request, reservation.headers)
+    request_id = request.scope.get("state", {}).get("request_id", "")
+    return Metering(state, caller, reservation, request_id, endpoint, arrived)
 
 
 @dataclass
@@ -45,9 +88,9 @@ class Target:
         self.lease.release(self.keep_alive)
 
 
-async def acquire(state: AppState, name: str, keep_alive_value: object = None) -> Target:
+async def acquire(state: AppState, caller: Principal, name: str, keep_alive_value: object = None) -> Target:
     keep_alive = parse_keep_alive(keep_alive_value)  # type: ignore[arg-type]
-    view = await to_thread.run_sync(state.registry.show, name)
+    view = visible_view(caller, await to_thread.run_sync(state.registry.show, name), name)
     adapter: str | None = None
     lease_name = name
     if view.format == "lora":
@@ -66,8 +109,12 @@ async def acquire(state: AppState, name: str, keep_alive_value: object = None) -
             if not hasattr(backend, "add_adapter"):
                 raise InvalidInputError(f"adapter {adapter} needs its base on the PyTorch backend", param="model")
             if adapter not in getattr(backend, "adapters", {}):
-                adapter_dir = await to_thread.run_sync(lambda: state.registry.model_dir(state.registry.resolve(name)))
-                await to_thread.run_sync(backend.add_adapter, adapter, adapter_dir)
+
+                def load_adapter() -> None:
+                    with state.registry.loadable_dir(state.registry.resolve(name, verify=True)) as adapter_dir:
+                        backend.add_adapter(adapter, adapter_dir)
+
+                await to_thread.run_sync(load_adapter)
     except BaseException:
         lease.release(keep_alive)
         raise
@@ -81,6 +128,8 @@ class Call:
     streams: list[AsyncOutputStream]
     metrics: Metrics
     arrived: float
+    metering: Metering | None = None
+    prompt_tokens: int = 0
     finished: set[int] = field(default_factory=set)
 
     @property
@@ -90,6 +139,8 @@ class Call:
     async def outputs(self) -> AsyncIterator[tuple[int, GenerationOutput]]:
         label = self.model.name
         last_token_at: dict[int, float] = {}
+        completion_tokens = 0
+        status = 200
         try:
             async for index, output in self._merged():
                 if output.token_ids:
@@ -101,12 +152,18 @@ class Call:
                     last_token_at[index] = output.time
                 if output.finished:
                     self.finished.add(index)
+                    completion_tokens += output.completion_tokens
                     self.metrics.finished.labels(label, output.finish_reason or "unknown").inc()
                     self.metrics.completion_tokens.labels(label).inc(output.completion_tokens)
                 yield index, output
+        except BaseException as exc:
+            status = exc.status if isinstance(exc, LlmosError) else 499
+            raise
         finally:
             self.abort_unfinished()
             self.target.release()
+            if self.metering is not None:
+                self.metering.finish(self.target.name, self.prompt_tokens, completion_tokens, status)
 
     def abort_unfinished(self) -> None:
         for index, request in enumerate(self.requests):
@@ -148,7 +205,13 @@ class Call:
 
 
 def submit_all(
-    target: Target, requests: list[GenerationRequest], metrics: Metrics, *, prompt_tokens: int, arrived: float
+    target: Target,
+    requests: list[GenerationRequest],
+    metrics: Metrics,
+    *,
+    prompt_tokens: int,
+    arrived: float,
+    metering: Metering | None = None,
 ) -> Call:
     model = target.model
     streams: list[AsyncOutputStream] = []
@@ -165,6 +228,8 @@ def submit_all(
         for request in submitted:
             model.engine.abort(request.request_id)
         target.release()
+        if metering is not None:
+            metering.finish(target.name, 0, 0, exc.status if isinstance(exc, LlmosError) else 500)
         raise
     metrics.prompt_tokens.labels(model.name).inc(prompt_tokens)
-    return Call(target, requests, streams, metrics, arrived=arrived)
+    return Call(target, requests, streams, metrics, arrived=arrived, metering=metering, prompt_tokens=prompt_tokens)

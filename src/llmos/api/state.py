@@ -10,6 +10,8 @@ from llmos.observability.metrics import Metrics
 from llmos.registry.service import Registry
 from llmos.runtime.loader import Loader
 from llmos.runtime.residency import Residency
+from llmos.security.quotas import QuotaManager
+from llmos.security.service import SecurityService
 
 
 @dataclass
@@ -19,6 +21,8 @@ class AppState:
     loader: Loader
     residency: Residency
     metrics: Metrics
+    security: SecurityService
+    quotas: QuotaManager
     preload: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     preload_error: str | None = None

@@ -180,6 +180,8 @@ class EngineCore:
                     plan = self.scheduler.schedule()
                 for seq in plan.dropped:
                     self._finish(seq, "cancelled", notify_scheduler=False)
+                for _preempted, old_slot in plan.preempted:  # recomputed later; its slot is someone else's now
+                    self.backend.forget_sequence(old_slot)
                 if plan.chunks:
                     self._step(plan.chunks)
         except BaseException as exc:  # a bug or a backend failure: fail cleanly, never leave a stream hanging
@@ -252,7 +254,12 @@ class EngineCore:
                 if output.prompt_logprobs:
                     self._push(seq, output)
                 return
-            self._start_generation(seq)
+            if seq.replay is not None:  # recomputed after a preemption
+                seq.replay = None
+                if seq.pending is not None:
+                    return  # its next token was already chosen; decoding resumes with it next step
+            if "sampler" not in state:
+                self._start_generation(seq)
         else:
             seq.position += 1
         if state["limit"] == 0:

@@ -37,6 +37,8 @@ class GenerationRequest:
     """GBNF grammar the output must follow (JSON mode / JSON schema)."""
     adapter: str | None = None
     """Name of a LoRA adapter loaded on the backend to apply to this request's tokens."""
+    tenant: str | None = None
+    """Fairness key: the scheduler shares slots between tenants before it looks at arrival order."""
 
 
 @dataclass(frozen=True)

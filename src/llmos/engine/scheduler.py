@@ -9,8 +9,12 @@ Contract (pure Python, no model; the engine core executes what it decides):
   whole ``max_batch_tokens`` budget.
 * **Caps**: at most ``max_running`` sequences hold slots (one KV stream each), at most ``max_batch_tokens`` tokens
   per step.
-* **Order**: waiting sequences are admitted by ``priority`` (lower first), then arrival (first come, first served).
-  Running sequences are never preempted.
+* **Order and fair share**: a waiting sequence is admitted by ``priority`` (lower first), then by how many slots
+  its tenant (the request's fairness key) already holds (fewest first), then arrival (first come, first served).
+  When every slot is taken and a tenant holding at most one slot waits behind a tenant holding two or more, the
+  newest sequence of the largest holder is preempted: its KV cache is dropped and it goes back to the head of its
+  tenant's queue, to be recomputed from its prompt and the tokens it already produced (its output stream just
+  pauses). At most one preemption per step; requests that score their prompt are never preempted.
 * **Admission control**: past ``max_waiting`` queued sequences, :meth:`Scheduler.add` raises
   :class:`~llmos.errors.OverloadedError` with a retry hint instead of queueing without bound.
 * **Cancellation**: :meth:`Scheduler.abort` removes a waiting sequence at once, and a running one at the next
@@ -50,6 +54,8 @@ class Sequence:
     position: int = 0
     """KV position of the next token fed."""
     generated: list[int] = field(default_factory=list)
+    replay: list[int] | None = None
+    """After a preemption: the tokens to recompute into the KV cache (prompt + generated but the pending one)."""
     aborted: bool = False
     finished: bool = False
     state: dict[str, Any] = field(default_factory=dict)
@@ -64,8 +70,16 @@ class Sequence:
         return len(self.request.prompt_tokens)
 
     @property
+    def prefill_tokens(self) -> list[int]:
+        return self.replay if self.replay is not None else self.request.prompt_tokens
+
+    @property
     def prefilling(self) -> bool:
-        return self.prompt_done < self.prompt_len
+        return self.prompt_done < len(self.prefill_tokens)
+
+    @property
+    def tenant(self) -> str | None:
+        return self.request.tenant
 
 
 @dataclass
@@ -85,6 +99,8 @@ class Chunk:
 class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     dropped: list[Sequence] = field(default_factory=list)
+    preempted: list[tuple[Sequence, int]] = field(default_factory=list)
+    """Sequences sent back to the queue this step, with the slot whose KV cache the engine must clear first."""
 
     @property
     def num_tokens(self) -> int:
@@ -95,11 +111,14 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self._order = itertools.count()
-        self._waiting_heap: list[tuple[int, int, Sequence]] = []
+        self._queues: dict[str | None, list[tuple[int, int, int, Sequence]]] = {}
+        self._pushes = itertools.count()
         self._waiting: dict[str, Sequence] = {}
         self.running: list[Sequence] = []
+        self._held: dict[str | None, int] = {}
         self._free_slots = list(range(config.max_running - 1, -1, -1))
         self._to_drop: list[Sequence] = []
+        self.preemptions = 0
 
     # --- queue ------------------------------------------------------------------------------------------------------
 
@@ -121,8 +140,12 @@ class Scheduler:
                 retry_after=1.0,
             )
         seq.order = next(self._order)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
         self._waiting[seq.request_id] = seq
-        heapq.heappush(self._waiting_heap, (seq.request.priority, seq.order, seq))
+        entry = (seq.request.priority, seq.order, next(self._pushes), seq)
+        heapq.heappush(self._queues.setdefault(seq.tenant, []), entry)
 
     def abort(self, request_id: str) -> Sequence | None:
         """Cancel a request. Returns the sequence if it was waiting (already removed), else None."""
@@ -142,21 +165,69 @@ class Scheduler:
             self.running.remove(seq)
             assert seq.slot is not None
             self._free_slots.append(seq.slot)
+            self._held[seq.tenant] -= 1
         seq.finished = True
 
     def drain_waiting(self) -> list[Sequence]:
         """Remove and return every waiting sequence (engine shutdown)."""
-        drained = []
-        while (seq := self._pop_waiting()) is not None:
-            drained.append(seq)
+        drained = list(self._waiting.values())
+        self._waiting.clear()
+        self._queues.clear()
         return drained
 
-    def _pop_waiting(self) -> Sequence | None:
-        while self._waiting_heap:
-            _, _, seq = heapq.heappop(self._waiting_heap)
-            if self._waiting.pop(seq.request_id, None) is seq:
+    def _head(self, tenant: str | None) -> Sequence | None:
+        queue = self._queues.get(tenant)
+        while queue:
+            seq = queue[0][3]
+            if self._waiting.get(seq.request_id) is seq:
                 return seq
+            heapq.heappop(queue)  # aborted or already admitted
         return None
+
+    def _best_waiting(self) -> Sequence | None:
+        """Priority first, then the tenant holding the fewest slots, then arrival."""
+        best: tuple[int, int, int] | None = None
+        chosen = None
+        for tenant in list(self._queues):
+            head = self._head(tenant)
+            if head is None:
+                continue
+            key = (head.request.priority, self._held.get(tenant, 0), head.order)
+            if best is None or key < best:
+                best, chosen = key, head
+        return chosen
+
+    def _admit(self, seq: Sequence) -> None:
+        del self._waiting[seq.request_id]
+        seq.slot = self._free_slots.pop()
+        self.running.append(seq)
+        self._held[seq.tenant] = self._held.get(seq.tenant, 0) + 1
+
+    def _preempt_for(self, waiting: Sequence, plan: StepPlan) -> bool:
+        """Free a slot for ``waiting`` from the tenant holding the most, when that is clearly unfair."""
+        mine = self._held.get(waiting.tenant, 0)
+        if mine > 1:
+            return False
+        candidates = [s for s in self.running if s.tenant != waiting.tenant and not s.request.prompt_logprobs]
+        if not candidates:
+            return False
+        victim_tenant = max({s.tenant for s in candidates}, key=lambda t: self._held.get(t, 0))
+        if self._held.get(victim_tenant, 0) < mine + 2:
+            return False
+        victim = max((s for s in candidates if s.tenant == victim_tenant), key=lambda s: s.order)
+        slot = victim.slot
+        assert slot is not None
+        self.finish(victim)
+        victim.finished = False
+        victim.slot = None
+        fed = victim.generated[:-1] if victim.pending is not None else victim.generated
+        victim.replay = victim.request.prompt_tokens + fed
+        victim.prompt_done = 0
+        victim.position = 0
+        self._enqueue(victim)
+        plan.preempted.append((victim, slot))
+        self.preemptions += 1
+        return True
 
     # --- planning ---------------------------------------------------------------------------------------------------
 
@@ -167,6 +238,11 @@ class Scheduler:
                 self.finish(seq)
                 plan.dropped.append(seq)
         self._to_drop.clear()
+
+        if not self._free_slots and self._waiting:
+            best = self._best_waiting()
+            if best is not None:
+                self._preempt_for(best, plan)
 
         budget = self.config.max_batch_tokens
         for seq in self.running:
@@ -183,20 +259,19 @@ class Scheduler:
                 prefill_budget -= self._prefill_chunk(plan, seq, prefill_budget)
 
         while prefill_budget > 0 and self._free_slots and self._waiting:
-            admitted = self._pop_waiting()
+            admitted = self._best_waiting()
             if admitted is None:
                 break
-            admitted.slot = self._free_slots.pop()
-            self.running.append(admitted)
+            self._admit(admitted)
             prefill_budget -= self._prefill_chunk(plan, admitted, prefill_budget)
         return plan
 
     @staticmethod
     def _prefill_chunk(plan: StepPlan, seq: Sequence, budget: int) -> int:
-        prompt = seq.request.prompt_tokens
-        take = min(len(prompt) - seq.prompt_done, budget)
-        tokens = prompt[seq.prompt_done : seq.prompt_done + take]
-        last = seq.prompt_done + take == len(prompt)
+        tokens_all = seq.prefill_tokens
+        take = min(len(tokens_all) - seq.prompt_done, budget)
+        tokens = tokens_all[seq.prompt_done : seq.prompt_done + take]
+        last = seq.prompt_done + take == len(tokens_all)
         logits = "all" if seq.request.prompt_logprobs else ("last" if last else "none")
         plan.chunks.append(Chunk(seq, tokens, seq.prompt_done, logits, samples=last))
         return take

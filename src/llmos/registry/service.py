@@ -13,11 +13,12 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,16 +34,20 @@ from llmos.errors import (
     InvalidModelFileError,
     ModelNotFoundError,
     ModelUnavailableError,
+    StorageError,
 )
 from llmos.formats.detect import inspect_path
 from llmos.formats.info import ModelInfo
 from llmos.registry.names import DEFAULT_TAG, ModelRef, parse_ref
 from llmos.registry.views import VersionView, canonical_json, version_view
 from llmos.store.blobs import BlobInfo, BlobStore, ProgressCallback
+from llmos.store.crypto import BlobCipher, derive_key
 from llmos.store.db import open_database, session_factory
 from llmos.store.schema import Lineage, Model, ModelVersion, Tag, VersionFile
 
 MANIFEST_SCHEMA = "llmos.model.v1"
+ENCRYPTED_OPERATIONS = {"fine-tune", "train", "distill"}
+"""Versions made from private data are encrypted at rest when a key is configured (and LoRA adapters always)."""
 # Called once with the total byte count, then the store reports progress through the returned callback.
 ProgressFactory = Callable[[str, int], ProgressCallback]
 
@@ -111,13 +116,29 @@ class ResolvedModel:
         return target
 
 
+def _cipher(settings: Settings) -> BlobCipher | None:
+    """The blob cipher for this home, if an encryption key is configured (the salt is created once per home)."""
+    secret = settings.encryption_key.get_secret_value() if settings.encryption_key else None
+    if secret is None and settings.encryption_key_file is not None:
+        try:
+            secret = settings.encryption_key_file.read_text().strip()
+        except OSError as exc:
+            raise StorageError(f"cannot read the encryption key file: {exc.strerror}") from exc
+    if not secret:
+        return None
+    salt_path = settings.home / "encryption.salt"
+    if not salt_path.exists():
+        salt_path.write_bytes(os.urandom(16))
+    return BlobCipher(derive_key(secret, salt_path.read_bytes()))
+
+
 class Registry:
     """The model registry of one llmos home. Cheap to construct; safe to use from several processes at once."""
 
     def __init__(self, settings: Settings, *, maintain: bool = True) -> None:
         self.settings = settings
         settings.home.mkdir(parents=True, exist_ok=True)
-        self.blobs = BlobStore(settings.blobs_dir, lock_path=settings.home / "store.lock")
+        self.blobs = BlobStore(settings.blobs_dir, lock_path=settings.home / "store.lock", cipher=_cipher(settings))
         self.engine: Engine = open_database(
             settings.effective_database_url(), settings.home, settings.db_busy_timeout_ms
         )
@@ -166,6 +187,31 @@ class Registry:
     def model_dir(self, resolved: ResolvedModel) -> Path:
         return resolved.materialize(self.materialized_dir)
 
+    @contextlib.contextmanager
+    def loadable_dir(self, resolved: ResolvedModel) -> Iterator[Path]:
+        """A directory with the version's files under their own names, for the time it takes to load them.
+
+        Plaintext versions use their materialised directory of links. Encrypted versions are decrypted into a
+        private (0700) temporary directory that is removed on exit, so plaintext never stays on disk.
+        """
+        if not any(self.blobs.is_encrypted(f.digest) for f in resolved.view.files):
+            yield self.model_dir(resolved)
+            return
+        scratch = self.settings.home / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix="decrypted-", dir=scratch))
+        try:
+            for file in resolved.view.files:
+                target = private / file.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in self.blobs.read_chunks(file.digest):
+                        out.write(chunk)
+            yield private
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+
     # --- writing ----------------------------------------------------------------------------------------------------
 
     def import_path(
@@ -177,6 +223,7 @@ class Registry:
         params: dict[str, Any] | None = None,
         base: str | None = None,
         operation: str = "import",
+        tenant_id: int | None = None,
     ) -> VersionView:
         """Import a GGUF file, a safetensors file, a Hugging Face directory or a peft LoRA directory under ``name``.
 
@@ -196,6 +243,7 @@ class Registry:
             operation=operation,
             parents=parents,
             params={"source": source.name, **(params or {})},
+            tenant_id=tenant_id,
         )
 
     def _bind_adapter(self, info: ModelInfo, base: str | None) -> ParentRef:
@@ -233,23 +281,31 @@ class Registry:
         operation: str = "import",
         parents: Sequence[ParentRef] = (),
         params: dict[str, Any] | None = None,
+        tenant_id: int | None = None,
     ) -> VersionView:
-        """Copy the files of an inspected model into the store and register them as a version of ``name``."""
+        """Copy the files of an inspected model into the store and register them as a version of ``name``.
+
+        A new model belongs to ``tenant_id`` (None = public); adding a version to an existing model of another
+        tenant is refused.
+        """
         ref = parse_ref(name)
         if ref.digest:
             raise ConflictError("cannot import under a digest; give a name with an optional :tag", param="name")
+        encrypt = self.blobs.cipher is not None and (info.format == "lora" or operation in ENCRYPTED_OPERATIONS)
         with self.blobs.writing():
             stored: list[BlobInfo] = []
             for model_file in info.files:
                 callback = progress(model_file.path, model_file.size) if progress else None
-                blob = self.blobs.write_file(model_file.source, progress=callback)
+                blob = self.blobs.write_file(model_file.source, progress=callback, encrypt=encrypt)
                 if blob.size != model_file.size:
                     raise InvalidModelFileError(
                         f"{model_file.path} changed while it was being imported"
                         f" ({model_file.size} -> {blob.size} bytes)"
                     )
                 stored.append(blob)
-            return self.add_version(ref, info, stored, operation=operation, parents=parents, params=params)
+            return self.add_version(
+                ref, info, stored, operation=operation, parents=parents, params=params, tenant_id=tenant_id
+            )
 
     def add_version(
         self,
@@ -260,6 +316,7 @@ class Registry:
         operation: str,
         parents: Sequence[ParentRef] = (),
         params: dict[str, Any] | None = None,
+        tenant_id: int | None = None,
     ) -> VersionView:
         """Register a version whose blobs are already stored (call within ``self.blobs.writing()``)."""
         files = [
@@ -270,7 +327,9 @@ class Registry:
         digest = f"sha256:{hashlib.sha256(manifest).hexdigest()}"
         tag = ref.tag or DEFAULT_TAG
         with self.session() as session, session.begin():
-            model = self._get_or_create_model(session, ref)
+            model = self._get_or_create_model(session, ref, tenant_id)
+            if model.tenant_id != tenant_id and tenant_id is not None:
+                raise ConflictError(f"{ref.repository} belongs to another tenant; choose another name", param="name")
             version = session.scalar(
                 select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.digest == digest)
             )
@@ -301,10 +360,10 @@ class Registry:
             session.refresh(model)
             return version_view(version, ref.repository, tag)
 
-    def _get_or_create_model(self, session: Session, ref: ModelRef) -> Model:
+    def _get_or_create_model(self, session: Session, ref: ModelRef, tenant_id: int | None = None) -> Model:
         model = session.scalar(select(Model).where(Model.namespace == ref.namespace, Model.name == ref.name))
         if model is None:
-            model = Model(namespace=ref.namespace, name=ref.name)
+            model = Model(namespace=ref.namespace, name=ref.name, tenant_id=tenant_id)
             session.add(model)
             session.flush()
         return model
@@ -458,7 +517,8 @@ class Registry:
             if verify:
                 key = (file.digest, stat.st_size, stat.st_mtime_ns, stat.st_ino)
                 if key not in self._verified:
-                    if stat.st_size != file.size or self.blobs.rehash(file.digest) != file.digest:
+                    wrong_size = stat.st_size != file.size and not self.blobs.is_encrypted(file.digest)
+                    if wrong_size or self.blobs.rehash(file.digest) != file.digest:
                         raise ModelUnavailableError(
                             f"{view.name} cannot be loaded: its file {file.path} is damaged on disk"
                             " (its bytes no longer match their digest; run `llmos verify`)"

@@ -56,6 +56,8 @@ class VersionView:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     manifest: str = ""
+    tenant_id: int | None = None
+    """Owning tenant (None = public)."""
 
     @property
     def short_digest(self) -> str:
@@ -95,6 +97,7 @@ def version_view(version: ModelVersion, repository: str, tag: str | None) -> Ver
         tokenizer=dict(version.tokenizer),
         details=dict(version.details),
         manifest=version.manifest,
+        tenant_id=version.model.tenant_id,
     )
 
 

@@ -11,6 +11,7 @@ directory. A combination that cannot work (a GGUF on torch, an adapter as a mode
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from llmos.config import Settings
@@ -119,11 +120,15 @@ class Loader:
         return self._load(resolved, backend)
 
     def _load(self, resolved: ResolvedModel, backend: str) -> Any:
+        with self.registry.loadable_dir(resolved) as directory:  # decrypted only for the duration of the load
+            return self._load_from(resolved, backend, directory)
+
+    def _load_from(self, resolved: ResolvedModel, backend: str, directory: Path) -> Any:
         view = resolved.view
         if backend == "sentence-transformers":
             from llmos.runtime.embedding import EmbeddingModel
 
-            return EmbeddingModel(view, self.registry.model_dir(resolved), threads=self.settings.threads)
+            return EmbeddingModel(view, directory, threads=self.settings.threads)
         if backend == "llama.cpp":
             if view.format != "gguf":
                 raise BackendUnavailableError(
@@ -132,7 +137,7 @@ class Loader:
             from llmos.engine.backends.llamacpp import LlamaCppModel
 
             generator: Any = LlamaCppModel(
-                resolved.primary_path,
+                directory / next(iter(resolved.paths)),
                 n_ctx_seq=self.settings.context_length,
                 n_batch=self.settings.batch_size,
                 n_seq_max=self.max_running,
@@ -148,7 +153,7 @@ class Loader:
             from llmos.engine.backends.torch import TorchBackend
 
             generator = TorchBackend(
-                self.registry.model_dir(resolved),
+                directory,
                 n_seq_max=self.max_running,
                 n_ctx_seq=self.settings.torch_context_length,
                 n_batch=self.settings.batch_size,

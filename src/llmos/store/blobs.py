@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from llmos.errors import DiskFullError, IntegrityError, InvalidInputError, StorageError
+from llmos.store.crypto import MAGIC, BlobCipher
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK_SIZE = 4 * 1024 * 1024
@@ -69,8 +70,9 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
 class BlobStore:
     """Blobs under ``root``; see the module docstring for the guarantees."""
 
-    def __init__(self, root: Path, lock_path: Path | None = None) -> None:
+    def __init__(self, root: Path, lock_path: Path | None = None, cipher: BlobCipher | None = None) -> None:
         self.root = root
+        self.cipher = cipher
         self.tmp_dir = root / "tmp"
         self.data_dir = root / "sha256"
         self.lock_path = lock_path or (root / "store.lock")
@@ -152,12 +154,28 @@ class BlobStore:
         *,
         expected_digest: str | None = None,
         progress: ProgressCallback | None = None,
+        encrypt: bool = False,
     ) -> BlobInfo:
-        """Store the concatenation of ``chunks``. Call inside :meth:`writing`."""
+        """Store the concatenation of ``chunks`` (encrypted at rest if asked). Call inside :meth:`writing`.
+
+        The digest and size are those of the plaintext, whatever is stored.
+        """
         if expected_digest is not None:
             validate_digest(expected_digest)
+        if encrypt and self.cipher is None:
+            raise StorageError("encryption was asked for but no LLMOS_ENCRYPTION_KEY is configured")
         hasher = hashlib.sha256()
         size = 0
+
+        def plaintext() -> Iterator[bytes]:
+            nonlocal size
+            for chunk in chunks:
+                hasher.update(chunk)
+                size += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+                yield chunk
+
         try:
             fd, tmp_name = _make_temp(self.tmp_dir)
         except OSError as exc:
@@ -165,12 +183,9 @@ class BlobStore:
         tmp_path = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
-                    hasher.update(chunk)
-                    size += len(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
+                stored = self.cipher.encrypt(plaintext()) if encrypt and self.cipher else plaintext()
+                for piece in stored:
+                    out.write(piece)
                 out.flush()
                 os.fsync(out.fileno())
             digest = f"sha256:{hasher.hexdigest()}"
@@ -192,7 +207,12 @@ class BlobStore:
             raise
 
     def write_file(
-        self, source: Path, *, expected_digest: str | None = None, progress: ProgressCallback | None = None
+        self,
+        source: Path,
+        *,
+        expected_digest: str | None = None,
+        progress: ProgressCallback | None = None,
+        encrypt: bool = False,
     ) -> BlobInfo:
         try:
             handle = source.open("rb")
@@ -200,8 +220,27 @@ class BlobStore:
             raise InvalidInputError(f"cannot read {source}: {exc.strerror or exc}") from exc
         with handle:
             return self.write_stream(
-                iter(lambda: handle.read(CHUNK_SIZE), b""), expected_digest=expected_digest, progress=progress
+                iter(lambda: handle.read(CHUNK_SIZE), b""),
+                expected_digest=expected_digest,
+                progress=progress,
+                encrypt=encrypt,
             )
+
+    def is_encrypted(self, digest: str) -> bool:
+        with self.open(digest) as handle:
+            return handle.read(len(MAGIC)) == MAGIC
+
+    def read_chunks(self, digest: str) -> Iterator[bytes]:
+        """The plaintext of a blob, decrypting it if it is stored encrypted."""
+        with self.open(digest) as handle:
+            if handle.read(len(MAGIC)) == MAGIC:
+                if self.cipher is None:
+                    raise IntegrityError(f"blob {digest} is encrypted; set LLMOS_ENCRYPTION_KEY to read it")
+                handle.seek(0)
+                yield from self.cipher.decrypt(handle, f"blob {digest}")
+                return
+            handle.seek(0)
+            yield from iter(lambda: handle.read(CHUNK_SIZE), b"")
 
     def write_bytes(self, data: bytes) -> BlobInfo:
         return self.write_stream([data])
@@ -221,9 +260,11 @@ class BlobStore:
     def rehash(self, digest: str) -> str:
         """The digest of the bytes actually on disk for ``digest``."""
         hasher = hashlib.sha256()
-        with self.open(digest) as handle:
-            for chunk in iter(lambda: handle.read(CHUNK_SIZE), b""):
+        try:
+            for chunk in self.read_chunks(digest):
                 hasher.update(chunk)
+        except IntegrityError:
+            return "sha256:undecryptable"
         return f"sha256:{hasher.hexdigest()}"
 
     def clean_tmp(self) -> int:

@@ -9,16 +9,19 @@ The model is leased from the residency manager like any other; usage counts the 
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Request
 from pydantic import Field
 
+from llmos.api.auth import principal, visible_view
 from llmos.api.body import parse_body
+from llmos.api.generation import meter
 from llmos.api.openai.schemas import Strict
 from llmos.api.state import AppState
-from llmos.errors import InvalidInputError
+from llmos.errors import InvalidInputError, LlmosError
 from llmos.runtime.embedding import EmbeddingModel
 from llmos.runtime.residency import parse_keep_alive
 
@@ -52,12 +55,16 @@ def _texts(body: EmbeddingRequest, model: EmbeddingModel) -> list[str]:
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request) -> dict[str, Any]:
+    arrived = time.monotonic()
     state: AppState = request.app.state.llmos
     body = await parse_body(request, EmbeddingRequest, state.settings.max_request_bytes)
     keep_alive = parse_keep_alive(body.keep_alive)
     if isinstance(body.input, list) and len(body.input) > MAX_INPUTS:
         raise InvalidInputError(f"at most {MAX_INPUTS} inputs per request, got {len(body.input)}", param="input")
+    caller = principal(request)
+    visible_view(caller, await to_thread.run_sync(state.registry.show, body.model), body.model)
     lease = await to_thread.run_sync(state.residency.lease, body.model, keep_alive)
+    metering = None
     try:
         model = lease.instance
         if not isinstance(model, EmbeddingModel):
@@ -67,7 +74,14 @@ async def embeddings(request: Request) -> dict[str, Any]:
                 f"{model.name} produces {model.dimension} dimensions; it cannot shorten them", param="dimensions"
             )
         texts = _texts(body, model)
+        counts = await to_thread.run_sync(model.count_tokens, texts)
+        metering = meter(state, request, caller, sum(counts), "embeddings", arrived)
         vectors, tokens = await to_thread.run_sync(model.embed, texts)
+        metering.finish(model.name, tokens, 0)
+    except BaseException as exc:
+        if metering is not None:
+            metering.finish(body.model, 0, 0, exc.status if isinstance(exc, LlmosError) else 500)
+        raise
     finally:
         lease.release(keep_alive)
     state.metrics.embedding_inputs.labels(model.name).inc(len(texts))

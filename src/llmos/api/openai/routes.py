@@ -19,15 +19,16 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from llmos.api.auth import principal, visible_view
 from llmos.api.body import parse_body
 from llmos.api.errors import error_body
-from llmos.api.generation import Call, acquire, submit_all
+from llmos.api.generation import Call, acquire, meter, submit_all
 from llmos.api.openai import render
 from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from llmos.api.state import AppState
 from llmos.engine.grammar import json_object_grammar, json_schema_grammar
 from llmos.engine.request import GenerationRequest, Logprob
-from llmos.errors import InvalidInputError, LlmosError
+from llmos.errors import InvalidInputError, LlmosError, PermissionDeniedError
 from llmos.runtime.model import LoadedModel
 from llmos.types import ChatMessage, SamplingParams
 
@@ -77,15 +78,32 @@ def error_event(exc: LlmosError) -> bytes:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     state = app_state(request)
+    caller = principal(request)
     views = await to_thread.run_sync(state.registry.list_versions)
-    return {"object": "list", "data": [render.model_object(v) for v in views]}
+    visible = [v for v in views if caller.may_see(v.tenant_id) and caller.may_use(v.repository, v.name)]
+    return {"object": "list", "data": [render.model_object(v) for v in visible]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> dict[str, Any]:
     state = app_state(request)
-    view = await to_thread.run_sync(state.registry.show, model)
+    view = visible_view(principal(request), await to_thread.run_sync(state.registry.show, model), model)
     return render.model_object(view)
+
+
+@router.delete("/v1/models/{model:path}")
+async def delete_model(model: str, request: Request) -> dict[str, Any]:
+    """Remove a model tag (OpenAI's delete for fine-tuned models); the owner tenant's developers or an admin."""
+    state = app_state(request)
+    caller = principal(request)
+    view = visible_view(caller, await to_thread.run_sync(state.registry.show, model), model)
+    allowed = caller.is_admin or (caller.at_least("developer") and view.tenant_id == caller.tenant_id)
+    if not allowed:
+        state.security.audit(caller.actor, caller.tenant, "model.delete", view.name, "denied")
+        raise PermissionDeniedError(f"deleting {view.name} needs an admin key or a developer key of its tenant")
+    await to_thread.run_sync(state.registry.remove, model)
+    state.security.audit(caller.actor, caller.tenant, "model.delete", view.name, "ok")
+    return {"id": view.name, "object": "model", "deleted": True}
 
 
 # --- chat -----------------------------------------------------------------------------------------------------------
@@ -108,7 +126,8 @@ async def chat_completions(request: Request) -> Any:
     state = app_state(request)
     body = await parse_body(request, ChatCompletionRequest, state.settings.max_request_bytes)
     grammar = await to_thread.run_sync(_grammar, body)
-    target = await acquire(state, body.model, body.keep_alive)
+    caller = principal(request)
+    target = await acquire(state, caller, body.model, body.keep_alive)
     try:
         model = target.model
         messages = [ChatMessage(ROLE_MAP.get(m.role, m.role), m.text()) for m in body.messages]  # type: ignore[arg-type]
@@ -125,13 +144,15 @@ async def chat_completions(request: Request) -> Any:
                 grammar=grammar,
                 priority=body.priority,
                 adapter=target.adapter,
+                tenant=caller.tenant,
             )
             for i in range(body.n)
         ]
+        metering = meter(state, request, caller, body.n * (len(prompt) + max_tokens), "chat", arrived)
     except BaseException:
         target.release()
         raise
-    call = submit_all(target, requests, state.metrics, prompt_tokens=len(prompt), arrived=arrived)
+    call = submit_all(target, requests, state.metrics, prompt_tokens=len(prompt), arrived=arrived, metering=metering)
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -224,7 +245,8 @@ async def completions(request: Request) -> Any:
         raise InvalidInputError(
             "max_tokens must be at least 1 unless echo is true (prompt scoring)", param="max_tokens"
         )
-    target = await acquire(state, body.model, body.keep_alive)
+    caller = principal(request)
+    target = await acquire(state, caller, body.model, body.keep_alive)
     try:
         model = target.model
         prompts = await to_thread.run_sync(_prompt_token_lists, body, model)
@@ -239,15 +261,18 @@ async def completions(request: Request) -> Any:
                 prompt_logprobs=score_prompt,
                 priority=body.priority,
                 adapter=target.adapter,
+                tenant=caller.tenant,
             )
             for tokens, _text in prompts
             for j in range(body.n)
         ]
+        prompt_tokens = sum(len(tokens) for tokens, _text in prompts)
+        worst_case = body.n * (prompt_tokens + body.max_tokens * len(prompts))
+        metering = meter(state, request, caller, worst_case, "completions", arrived)
     except BaseException:
         target.release()
         raise
-    prompt_tokens = sum(len(tokens) for tokens, _text in prompts)
-    call = submit_all(target, requests, state.metrics, prompt_tokens=prompt_tokens, arrived=arrived)
+    call = submit_all(target, requests, state.metrics, prompt_tokens=prompt_tokens, arrived=arrived, metering=metering)
     completion_id, created = new_id("cmpl"), int(time.time())
     echoes = [text for _tokens, text in prompts for _ in range(body.n)]
     if body.stream:

@@ -1,0 +1,94 @@
+"""Authentication on every route, and the permission checks routes call.
+
+Contract: :class:`AuthMiddleware` runs before routing. Unless the path is ``/health`` or ``/ready``, it requires a
+valid ``Authorization: Bearer <key>`` whenever authentication is on (a key exists, or ``Settings.auth``), and stores
+the :class:`~llmos.security.principal.Principal` in ``scope["state"]["principal"]``; with authentication off, the
+caller is the local admin. It fails closed: an unexpected error while authenticating denies the request (401 for a
+bad key, 503 when the key store cannot be read) and is audited without the key. Routes then call
+:func:`principal`, :func:`require_role` and :func:`visible_view`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from llmos.api.errors import error_body
+from llmos.errors import AuthenticationError, LlmosError, ModelNotFoundError, PermissionDeniedError
+from llmos.registry.views import VersionView
+from llmos.security.principal import LOCAL_ADMIN, Principal
+from llmos.security.service import SecurityService
+
+log = logging.getLogger("llmos.api")
+OPEN_PATHS = {"/health", "/ready"}
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, security: SecurityService) -> None:
+        self.app = app
+        self.security = security
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        try:
+            if self.security.auth_required():
+                raw = headers.get(b"authorization")
+                principal = self.security.authenticate(raw.decode("latin-1") if raw is not None else None)
+            else:
+                principal = LOCAL_ADMIN
+        except AuthenticationError as exc:
+            self.security.audit("unknown", None, "auth", scope["path"], "denied", reason=exc.message)
+            await _reply(send, 401, error_body(exc.message, exc.type, exc.code), {"WWW-Authenticate": "Bearer"})
+            return
+        except Exception:  # fail closed
+            log.exception("authentication failed unexpectedly")
+            body = error_body(
+                "authentication is unavailable; the request was denied", "server_error", "auth_unavailable"
+            )
+            await _reply(send, 503, body, {})
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+
+async def _reply(send: Send, status: int, body: dict[str, object], headers: dict[str, str]) -> None:
+    payload = json.dumps(body).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def principal(request: Request) -> Principal:
+    found = request.scope.get("state", {}).get("principal")
+    if not isinstance(found, Principal):  # fail closed: a route reached without the middleware
+        raise AuthenticationError("not authenticated")
+    return found
+
+
+def require_role(request: Request, role: str) -> Principal:
+    caller = principal(request)
+    if not caller.at_least(role):
+        raise PermissionDeniedError(f"this operation needs a {role} key; yours is {caller.role}")
+    return caller
+
+
+def visible_view(caller: Principal, view: VersionView, requested: str) -> VersionView:
+    """``view`` if the caller may see and use it; otherwise the same 404 as a model that does not exist."""
+    if not caller.may_see(view.tenant_id) or not caller.may_use(view.repository, view.name):
+        raise ModelNotFoundError(f"model {requested!r} not found; `llmos list` shows what is available")
+    return view
+
+
+def set_response_headers(request: Request, headers: dict[str, str]) -> None:
+    """Headers for the eventual response (rate-limit state), added by the request-context middleware."""
+    request.scope.setdefault("state", {}).setdefault("response_headers", {}).update(headers)
+
+
+__all__ = ["AuthMiddleware", "LlmosError", "principal", "require_role", "set_response_headers", "visible_view"]
