@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
-from llmos.api import errors
+from llmos.api import errors, openapi
 from llmos.api.admin import router as admin_router
 from llmos.api.auth import AuthMiddleware
 from llmos.api.middleware import HardeningMiddleware, RequestContextMiddleware
@@ -147,4 +147,5 @@ def create_app(
         body = await to_thread.run_sync(metrics.render)
         return Response(body, media_type=CONTENT_TYPE)
 
+    openapi.standard(app)
     return app

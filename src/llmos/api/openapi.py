@@ -1,0 +1,106 @@
+"""The OpenAPI document of the server: request bodies and response shapes that the routes enforce by hand.
+
+Contract: the routes parse bodies themselves (see :mod:`llmos.api.body`), so FastAPI cannot infer their schemas;
+:func:`install` publishes them: each JSON request body from its pydantic model, the OpenAI error body for every
+error status, and the success shapes (JSON, and server-sent events where a route streams). Schema fuzzers
+(schemathesis, in the test suite) use this document to generate requests and check responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+ERROR_STATUSES = ("400", "401", "403", "404", "405", "408", "409", "413", "429", "431", "500", "503", "507")
+
+
+def _object(*required: str) -> dict[str, Any]:
+    return {"type": "object", "required": list(required)}
+
+
+def install(
+    app: FastAPI,
+    bodies: dict[tuple[str, str], type[BaseModel]],
+    successes: dict[tuple[str, str], dict[str, Any]],
+    streaming: set[tuple[str, str]],
+) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Error"] = ERROR_SCHEMA
+        for path, methods in schema.get("paths", {}).items():
+            for method, operation in methods.items():
+                key = (method.upper(), path)
+                model = bodies.get(key)
+                if model is not None:
+                    body = model.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
+                    components.update(body.pop("$defs", {}))
+                    components[model.__name__] = body
+                    operation["requestBody"] = {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+                    }
+                responses: dict[str, Any] = {}
+                content: dict[str, Any] = {"application/json": {"schema": successes.get(key, {"type": "object"})}}
+                if key in streaming:
+                    content["text/event-stream"] = {"schema": {"type": "string"}}
+                responses["200"] = {"description": "OK", "content": content}
+                for status in ERROR_STATUSES:
+                    responses[status] = {
+                        "description": "error",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    }
+                operation["responses"] = responses
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def standard(app: FastAPI) -> None:
+    """The request and response shapes of llmos's own routes."""
+    from llmos.api.admin import KeyRequest, TenantRequest, UnloadRequest
+    from llmos.api.openai.embeddings import EmbeddingRequest
+    from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest
+
+    install(
+        app,
+        bodies={
+            ("POST", "/v1/chat/completions"): ChatCompletionRequest,
+            ("POST", "/v1/completions"): CompletionRequest,
+            ("POST", "/v1/embeddings"): EmbeddingRequest,
+            ("POST", "/admin/runtime/unload"): UnloadRequest,
+            ("POST", "/admin/tenants"): TenantRequest,
+            ("POST", "/admin/keys"): KeyRequest,
+        },
+        successes={
+            ("POST", "/v1/chat/completions"): _object("id", "object", "created", "model", "choices", "usage"),
+            ("POST", "/v1/completions"): _object("id", "object", "created", "model", "choices"),
+            ("POST", "/v1/embeddings"): _object("object", "data", "model", "usage"),
+            ("GET", "/v1/models"): _object("object", "data"),
+            ("GET", "/v1/models/{model}"): _object("id", "object", "created", "owned_by"),
+            ("DELETE", "/v1/models/{model}"): _object("id", "object", "deleted"),
+        },
+        streaming={("POST", "/v1/chat/completions"), ("POST", "/v1/completions")},
+    )
