@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         default=False,
         description="Require API keys even before any exists (authentication is on as soon as one key exists).",
     )
+    train_job_slots: int = Field(
+        default=1, ge=1, le=64, description="Training jobs that may run at the same time (others wait in the queue)."
+    )
+    usage_records: bool = Field(
+        default=True,
+        description="Record one usage row per request (tenant, key prefix, model, tokens, latency, status).",
+    )
     encryption_key: SecretStr | None = Field(
         default=None,
         description=(

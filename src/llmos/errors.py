@@ -132,6 +132,14 @@ class ConflictError(LlmosError):
     status = 409
 
 
+class JobFailedError(LlmosError):
+    """A job the caller waited for ended without succeeding."""
+
+    code = "job_failed"
+    type = "server_error"
+    status = 500
+
+
 # --- storage and environment (5xx) ----------------------------------------------------------------------------------
 
 

@@ -156,6 +156,17 @@ class Model:
     def generate_text(self, prompt: str, *, raw: bool | None = None, system: str | None = None, **sampling: Any) -> str:
         return "".join(self.stream_text(prompt, raw=raw, system=system, **sampling))
 
+    def generate_many(self, prompts: Iterable[str], *, system: str | None = None, **sampling: Any) -> list[str]:
+        """Answers to many prompts at once: all are submitted together, so the engine batches them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        items = list(prompts)
+        if not items:
+            return []
+        workers = max(1, min(len(items), self._loaded.engine.scheduler.config.max_running))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda p: self.generate_text(p, system=system, **sampling), items))
+
     def stream_chat(self, messages: Iterable[MessageLike], **sampling: Any) -> Iterator[str]:
         tokens = self._loaded.chat_tokens(_as_messages(messages))
         return self._stream(tokens, sampling_params(**sampling))

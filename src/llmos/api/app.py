@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from datetime import datetime
 
 from anyio import to_thread
 from fastapi import FastAPI
@@ -85,14 +84,7 @@ def create_app(
     )
     holder["residency"] = residency
     security = SecurityService(settings)
-
-    def usage_since(scope: str, start: datetime) -> int:
-        kind, _, name = scope.partition(":")
-        if kind == "key":
-            return security.usage_since(start, key_prefix=name)
-        return security.usage_since(start, tenant=name)
-
-    quotas = QuotaManager(usage_since)
+    quotas = QuotaManager(security.scope_usage_since)
     state = AppState(settings, registry, loader, residency, metrics, security, quotas, preload=list(preload))
 
     def load_preloads() -> None:

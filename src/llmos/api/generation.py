@@ -51,6 +51,8 @@ class Metering:
             return
         self.done = True
         self.state.quotas.settle(self.reservation, prompt_tokens + completion_tokens)
+        if not self.state.settings.usage_records:
+            return
         self.state.security.record_usage(
             request_id=self.request_id,
             tenant=self.caller.tenant,

@@ -146,13 +146,20 @@ async def probe_health(base: str, stop: asyncio.Event, latencies: list[float]) -
 
 
 async def run_level(
-    base: str, model: str, concurrency: int, rounds: int, max_tokens: int, probe: bool, salt: str
+    base: str,
+    model: str,
+    concurrency: int,
+    rounds: int,
+    max_tokens: int,
+    probe: bool,
+    salt: str,
+    headers: dict[str, str] | None = None,
 ) -> LevelResult:
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     results: list[RequestResult] = []
     health: list[float] = []
     stop = asyncio.Event()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits, headers=headers) as client:
 
         async def client_loop(index: int) -> None:
             for round_ in range(rounds):

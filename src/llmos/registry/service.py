@@ -224,16 +224,18 @@ class Registry:
         base: str | None = None,
         operation: str = "import",
         tenant_id: int | None = None,
+        parents: Sequence[ParentRef] = (),
     ) -> VersionView:
         """Import a GGUF file, a safetensors file, a Hugging Face directory or a peft LoRA directory under ``name``.
 
-        A LoRA adapter must name its ``base`` (a registered Hugging Face model of the same architecture).
+        A LoRA adapter must name its ``base`` (a registered Hugging Face model of the same architecture). ``parents``
+        adds lineage beyond the base (e.g. the dataset a model was trained on).
         """
         parse_ref(name)  # a bad name is refused before the file is even opened
         info = inspect_path(source)
-        parents: list[ParentRef] = []
+        all_parents: list[ParentRef] = []
         if info.format == "lora":
-            parents.append(self._bind_adapter(info, base))
+            all_parents.append(self._bind_adapter(info, base))
         elif base is not None:
             raise InvalidInputError("--base applies only to LoRA adapters", param="base")
         return self.import_info(
@@ -241,7 +243,7 @@ class Registry:
             name,
             progress=progress,
             operation=operation,
-            parents=parents,
+            parents=[*all_parents, *parents],
             params={"source": source.name, **(params or {})},
             tenant_id=tenant_id,
         )
@@ -291,7 +293,9 @@ class Registry:
         ref = parse_ref(name)
         if ref.digest:
             raise ConflictError("cannot import under a digest; give a name with an optional :tag", param="name")
-        encrypt = self.blobs.cipher is not None and (info.format == "lora" or operation in ENCRYPTED_OPERATIONS)
+        encrypt = self.blobs.cipher is not None and (
+            info.format in ("lora", "dataset") or operation in ENCRYPTED_OPERATIONS
+        )
         with self.blobs.writing():
             stored: list[BlobInfo] = []
             for model_file in info.files:
@@ -330,6 +334,10 @@ class Registry:
             model = self._get_or_create_model(session, ref, tenant_id)
             if model.tenant_id != tenant_id and tenant_id is not None:
                 raise ConflictError(f"{ref.repository} belongs to another tenant; choose another name", param="name")
+            kinds = {v.format == "dataset" for v in model.versions}
+            if kinds and kinds != {info.format == "dataset"}:
+                existing = "a dataset" if True in kinds else "a model"
+                raise ConflictError(f"{ref.repository} is already {existing}; choose another name", param="name")
             version = session.scalar(
                 select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.digest == digest)
             )
@@ -476,14 +484,16 @@ class Registry:
             raise ModelNotFoundError(f"model {str(ref)!r} not found; `llmos list` shows what is available")
         return version
 
-    def list_versions(self) -> list[VersionView]:
-        """One entry per tag, ordered by name."""
+    def list_versions(self, kind: str = "model") -> list[VersionView]:
+        """One entry per tag, ordered by name: of models (``kind="model"``), datasets (``"dataset"``) or ``"all"``."""
         with self.session() as session:
+            query = select(Tag).join(Model).join(ModelVersion, Tag.version_id == ModelVersion.id)
+            if kind == "model":
+                query = query.where(ModelVersion.format != "dataset")
+            elif kind == "dataset":
+                query = query.where(ModelVersion.format == "dataset")
             tags = session.scalars(
-                select(Tag)
-                .join(Model)
-                .order_by(Model.namespace, Model.name, Tag.tag)
-                .options(
+                query.order_by(Model.namespace, Model.name, Tag.tag).options(
                     selectinload(Tag.model).selectinload(Model.tags),
                     selectinload(Tag.version).selectinload(ModelVersion.files),
                     selectinload(Tag.version).selectinload(ModelVersion.lineage),

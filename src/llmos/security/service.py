@@ -319,6 +319,13 @@ class SecurityService:
             self._usage.put(None)
             writer.join(timeout)
 
+    def scope_usage_since(self, scope: str, start: datetime) -> int:
+        """Tokens used since ``start`` by a quota scope (``key:<prefix>`` or ``tenant:<name>``)."""
+        kind, _, name = scope.partition(":")
+        if kind == "key":
+            return self.usage_since(start, key_prefix=name)
+        return self.usage_since(start, tenant=name)
+
     def usage_since(self, since: datetime, *, tenant: str | None = None, key_prefix: str | None = None) -> int:
         """Tokens (prompt + completion) recorded since ``since`` for a tenant or a key."""
         with self.session() as session:

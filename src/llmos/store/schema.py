@@ -182,3 +182,35 @@ class AuditEvent(Base):
     target: Mapped[str | None] = mapped_column(String(300))
     outcome: Mapped[str] = mapped_column(String(16))
     details: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+
+
+class Job(Base):
+    """A unit of long work (training, dataset processing, evaluation) run in its own subprocess.
+
+    ``state``: queued -> running -> succeeded | failed | cancelled | interrupted (a running job whose process is gone);
+    an interrupted or failed resumable job can be queued again and continues from its last checkpoint. ``pid`` and
+    ``pid_started`` (the process start time in clock ticks) identify the worker process even across PID reuse.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="SET NULL"), index=True)
+    created_by: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    resource: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    progress: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    resumable: Mapped[bool] = mapped_column(default=True)
+    auto_resume: Mapped[bool] = mapped_column(default=False)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    pid_started: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -606,7 +606,12 @@ def stop(
 @app.command()
 def bench(
     suite: Annotated[
-        str, typer.Option("--suite", help="serving (llmos serve vs llama_cpp.server) or runtime (torch backend, ...).")
+        str,
+        typer.Option(
+            "--suite",
+            help="serving (llmos serve vs llama_cpp.server), runtime (torch backend, ...) or security (auth cost,"
+            " tenant fairness).",
+        ),
     ] = "serving",
     model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
     levels: Annotated[str, typer.Option("--levels", help="Comma-separated client counts.")] = "1,4,16,64",
@@ -615,8 +620,9 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", help="Turns per server and level (alternating order).")] = 2,
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Where server logs go.")] = Path("bench-logs"),
 ) -> None:
-    """Benchmark llmos against peers: `serving` (llama_cpp.server, streaming chat at several client counts) or
-    `runtime` (torch backend vs transformers generate, model switch time, memory per model)."""
+    """Benchmark llmos against peers: `serving` (llama_cpp.server, streaming chat at several client counts),
+    `runtime` (torch backend vs transformers generate, model switch time, memory per model) or `security`
+    (throughput with auth, quotas and usage records on vs off; one tenant's latency while another floods)."""
     from llmos.bench.serving import format_table, run_benchmark
     from llmos.errors import InvalidInputError
 
@@ -627,8 +633,19 @@ def bench(
         for line in runtime_bench.run(settings(), gguf=model, max_tokens=max_tokens):
             out.print(line, highlight=False)
         return
+    if suite == "security":
+        import tempfile
+
+        from llmos.bench import security as security_bench
+
+        err.print(f"CPU: {_cpu_name()}")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=log_dir) as work_dir:
+            for line in security_bench.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
+                out.print(line, highlight=False)
+        return
     if suite != "serving":
-        raise InvalidInputError(f"--suite must be serving or runtime, not {suite!r}")
+        raise InvalidInputError(f"--suite must be serving, runtime or security, not {suite!r}")
     try:
         counts = [int(x) for x in levels.split(",") if x.strip()]
     except ValueError as exc:
@@ -860,6 +877,7 @@ def audit(
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 
+from llmos.cli import lifecycle  # noqa: E402,F401  (registers `llmos data`, `llmos jobs` and `llmos train`)
 
 # --- entry point ----------------------------------------------------------------------------------------------------
 

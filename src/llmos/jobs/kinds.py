@@ -1,0 +1,13 @@
+"""The job kinds a worker can run: kind name -> handler taking a JobContext and returning the job's result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from llmos.jobs.train import run_train
+
+if TYPE_CHECKING:
+    from llmos.jobs.worker import JobContext
+
+HANDLERS: dict[str, Callable[[JobContext], dict[str, Any]]] = {"train": run_train}

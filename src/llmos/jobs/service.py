@@ -1,0 +1,385 @@
+"""The durable job queue: create, list, cancel and resume jobs; start queued ones as worker subprocesses.
+
+Contract:
+
+* A job is a row in the ``jobs`` table plus a directory ``<home>/jobs/<id>/`` holding ``job.log`` (the worker's
+  output), ``metrics.jsonl`` (one JSON object per reported step: the loss curve) and ``checkpoints/``. Paths are
+  derived from the id, which is generated here (never taken from input).
+* :meth:`JobService.dispatch` first *reconciles* (a ``running`` job whose worker process is gone becomes
+  ``interrupted``; with ``auto_resume`` it is queued again), then starts queued jobs oldest first while their
+  resource has a free slot (``train``: ``LLMOS_TRAIN_JOB_SLOTS``, default 1; anything else: 2). It runs under a file
+  lock, so several processes (server, CLI, finishing workers) may call it at any time; a job is never started twice.
+  Workers run ``python -m llmos.jobs.worker ID`` with an argument list (no shell) in a new session.
+* A worker process is identified by its PID *and* its start time (``/proc/<pid>/stat``), so a reused PID is not
+  mistaken for a live worker, and a zombie counts as gone.
+* Cancelling a queued job cancels it at once; a running one is asked to stop (flag in the database + SIGTERM) and
+  becomes ``cancelled`` when its worker notices (within one training step).
+* Visibility: a caller with a tenant sees only that tenant's jobs; another tenant's job is "not found".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from llmos.config import Settings
+from llmos.errors import ConflictError, InvalidInputError, NotFoundError
+from llmos.store.db import open_database, session_factory
+from llmos.store.schema import Job
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINAL = {"succeeded", "failed", "cancelled"}
+RESUMABLE_FROM = {"interrupted", "failed", "cancelled"}
+START_GRACE = timedelta(seconds=60)
+"""A ``running`` job whose worker PID was never recorded is considered lost after this long."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of a live (non-zombie) process in clock ticks since boot, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+@dataclass
+class JobView:
+    id: str
+    kind: str
+    state: str
+    tenant_id: int | None
+    created_by: str
+    resource: str
+    params: dict[str, Any]
+    progress: dict[str, Any]
+    result: dict[str, Any]
+    error: str | None
+    resumable: bool
+    auto_resume: bool
+    attempts: int
+    pid: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("created_at", "started_at", "finished_at", "updated_at"):
+            value = data[key]
+            data[key] = value.isoformat() if value is not None else None
+        return data
+
+
+def _view(job: Job) -> JobView:
+    return JobView(
+        id=job.id,
+        kind=job.kind,
+        state=job.state,
+        tenant_id=job.tenant_id,
+        created_by=job.created_by,
+        resource=job.resource,
+        params=dict(job.params or {}),
+        progress=dict(job.progress or {}),
+        result=dict(job.result or {}),
+        error=job.error,
+        resumable=job.resumable,
+        auto_resume=job.auto_resume,
+        attempts=job.attempts,
+        pid=job.pid,
+        created_at=_aware(job.created_at) or utcnow(),
+        started_at=_aware(job.started_at),
+        finished_at=_aware(job.finished_at),
+        updated_at=_aware(job.updated_at) or utcnow(),
+    )
+
+
+class JobService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.home / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.engine = open_database(settings.effective_database_url(), settings.home, settings.db_busy_timeout_ms)
+        self.session = session_factory(self.engine)
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- paths ---------------------------------------------------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        if not job_id.isalnum():
+            raise NotFoundError(f"job {job_id!r} not found")
+        return self.root / job_id
+
+    def log_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "job.log"
+
+    def metrics_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "metrics.jsonl"
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "checkpoints"
+
+    # --- queue ---------------------------------------------------------------------------------------------------
+
+    def create(
+        self,
+        kind: str,
+        params: dict[str, Any],
+        *,
+        tenant_id: int | None = None,
+        created_by: str = "local",
+        resource: str = "default",
+        resumable: bool = True,
+        auto_resume: bool = False,
+    ) -> JobView:
+        job_id = "j" + secrets.token_hex(6)
+        now = utcnow()
+        job = Job(
+            id=job_id,
+            kind=kind,
+            tenant_id=tenant_id,
+            created_by=created_by,
+            state="queued",
+            resource=resource,
+            params=params,
+            progress={},
+            result={},
+            resumable=resumable,
+            auto_resume=auto_resume,
+            cancel_requested=False,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        )
+        self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
+        with self.session() as session, session.begin():
+            session.add(job)
+        return _view(job)
+
+    def _find(self, session: Session, job_id: str, tenant_id: int | None) -> Job:
+        job = session.get(Job, job_id)
+        if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+            raise NotFoundError(f"job {job_id!r} not found; `llmos jobs list` shows the jobs you can see")
+        return job
+
+    def get(self, job_id: str, *, tenant_id: int | None = None) -> JobView:
+        with self.session() as session:
+            return _view(self._find(session, job_id, tenant_id))
+
+    def list_jobs(self, *, tenant_id: int | None = None, state: str | None = None, limit: int = 100) -> list[JobView]:
+        if state is not None and state not in STATES:
+            raise InvalidInputError(f"unknown job state {state!r}; states are {', '.join(STATES)}", param="state")
+        with self.session() as session:
+            query = select(Job).order_by(Job.created_at.desc()).limit(max(1, min(limit, 1000)))
+            if tenant_id is not None:
+                query = query.where(Job.tenant_id == tenant_id)
+            if state is not None:
+                query = query.where(Job.state == state)
+            return [_view(job) for job in session.scalars(query)]
+
+    def cancel(self, job_id: str, *, tenant_id: int | None = None) -> JobView:
+        with self.session() as session, session.begin():
+            job = self._find(session, job_id, tenant_id)
+            if job.state in FINAL or job.state == "interrupted":
+                raise ConflictError(f"job {job_id} is already {job.state}")
+            if job.state == "queued":
+                job.state = "cancelled"
+                job.finished_at = utcnow()
+            else:
+                job.cancel_requested = True
+            job.updated_at = utcnow()
+            pid, started = job.pid, job.pid_started
+        if pid is not None and started is not None and process_start_ticks(pid) == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        return self.get(job_id)
+
+    def resume(self, job_id: str, *, tenant_id: int | None = None) -> JobView:
+        """Queue an interrupted, failed or cancelled job again; its worker continues from the last checkpoint."""
+        self.reconcile()
+        with self.session() as session, session.begin():
+            job = self._find(session, job_id, tenant_id)
+            if job.state not in RESUMABLE_FROM:
+                raise ConflictError(f"job {job_id} is {job.state}; only interrupted, failed or cancelled jobs resume")
+            if not job.resumable:
+                raise ConflictError(f"job {job_id} ({job.kind}) cannot be resumed")
+            job.state = "queued"
+            job.error = None
+            job.cancel_requested = False
+            job.finished_at = None
+            job.updated_at = utcnow()
+        self.dispatch()
+        return self.get(job_id)
+
+    # --- worker side ---------------------------------------------------------------------------------------------
+
+    def report(self, job_id: str, progress: dict[str, Any], *, record: dict[str, Any] | None = None) -> bool:
+        """Store progress (and append ``record`` to the loss curve); returns True if cancellation was requested."""
+        if record is not None:
+            with self.metrics_path(job_id).open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+        with self.session() as session, session.begin():
+            job = session.get(Job, job_id)
+            if job is None:
+                return True
+            job.progress = progress
+            job.updated_at = utcnow()
+            return bool(job.cancel_requested)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self.session() as session:
+            job = session.get(Job, job_id)
+            return job is None or bool(job.cancel_requested)
+
+    def finish(
+        self, job_id: str, state: str, *, result: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
+        with self.session() as session, session.begin():
+            job = session.get(Job, job_id)
+            if job is None:
+                return
+            job.state = state
+            job.result = result or dict(job.result or {})
+            job.error = error
+            job.finished_at = utcnow()
+            job.updated_at = utcnow()
+            job.pid = None
+            job.pid_started = None
+
+    def metrics(self, job_id: str, *, tenant_id: int | None = None) -> list[dict[str, Any]]:
+        self.get(job_id, tenant_id=tenant_id)
+        path = self.metrics_path(job_id)
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+        return records
+
+    # --- scheduling ----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        fd = os.open(self.root / "dispatch.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def reconcile(self) -> list[str]:
+        """Mark running jobs whose worker is gone as interrupted (queued again with auto-resume); returns their ids."""
+        self._reap()
+        lost = []
+        with self._lock(), self.session() as session, session.begin():
+            for job in session.scalars(select(Job).where(Job.state == "running")):
+                if job.pid is not None:
+                    alive = job.pid_started is not None and process_start_ticks(job.pid) == job.pid_started
+                else:
+                    alive = (_aware(job.started_at) or utcnow()) > utcnow() - START_GRACE
+                if alive:
+                    continue
+                lost.append(job.id)
+                job.pid = None
+                job.pid_started = None
+                job.updated_at = utcnow()
+                if job.cancel_requested:
+                    job.state = "cancelled"
+                    job.finished_at = utcnow()
+                elif job.auto_resume and job.resumable:
+                    job.state = "queued"
+                else:
+                    job.state = "interrupted"
+                    job.error = "the worker process ended without finishing (killed or crashed); `llmos jobs resume`"
+        return lost
+
+    def slots(self, resource: str) -> int:
+        return self.settings.train_job_slots if resource == "train" else 2
+
+    def dispatch(self) -> list[str]:
+        """Reconcile, then start every queued job whose resource has a free slot; returns the started ids."""
+        self.reconcile()
+        started = []
+        with self._lock():
+            with self.session() as session:
+                running: dict[str, int] = {}
+                for job in session.scalars(select(Job).where(Job.state == "running")):
+                    running[job.resource] = running.get(job.resource, 0) + 1
+                queued = list(session.scalars(select(Job).where(Job.state == "queued").order_by(Job.created_at)))
+            for job in queued:
+                if running.get(job.resource, 0) >= self.slots(job.resource):
+                    continue
+                running[job.resource] = running.get(job.resource, 0) + 1
+                self._start(job.id)
+                started.append(job.id)
+        return started
+
+    def _start(self, job_id: str) -> None:
+        with self.session() as session, session.begin():
+            job = session.get(Job, job_id)
+            if job is None or job.state != "queued":
+                return
+            job.state = "running"
+            job.attempts += 1
+            job.started_at = utcnow()
+            job.updated_at = utcnow()
+            job.pid = None
+            job.pid_started = None
+        log = self.log_path(job_id).open("ab")
+        env = {**os.environ, "LLMOS_HOME": str(self.settings.home)}
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "llmos.jobs.worker", job_id],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self.finish(job_id, "failed", error=f"could not start the worker: {exc.strerror}")
+            return
+        finally:
+            log.close()
+        self._children.append(process)
+        with self.session() as session, session.begin():
+            job = session.get(Job, job_id)
+            if job is not None and job.state == "running" and job.pid is None:
+                job.pid = process.pid
+                job.pid_started = process_start_ticks(process.pid)
+
+    def _reap(self) -> None:
+        """Collect exited workers started by this process (no zombies in a long-running server)."""
+        self._children = [child for child in self._children if child.poll() is None]

@@ -1,0 +1,151 @@
+"""The ``train`` job: fine-tune a registered model on a registered dataset and register the result.
+
+Contract: ``params`` hold ``base`` (a registry name), ``data`` (a dataset name), optional ``validation`` (a dataset
+name; default: the dataset's ``validation`` split when its rows carry splits, else a deterministic 10% held out),
+``name`` (the output name), ``method`` and the :class:`~llmos.training.finetune.FinetuneConfig` fields. A GGUF base
+is first given a Hugging Face copy (``llmos convert``; reused when it exists). The job checkpoints into its own
+directory, so ``llmos jobs resume`` continues where it stopped. The result is registered with lineage to the base
+and the dataset (digests, hyperparameters, metrics, job id): a LoRA adapter bound to its base, or a full model.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from llmos.data.split import split as split_rows
+from llmos.errors import InvalidInputError, ModelNotFoundError
+from llmos.formats.detect import inspect_path
+from llmos.registry.convert import convert
+from llmos.registry.datasets import load_rows, parent_of, rows_of_split
+from llmos.registry.service import ParentRef, Registry
+from llmos.registry.views import VersionView
+from llmos.training.finetune import FinetuneConfig, TrainingStopped, finetune
+from llmos.training.optim import OptimizerConfig
+
+if TYPE_CHECKING:
+    from llmos.jobs.worker import JobContext
+
+CONFIG_FIELDS = (
+    "batch_size", "grad_accum", "epochs", "max_steps", "warmup_steps", "schedule", "seed", "max_length", "lora_r",
+    "lora_alpha", "lora_dropout", "eval_every", "checkpoint_every", "patience", "precision", "threads",
+)  # fmt: skip
+OPTIMIZER_FIELDS = ("lr", "weight_decay", "momentum", "beta1", "beta2", "eps")
+
+
+def config_from_params(params: dict[str, Any]) -> FinetuneConfig:
+    """The training configuration a job's parameters describe (validated)."""
+    optimizer = OptimizerConfig(
+        name=str(params.get("optimizer", "adamw")),
+        **{k: float(params[k]) for k in OPTIMIZER_FIELDS if params.get(k) is not None},
+    )
+    if "lr" not in params or params.get("lr") is None:
+        optimizer = OptimizerConfig(**{**optimizer.__dict__, "lr": 2e-4 if params.get("method") != "full" else 5e-5})
+    config = FinetuneConfig(
+        method=str(params.get("method", "lora")),
+        optimizer=optimizer,
+        **{k: params[k] for k in CONFIG_FIELDS if params.get(k) is not None},
+    )
+    config.validate()
+    return config
+
+
+def hf_base(registry: Registry, name: str, log: Any) -> VersionView:
+    """The Hugging Face version to train: the base itself, or its converted copy for a GGUF base."""
+    try:
+        view = registry.show(name)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"base model {name!r} not found; `llmos list` shows the models") from exc
+    if view.format == "hf":
+        return view
+    if view.format != "gguf":
+        raise InvalidInputError(
+            f"{view.name} is {view.format}; training needs a GGUF or Hugging Face model", param="base"
+        )
+    target = f"{view.repository}:safetensors"
+    try:
+        converted = registry.show(target)
+        if any(item.parent_digest == view.digest for item in converted.lineage):
+            return converted
+    except ModelNotFoundError:
+        pass
+    log(f"converting {view.name} to safetensors for training (once)")
+    return convert(registry, view.name, target=target)
+
+
+def run_train(context: JobContext) -> dict[str, Any]:
+    params = context.params
+    config = config_from_params(params)
+    registry = Registry(context.settings, maintain=False)
+    try:
+        base = hf_base(registry, str(params["base"]), context.log)
+        data_view, rows = load_rows(registry, str(params["data"]))
+        parents = [parent_of(data_view)]
+        if params.get("validation"):
+            validation_view, validation_all = load_rows(registry, str(params["validation"]))
+            parents.append(parent_of(validation_view))
+            train = rows_of_split(rows, "train") if any("split" in r for r in rows) else rows
+            validation = (
+                rows_of_split(validation_all, "validation")
+                if any("split" in r for r in validation_all)
+                else (validation_all)
+            )
+        elif any(row.get("split") == "validation" for row in rows):
+            train, validation = rows_of_split(rows, "train"), rows_of_split(rows, "validation")
+        else:
+            parts, _ = split_rows(rows, fractions={"train": 0.9, "validation": 0.1}, seed=config.seed)
+            train, validation = parts["train"], parts["validation"]
+        output = context.directory / "output"
+        shutil.rmtree(output, ignore_errors=True)
+        with registry.loadable_dir(registry.resolve(base.name, verify=True)) as base_dir:
+            try:
+                result = finetune(
+                    base_dir,
+                    train,
+                    validation,
+                    output,
+                    context.checkpoint_dir,
+                    config,
+                    chat_template=base.chat_template,
+                    on_step=context.progress,
+                    log=context.log,
+                )
+            except TrainingStopped as exc:
+                from llmos.jobs.worker import JobCancelled
+
+                raise JobCancelled(str(exc)) from exc
+        metrics = result.to_dict()
+        lineage_params = {
+            "job": context.id,
+            "method": config.method,
+            "hyperparameters": config.to_dict(),
+            "dataset": data_view.name,
+            "dataset_digest": data_view.digest,
+            "metrics": {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))},
+        }
+        if config.method == "lora":
+            view = registry.import_path(
+                output,
+                str(params["name"]),
+                base=base.name,
+                operation="fine-tune",
+                params=lineage_params,
+                parents=parents,
+                tenant_id=context.job.tenant_id,
+            )
+        else:
+            info = inspect_path(output)
+            info.chat_template = base.chat_template or info.chat_template  # talk the way it was trained
+            view = registry.import_info(
+                info,
+                str(params["name"]),
+                operation="fine-tune",
+                params=lineage_params,
+                parents=[ParentRef(base.digest, base.name), *parents],
+                tenant_id=context.job.tenant_id,
+            )
+        shutil.rmtree(output, ignore_errors=True)
+        return {"model": view.name, "digest": view.digest, "metrics": lineage_params["metrics"]}
+    finally:
+        registry.close()

@@ -1,0 +1,134 @@
+"""The worker process of one job: ``python -m llmos.jobs.worker JOB_ID``.
+
+Contract: started by :meth:`llmos.jobs.service.JobService.dispatch` with stdout/stderr going to the job's log. It runs
+the handler of the job's kind (:data:`llmos.jobs.kinds.HANDLERS`) with a :class:`JobContext`, then records the final
+state: ``succeeded`` with the handler's result, ``cancelled`` when a cancellation stopped it, ``failed`` with a
+one-line message otherwise (the traceback goes to the log only). SIGTERM asks the handler to stop at its next
+progress report. When it ends it dispatches the queue, so the next queued job starts without a server.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from llmos.config import Settings
+from llmos.errors import LlmosError
+from llmos.jobs.service import JobService, JobView
+
+
+class JobCancelled(Exception):
+    pass
+
+
+@dataclass
+class JobContext:
+    """What a handler may use: its job, its directories, progress reporting and cancellation."""
+
+    jobs: JobService
+    job: JobView
+    settings: Settings
+    stop_requested: bool = False
+    _last_report: float = 0.0
+    _started: float = field(default_factory=time.monotonic)
+    _first_step: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.job.params
+
+    @property
+    def directory(self) -> Path:
+        return self.jobs.job_dir(self.job.id)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.jobs.checkpoint_dir(self.job.id)
+
+    def log(self, message: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+
+    def progress(self, step: int, total: int, metrics: dict[str, float]) -> bool:
+        """Record a step (always appended to the loss curve; the database at most once a second, and at the end).
+
+        Returns True when the job should stop (cancellation requested).
+        """
+        now = time.monotonic()
+        if self._first_step is None:
+            self._first_step, self._started = step - 1, now
+        done = step - self._first_step
+        rate = done / (now - self._started) if now > self._started else 0.0
+        eta = (total - step) / rate if rate > 0 else None
+        progress = {"step": step, "total": total, "eta_seconds": eta, "metrics": metrics}
+        record = {"step": step, "time": time.time(), **metrics}
+        if now - self._last_report >= 1.0 or step >= total or "val_loss" in metrics:
+            self._last_report = now
+            cancelled = self.jobs.report(self.job.id, progress, record=record)
+            self.stop_requested = self.stop_requested or cancelled
+        else:
+            with self.jobs.metrics_path(self.job.id).open("a", encoding="utf-8") as handle:
+                import json
+
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+        if step % 10 == 0 or step >= total:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float | int))
+            self.log(f"step {step}/{total} {shown}")
+        return self.stop_requested
+
+
+def run(job_id: str, settings: Settings | None = None) -> int:
+    from llmos.jobs.kinds import HANDLERS
+
+    settings = settings or Settings()
+    jobs = JobService(settings)
+    try:
+        job = jobs.get(job_id)
+        if job.state != "running":
+            print(f"job {job_id} is {job.state}; nothing to do", flush=True)
+            return 0
+        context = JobContext(jobs, job, settings)
+
+        def on_term(_signum: int, _frame: FrameType | None) -> None:
+            context.stop_requested = True
+
+        signal.signal(signal.SIGTERM, on_term)
+        handler = HANDLERS.get(job.kind)
+        context.log(f"job {job_id} ({job.kind}) attempt {job.attempts} started")
+        try:
+            if handler is None:
+                raise LlmosError(f"unknown job kind {job.kind!r}")
+            result = handler(context)
+        except JobCancelled:
+            context.log("cancelled")
+            jobs.finish(job_id, "cancelled")
+            return 0
+        except LlmosError as exc:
+            context.log(f"failed: {exc}")
+            jobs.finish(job_id, "failed", error=str(exc))
+            return 1
+        except Exception as exc:
+            traceback.print_exc()
+            jobs.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            return 1
+        context.log(f"succeeded: {result}")
+        jobs.finish(job_id, "succeeded", result=result)
+        return 0
+    finally:
+        try:
+            jobs.dispatch()
+        finally:
+            jobs.close()
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1]))
