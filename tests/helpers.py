@@ -151,3 +151,24 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+CHATML_CHARS = "<|im_start|>user\nassistant\nsystem<|im_end|>\n"
+
+
+def toy_qa_rows(count: int = 48) -> list[dict[str, object]]:
+    """Question/answer rows with a learnable rule: the answer to 'double N?' is 2N."""
+    return [{"prompt": f"double {n}?", "completion": f"{2 * n}"} for n in range(count)]
+
+
+def make_tiny_base(directory: Path, seed: int = 0) -> Path:
+    """A tiny randomly initialised Llama (Hugging Face layout, character tokenizer) to fine-tune in tests."""
+    from llmos.training.scratch import create_model
+
+    texts = [CHATML_CHARS, "0123456789 double?"]
+    model = create_model("gpt", layers=2, d_model=32, heads=2, context=64, texts=texts, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    return directory

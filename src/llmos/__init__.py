@@ -15,14 +15,14 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 if TYPE_CHECKING:
-    from llmos.sdk import Model, load_model
+    from llmos.sdk import Model, TrainableModel, create_model, load_model
 
-__all__ = ["Model", "__version__", "load_model"]
+__all__ = ["Model", "TrainableModel", "__version__", "create_model", "load_model"]
 
 
 def __getattr__(name: str) -> Any:
     # The SDK pulls in SQLAlchemy and llama.cpp; import it only when used so `import llmos` stays cheap.
-    if name in ("load_model", "Model"):
+    if name in ("load_model", "Model", "create_model", "TrainableModel"):
         from llmos import sdk
 
         return getattr(sdk, name)

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     train_job_slots: int = Field(
         default=1, ge=1, le=64, description="Training jobs that may run at the same time (others wait in the queue)."
     )
+    job_dispatch_seconds: float = Field(
+        default=5.0, gt=0, description="How often `llmos serve` starts queued jobs and detects dead job workers."
+    )
     usage_records: bool = Field(
         default=True,
         description="Record one usage row per request (tenant, key prefix, model, tokens, latency, status).",

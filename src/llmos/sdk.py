@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llmos.config import Settings
@@ -217,3 +218,58 @@ def load_model(
         instance.close()
         raise InvalidInputError(f"{resolved.view.name} is an embedding model, not a text generator")
     return Model(instance)
+
+
+class TrainableModel:
+    """A small model trained from scratch (Keras style): ``fit``, ``evaluate``, ``predict``, ``generate_text``,
+    and ``save("name:tag")`` into the registry. Everything but ``save`` is :class:`llmos.training.scratch.ScratchModel`.
+    """
+
+    def __init__(self, inner: Any, settings: Settings | None = None) -> None:
+        self._inner = inner
+        self._settings = settings
+        self.history: dict[str, list[float]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __repr__(self) -> str:
+        return f"<llmos.TrainableModel {self._inner.arch} {self._inner.parameter_count:,} parameters>"
+
+    def fit(self, data: Any, **kwargs: Any) -> dict[str, list[float]]:
+        self.history = self._inner.fit(data, **kwargs)
+        return self.history
+
+    def save(self, name: str, *, dataset: str | None = None) -> str:
+        """Register the model as a new version of ``name``; returns ``name:tag``. A ``gpt`` model is a Hugging Face
+        checkpoint that `llmos serve` can serve at once."""
+        import tempfile
+
+        settings = self._settings or Settings()
+        registry = Registry(settings)
+        try:
+            parse_ref(name)
+            scratch = settings.home / "tmp"
+            scratch.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="scratch-", dir=scratch) as tmp:
+                directory = Path(tmp) / "model"
+                directory.mkdir()
+                self._inner.save_pretrained(directory)
+                params = {"arch": self._inner.arch, "parameters": self._inner.parameter_count}
+                if self.history.get("loss"):
+                    params["final_loss"] = self.history["loss"][-1]
+                if dataset:
+                    params["dataset"] = dataset
+                view = registry.import_path(directory, name, operation="train", params=params)
+            return view.name
+        finally:
+            registry.close()
+
+
+def create_model(arch: str = "gpt", *, settings: Settings | None = None, **kwargs: Any) -> TrainableModel:
+    """A new small language model to train from scratch: ``arch`` ``gpt`` (a Llama-style transformer) or ``lstm``;
+    sizes (``layers``, ``d_model``, ``heads``, ``context``, ...) and ``texts`` to build a character tokenizer from.
+    See :func:`llmos.training.scratch.create_model`."""
+    from llmos.training.scratch import create_model as create
+
+    return TrainableModel(create(arch, **kwargs), settings)

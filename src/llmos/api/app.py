@@ -9,6 +9,7 @@ Shutdown unloads every model.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from llmos.api import errors, openapi
 from llmos.api.admin import router as admin_router
 from llmos.api.auth import AuthMiddleware
+from llmos.api.lifecycle import router as lifecycle_router
 from llmos.api.middleware import HardeningMiddleware, RequestContextMiddleware
 from llmos.api.openai.embeddings import router as embeddings_router
 from llmos.api.openai.routes import router as openai_router
@@ -28,6 +30,7 @@ from llmos.api.state import AppState
 from llmos.config import Settings
 from llmos.engine.core import EngineStats
 from llmos.errors import LlmosError
+from llmos.jobs.service import JobService
 from llmos.observability.metrics import CONTENT_TYPE, Metrics
 from llmos.registry.service import Registry
 from llmos.runtime.loader import Loader
@@ -37,6 +40,8 @@ from llmos.runtime.replicas import ReplicaSet
 from llmos.runtime.residency import Residency
 from llmos.security.quotas import QuotaManager
 from llmos.security.service import SecurityService
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -96,18 +101,34 @@ def create_app(
         finally:
             state.ready.set()
 
+    jobs = JobService(settings)
+    stop_dispatch = threading.Event()
+
+    def dispatch_jobs() -> None:
+        """Start queued jobs and mark jobs whose worker died as interrupted (resumed when they auto-resume)."""
+        while not stop_dispatch.is_set():
+            try:
+                jobs.dispatch()
+            except Exception:
+                log.exception("job dispatch failed")
+            stop_dispatch.wait(settings.job_dispatch_seconds)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         threading.Thread(target=load_preloads, name="llmos-preload", daemon=True).start()
+        threading.Thread(target=dispatch_jobs, name="llmos-jobs", daemon=True).start()
         try:
             yield
         finally:
+            stop_dispatch.set()
+            jobs.close()
             await to_thread.run_sync(residency.close)
             await to_thread.run_sync(security.close)
             registry.close()
 
     app = FastAPI(title="llmos", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.llmos = state
+    app.state.jobs = jobs
     errors.install(app)
     app.add_middleware(AuthMiddleware, security=security)
     if settings.cors_origins:  # off unless origins are listed
@@ -124,6 +145,7 @@ def create_app(
     app.include_router(openai_router)
     app.include_router(embeddings_router)
     app.include_router(admin_router)
+    app.include_router(lifecycle_router)
 
     @app.get("/ready")
     @app.get("/health")

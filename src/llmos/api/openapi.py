@@ -81,6 +81,7 @@ def install(
 def standard(app: FastAPI) -> None:
     """The request and response shapes of llmos's own routes."""
     from llmos.api.admin import KeyRequest, TenantRequest, UnloadRequest
+    from llmos.api.lifecycle import DatasetRequest, TrainRequest
     from llmos.api.openai.embeddings import EmbeddingRequest
     from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -93,6 +94,8 @@ def standard(app: FastAPI) -> None:
             ("POST", "/admin/runtime/unload"): UnloadRequest,
             ("POST", "/admin/tenants"): TenantRequest,
             ("POST", "/admin/keys"): KeyRequest,
+            ("POST", "/admin/datasets"): DatasetRequest,
+            ("POST", "/admin/jobs"): TrainRequest,
         },
         successes={
             ("POST", "/v1/chat/completions"): _object("id", "object", "created", "model", "choices", "usage"),

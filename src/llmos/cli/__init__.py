@@ -609,8 +609,8 @@ def bench(
         str,
         typer.Option(
             "--suite",
-            help="serving (llmos serve vs llama_cpp.server), runtime (torch backend, ...) or security (auth cost,"
-            " tenant fairness).",
+            help="serving (llmos serve vs llama_cpp.server), runtime (torch backend, ...), security (auth cost,"
+            " tenant fairness) or training (llmos LoRA training vs a transformers + peft loop).",
         ),
     ] = "serving",
     model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
@@ -633,6 +633,22 @@ def bench(
         for line in runtime_bench.run(settings(), gguf=model, max_tokens=max_tokens):
             out.print(line, highlight=False)
         return
+    if suite == "training":
+        from llmos.bench import training as training_bench
+        from llmos.registry.convert import convert as convert_model
+
+        err.print(f"CPU: {_cpu_name()}")
+        registry = open_registry()
+        target = f"{model}:safetensors" if ":" not in model else model
+        try:
+            registry.show(target)
+        except LlmosError:
+            convert_model(registry, model, target=target)
+        resolved = registry.resolve(target, verify=True)
+        with registry.loadable_dir(resolved) as base_dir:
+            for line in training_bench.run(base_dir, resolved.view.chat_template, repeats=repeats):
+                out.print(line, highlight=False)
+        return
     if suite == "security":
         import tempfile
 
@@ -645,7 +661,7 @@ def bench(
                 out.print(line, highlight=False)
         return
     if suite != "serving":
-        raise InvalidInputError(f"--suite must be serving, runtime or security, not {suite!r}")
+        raise InvalidInputError(f"--suite must be serving, runtime, security or training, not {suite!r}")
     try:
         counts = [int(x) for x in levels.split(",") if x.strip()]
     except ValueError as exc:

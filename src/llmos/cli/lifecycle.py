@@ -403,7 +403,7 @@ def train(
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
 ) -> None:
     """Fine-tune a model on a dataset (LoRA or full) as a job; prints the job id (or follows it with --wait)."""
-    from llmos.jobs.train import config_from_params
+    from llmos.jobs.train import check_inputs, config_from_params
 
     jobs = open_jobs()
     if from_scratch is not None:
@@ -421,12 +421,8 @@ def train(
             "eval_every": eval_every, "checkpoint_every": checkpoint_every, "patience": patience,
             "precision": precision,
         }  # fmt: skip
-        config_from_params(params)  # bad hyperparameters fail here, before anything is queued
-        registry = open_registry()
-        registry.show(str(base))
-        from llmos.registry.datasets import show_dataset
-
-        show_dataset(registry, str(data))
+        config_from_params(params)  # bad hyperparameters and inputs fail here, before anything is queued
+        check_inputs(open_registry(), params)
         kind = "train"
     view = jobs.create(kind, params, resource="train", auto_resume=auto_resume)
     record("jobs.create", view.id)
@@ -438,7 +434,7 @@ def train(
     final = _follow_log(jobs, view.id, True)
     if final.state != "succeeded":
         raise JobFailedError(f"job {view.id} {final.state}: {final.error or ''}".strip())
-    out.print(json.dumps(final.result))
+    out.print(json.dumps(final.result), markup=False, highlight=False)
 
 
 def _scratch_params(path: Path) -> dict[str, Any]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from llmos.jobs.scratch import run_scratch
 from llmos.jobs.train import run_train
 
 if TYPE_CHECKING:
     from llmos.jobs.worker import JobContext
 
-HANDLERS: dict[str, Callable[[JobContext], dict[str, Any]]] = {"train": run_train}
+HANDLERS: dict[str, Callable[[JobContext], dict[str, Any]]] = {"train": run_train, "scratch": run_scratch}

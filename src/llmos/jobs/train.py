@@ -51,6 +51,28 @@ def config_from_params(params: dict[str, Any]) -> FinetuneConfig:
     return config
 
 
+def check_inputs(registry: Registry, params: dict[str, Any], may_see: Any = None) -> None:
+    """Refuse, before anything is queued, a base that is not a trainable model or data that is not a dataset.
+
+    ``may_see(tenant_id) -> bool`` hides other tenants' objects (reported as not found).
+    """
+    from llmos.errors import NotFoundError
+    from llmos.registry.datasets import show_dataset
+
+    base = registry.show(str(params["base"]))
+    if may_see is not None and not may_see(base.tenant_id):
+        raise ModelNotFoundError(f"model {params['base']!r} not found")
+    if base.format not in ("gguf", "hf"):
+        kind = "a dataset" if base.format == "dataset" else f"a {base.format} model"
+        message = f"--base {base.name} is {kind}; training needs a GGUF or Hugging Face model"
+        raise InvalidInputError(message, param="base")
+    for key in ("data", "validation"):
+        if params.get(key):
+            view = show_dataset(registry, str(params[key]))
+            if may_see is not None and not may_see(view.tenant_id):
+                raise NotFoundError(f"dataset {params[key]!r} not found")
+
+
 def hf_base(registry: Registry, name: str, log: Any) -> VersionView:
     """The Hugging Face version to train: the base itself, or its converted copy for a GGUF base."""
     try:

@@ -131,4 +131,7 @@ def run(job_id: str, settings: Settings | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1]))
+    # run the module under its real name, so handlers that import JobCancelled from it raise the class caught here
+    from llmos.jobs import worker
+
+    sys.exit(worker.run(sys.argv[1]))
