@@ -227,12 +227,14 @@ def test_a_flooding_tenant_cannot_starve_another(backend: FakeBackend) -> None:
         time.sleep(0.1)  # tenant a holds every slot and has more waiting
         steps_before = len(backend.batches)
         quiet = SyncOutputStream()
-        request = GenerationRequest(list(b"Z"), greedy(5), tenant="b")
+        request = GenerationRequest(list(b"ZZZZZ"), greedy(5), tenant="b")
         engine.submit(request, quiet)
         events = iter(quiet)
         first = next(events)
         assert first.token_ids  # b got a slot at once, by preempting one of a's sequences
         assert len(backend.batches) - steps_before <= 3
+        b_prefill = next(batch for batch in backend.batches[steps_before:] if any(n == 5 for _, n in batch))
+        assert len(b_prefill) == 1  # b's prompt ran in a step of its own: a's decodes did not slow it down
         assert engine.scheduler.preemptions >= 1
         list(events)
         texts = ["".join(o.text for o in stream) for stream in flood]

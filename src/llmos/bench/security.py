@@ -15,6 +15,7 @@ installed package), starts two ``llmos serve`` processes on loopback ports and r
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -23,6 +24,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -92,30 +94,49 @@ async def _ttfts(base: str, model: str, key: str, count: int, max_tokens: int, t
 class Fairness:
     idle: list[RequestResult]
     loaded: list[RequestResult]
-    flood: list[RequestResult]
+    flood_completed: int
+
+
+def _flood_main(base: str, model: str, key: str, flood: int, stop: Any, done: Any) -> None:
+    """Child process: tenant a keeps ``flood`` streams open until ``stop`` is set; counts completed requests."""
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=flood + 8, max_keepalive_connections=flood + 8)
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits, headers=headers) as client:
+
+            async def flooder(index: int) -> None:
+                round_ = 0
+                while not stop.is_set():
+                    prompt = f"(flood {index}.{round_}) Write a long story about a lighthouse keeper."
+                    result = await one_request(client, base, model, prompt, 96)
+                    with done.get_lock():
+                        done.value += int(result.ok)
+                    round_ += 1
+
+            await asyncio.gather(*(flooder(i) for i in range(flood)))
+
+    asyncio.run(main())
 
 
 async def _fairness(base: str, model: str, keys: dict[str, str], flood: int, count: int) -> Fairness:
+    """Tenant b's TTFT idle, then while tenant a floods from another process (as another user would: the flood's
+    client work does not share b's process)."""
     idle = await _ttfts(base, model, keys["b"], count, 8, "idle")
-    stop = asyncio.Event()
-    flood_results: list[RequestResult] = []
-    limits = httpx.Limits(max_connections=flood + 8, max_keepalive_connections=flood + 8)
-    headers = {"Authorization": f"Bearer {keys['a']}"}
-    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits, headers=headers) as client:
-
-        async def flooder(index: int) -> None:
-            round_ = 0
-            while not stop.is_set():
-                prompt = f"(flood {index}.{round_}) Write a long story about a lighthouse keeper."
-                flood_results.append(await one_request(client, base, model, prompt, 96))
-                round_ += 1
-
-        tasks = [asyncio.create_task(flooder(i)) for i in range(flood)]
-        await asyncio.sleep(8.0)  # let the flood fill every slot and the waiting queue
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    done = context.Value("i", 0)
+    flooder = context.Process(target=_flood_main, args=(base, model, keys["a"], flood, stop, done), daemon=True)
+    flooder.start()
+    try:
+        await asyncio.sleep(10.0)  # let the flood fill every slot and the waiting queue
         loaded = await _ttfts(base, model, keys["b"], count, 8, "loaded")
+    finally:
         stop.set()
-        await asyncio.gather(*tasks)
-    return Fairness(idle, loaded, flood_results)
+        flooder.join(300)
+        if flooder.is_alive():
+            flooder.terminate()
+    return Fairness(idle, loaded, done.value)
 
 
 def run(
@@ -163,7 +184,7 @@ def run(
     ]
     idle = [r.ttft for r in fairness.idle if r.ok]
     loaded = [r.ttft for r in fairness.loaded if r.ok]
-    flood_ok = sum(1 for r in fairness.flood if r.ok)
+    flood_ok = fairness.flood_completed
     if idle and loaded:
         slowdown = statistics.median(loaded) / statistics.median(idle)
         lines += [

@@ -14,7 +14,9 @@ Contract (pure Python, no model; the engine core executes what it decides):
   When every slot is taken and a tenant holding at most one slot waits behind a tenant holding two or more, the
   newest sequence of the largest holder is preempted: its KV cache is dropped and it goes back to the head of its
   tenant's queue, to be recomputed from its prompt and the tokens it already produced (its output stream just
-  pauses). At most one preemption per step; requests that score their prompt are never preempted.
+  pauses). At most one preemption per step; requests that score their prompt are never preempted. The prompt of
+  such an outnumbered tenant runs in a step of its own (the others' decodes wait that one step), so its time to
+  first token stays close to what it is on an idle server.
 * **Admission control**: past ``max_waiting`` queued sequences, :meth:`Scheduler.add` raises
   :class:`~llmos.errors.OverloadedError` with a retry hint instead of queueing without bound.
 * **Cancellation**: :meth:`Scheduler.abort` removes a waiting sequence at once, and a running one at the next
@@ -245,11 +247,12 @@ class Scheduler:
                 self._preempt_for(best, plan)
 
         budget = self.config.max_batch_tokens
+        decodes = []
         for seq in self.running:
             if not seq.prefilling and seq.pending is not None:
-                plan.chunks.append(Chunk(seq, [seq.pending], seq.position, "last", samples=True))
+                decodes.append(Chunk(seq, [seq.pending], seq.position, "last", samples=True))
                 budget -= 1
-        decoding = bool(plan.chunks)
+        decoding = bool(decodes)
         prefill_budget = min(budget, self.config.max_prefill_tokens) if decoding else budget
 
         for seq in self.running:
@@ -264,7 +267,19 @@ class Scheduler:
                 break
             self._admit(admitted)
             prefill_budget -= self._prefill_chunk(plan, admitted, prefill_budget)
+        if not any(self._outnumbered(chunk.seq.tenant) for chunk in plan.chunks):
+            plan.chunks[:0] = decodes
         return plan
+
+    def _outnumbered(self, tenant: str | None) -> bool:
+        """True when ``tenant`` holds at most one slot while another tenant holds two or more.
+
+        Its prompt then runs in a step of its own: the other tenant's decodes wait one step, so a flood does not
+        multiply the time to first token of everyone else.
+        """
+        if self._held.get(tenant, 0) > 1:
+            return False
+        return any(count >= 2 for other, count in self._held.items() if other != tenant)
 
     @staticmethod
     def _prefill_chunk(plan: StepPlan, seq: Sequence, budget: int) -> int:
