@@ -88,11 +88,15 @@ async def unload(request: Request) -> dict[str, Any]:
     return {"model": body.model, "unloaded": was_resident}
 
 
+LIMIT_MAX = 10**15
+"""Largest rate or budget accepted (the database stores 64-bit integers)."""
+
+
 class TenantRequest(Strict):
     name: str = Field(min_length=1, max_length=64)
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    tokens_per_minute: int | None = Field(default=None, ge=1)
-    token_budget: int | None = Field(default=None, ge=0)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=LIMIT_MAX)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=LIMIT_MAX)
+    token_budget: int | None = Field(default=None, ge=0, le=LIMIT_MAX)
     budget_period: str = "month"
 
 
@@ -100,10 +104,10 @@ class KeyRequest(Strict):
     tenant: str = Field(min_length=1, max_length=64)
     role: str
     models: list[str] | None = None
-    expires_in_seconds: int | None = Field(default=None, ge=1)
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    tokens_per_minute: int | None = Field(default=None, ge=1)
-    token_budget: int | None = Field(default=None, ge=0)
+    expires_in_seconds: int | None = Field(default=None, ge=1, le=100 * 365 * 86400)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=LIMIT_MAX)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=LIMIT_MAX)
+    token_budget: int | None = Field(default=None, ge=0, le=LIMIT_MAX)
     budget_period: str = "month"
 
 

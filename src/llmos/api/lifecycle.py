@@ -39,19 +39,19 @@ class TrainRequest(Strict):
     base: str = Field(min_length=1, max_length=300)
     data: str = Field(min_length=1, max_length=300)
     name: str = Field(min_length=1, max_length=300)
-    method: str = "lora"
-    validation: str | None = None
-    epochs: int = 3
-    max_steps: int | None = None
-    optimizer: str = "adamw"
-    lr: float | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_steps: int = 10
-    seed: int = 0
-    checkpoint_every: int = 20
-    eval_every: int = 0
-    patience: int | None = None
+    method: str = Field(default="lora", max_length=16)
+    validation: str | None = Field(default=None, max_length=300)
+    epochs: int = Field(default=3, ge=1, le=10_000)
+    max_steps: int | None = Field(default=None, ge=1, le=10**9)
+    optimizer: str = Field(default="adamw", max_length=16)
+    lr: float | None = Field(default=None, gt=0, le=10)
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    grad_accum: int = Field(default=1, ge=1, le=1024)
+    warmup_steps: int = Field(default=10, ge=0, le=10**9)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    checkpoint_every: int = Field(default=20, ge=1, le=10**9)
+    eval_every: int = Field(default=0, ge=0, le=10**9)
+    patience: int | None = Field(default=None, ge=1, le=10**6)
     auto_resume: bool = False
 
 

@@ -42,6 +42,7 @@ def install(
     bodies: dict[tuple[str, str], type[BaseModel]],
     successes: dict[tuple[str, str], dict[str, Any]],
     streaming: set[tuple[str, str]],
+    text: frozenset[tuple[str, str]] = frozenset(),
 ) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -63,6 +64,8 @@ def install(
                     }
                 responses: dict[str, Any] = {}
                 content: dict[str, Any] = {"application/json": {"schema": successes.get(key, {"type": "object"})}}
+                if key in text:
+                    content = {"text/plain": {"schema": {"type": "string"}}}
                 if key in streaming:
                     content["text/event-stream"] = {"schema": {"type": "string"}}
                 responses["200"] = {"description": "OK", "content": content}
@@ -106,4 +109,5 @@ def standard(app: FastAPI) -> None:
             ("DELETE", "/v1/models/{model}"): _object("id", "object", "deleted"),
         },
         streaming={("POST", "/v1/chat/completions"), ("POST", "/v1/completions")},
+        text=frozenset({("GET", "/metrics"), ("GET", "/admin/jobs/{job_id}/logs")}),
     )

@@ -98,7 +98,12 @@ class Fairness:
 
 
 def _flood_main(base: str, model: str, key: str, flood: int, stop: Any, done: Any) -> None:
-    """Child process: tenant a keeps ``flood`` streams open until ``stop`` is set; counts completed requests."""
+    """Child process: tenant a keeps ``flood`` streams open until ``stop`` is set; counts completed requests.
+
+    It runs at low CPU priority: on a machine this small the load generator shares the cores with the server (whose
+    compute threads are themselves niced below its HTTP loop), while real tenants' clients run elsewhere.
+    """
+    os.nice(10)
 
     async def main() -> None:
         limits = httpx.Limits(max_connections=flood + 8, max_keepalive_connections=flood + 8)
