@@ -41,7 +41,7 @@ def test_import_clean_split_tokenize_augment_preview_and_remove(tmp_path: Path) 
     imported = run_cli(home, "data", "import", str(source), "--name", "qa", "--on-error", "skip", "--json")
     assert imported.returncode == 0, imported.stderr
     report = json.loads(imported.stdout)["report"]
-    assert report["rows"] == 32 and report["skipped"][0][0] == 32
+    assert report["rows"] == 32 and report["skipped"][0]["line"] == 32
 
     cleaned = run_cli(home, "data", "clean", "qa", "--name", "qa:clean", "--json")
     assert cleaned.returncode == 0, cleaned.stderr

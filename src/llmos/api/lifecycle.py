@@ -69,6 +69,14 @@ def _scope(caller: Principal) -> int | None:
     return None if caller.is_admin else caller.tenant_id
 
 
+def _dataset_dict(view: VersionView) -> dict[str, Any]:
+    """A dataset version for the API: its details (rows, shape, splits, report) included, model-only fields not."""
+    data = view.to_dict(full=True)
+    for key in ("chat_template", "tokenizer", "architecture", "parameter_count", "quantization", "context_length"):
+        data.pop(key, None)
+    return data
+
+
 def _visible_dataset(caller: Principal, view: VersionView, name: str) -> VersionView:
     if not caller.may_see(view.tenant_id):
         raise NotFoundError(f"dataset {name!r} not found")
@@ -79,7 +87,7 @@ def _visible_dataset(caller: Principal, view: VersionView, name: str) -> Version
 async def list_datasets(request: Request) -> dict[str, Any]:
     caller = require_role(request, "developer")
     views = await to_thread.run_sync(lambda: _state(request).registry.list_versions(kind="dataset"))
-    data = [v.to_dict() for v in views if caller.may_see(v.tenant_id)]
+    data = [_dataset_dict(v) for v in views if caller.may_see(v.tenant_id)]
     return {"object": "list", "data": data}
 
 
@@ -96,7 +104,7 @@ async def preview_dataset(request: Request, name: str, rows: int = 5, split: str
 async def get_dataset(request: Request, name: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
     view = await to_thread.run_sync(show_dataset, _state(request).registry, name)
-    return _visible_dataset(caller, view, name).to_dict(full=True)
+    return _dataset_dict(_visible_dataset(caller, view, name))
 
 
 @router.post("/datasets")
@@ -117,7 +125,7 @@ async def create_dataset(request: Request) -> dict[str, Any]:
 
     view = await to_thread.run_sync(store)
     state.security.audit(caller.actor, caller.tenant, "data.import", view.name, "ok")
-    return view.to_dict()
+    return _dataset_dict(view)
 
 
 @router.delete("/datasets/{name:path}")

@@ -73,7 +73,7 @@ def data_list(as_json: JsonOption = False) -> None:
     """List datasets (one line per tag)."""
     views = open_registry().list_versions(kind="dataset")
     if as_json:
-        print_json([v.to_dict() for v in views])
+        print_json([v.to_dict(full=True) for v in views])
         return
     table = Table(box=None, header_style="bold")
     for column in ("NAME", "DIGEST", "ROWS", "SHAPE", "SPLITS", "SIZE", "CREATED"):
@@ -453,3 +453,64 @@ def _scratch_params(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict) or "data" not in loaded or "name" not in loaded:
         raise InvalidInputError(f"{path}: the config must be a mapping with at least 'data' and 'name'")
     return loaded
+
+
+# --- eval -----------------------------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_command(
+    models: Annotated[list[str], typer.Argument(help="MODEL... to evaluate, or `compare MODEL MODEL...`.")],
+    task: Annotated[str, typer.Option("--task", help="perplexity")] = "perplexity",
+    data: Annotated[
+        str | None, typer.Option("--data", help="Dataset whose text to score (default: llmos's held-out text).")
+    ] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Only this split of the dataset.")] = None,
+    window: Annotated[int | None, typer.Option("--window", help="Tokens per scored window (default 1024).")] = None,
+    stride: Annotated[int | None, typer.Option("--stride", help="Tokens the window advances (default half).")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="llama.cpp or torch (default: by format).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Evaluate models (perplexity with a sliding window, through the llmos engine) and store the reports with the
+    model and dataset versions; `llmos eval compare A B ...` prints the latest reports side by side."""
+    from llmos.evaluation.reports import compare, evaluate
+
+    if models[0] == "compare":
+        names = models[1:]
+        if not names:
+            raise InvalidInputError("llmos eval compare needs at least one model")
+        found = compare(settings(), names, task)
+        rows = [
+            {"model": name, **({"perplexity": r.metrics.get("perplexity"), "tokens": r.metrics.get("tokens"),
+             "dataset": r.dataset, "when": r.created_at.isoformat(timespec="seconds")} if r else {})}
+            for name, r in zip(names, found, strict=True)
+        ]  # fmt: skip
+        if as_json:
+            print_json(rows)
+            return
+        table = Table(box=None, header_style="bold")
+        for column in ("MODEL", "PERPLEXITY", "TOKENS", "DATASET", "WHEN"):
+            table.add_column(column)
+        for row in rows:
+            ppl = row.get("perplexity")
+            table.add_row(
+                escape(str(row["model"])), f"{ppl:.3f}" if isinstance(ppl, float) else "not evaluated",
+                str(row.get("tokens", "-")), escape(str(row.get("dataset", "-"))), str(row.get("when", "-")),
+            )  # fmt: skip
+        out.print(table)
+        return
+    results = []
+    for name in models:
+        report = evaluate(
+            settings(), name, task=task, data=data, split=split, window=window, stride=stride, backend=backend
+        )
+        record("eval", report.model)
+        results.append(report)
+        if not as_json:
+            out.print(
+                f"{escape(report.model)}: perplexity {report.metrics['perplexity']:.3f} over {report.metrics['tokens']}"
+                f" tokens of {escape(str(report.dataset))} ({report.params['tokens_per_second']:.0f} tok/s,"
+                f" {report.params['backend']})"
+            )
+    if as_json:
+        print_json([r.to_dict() for r in results])

@@ -214,3 +214,20 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Evaluation(Base):
+    """One measured report: a task's metrics for a model version on a dataset version (or the shipped text)."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(300))
+    model_digest: Mapped[str] = mapped_column(String(71), index=True)
+    task: Mapped[str] = mapped_column(String(64))
+    dataset_name: Mapped[str | None] = mapped_column(String(300))
+    dataset_digest: Mapped[str | None] = mapped_column(String(71))
+    metrics: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    params: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,1 @@
+"""Evaluation: metrics of a registered model measured through the llmos engine (perplexity, ...)."""

@@ -1,0 +1,99 @@
+"""Perplexity of a loaded model on a text, scored through the engine with a sliding window.
+
+Contract: :func:`perplexity` tokenizes ``text`` the way the model reads text (its BOS convention), cuts it into
+windows of at most ``window`` tokens advancing by ``stride`` (default: half a window), and submits every window at once
+as a prompt-scoring request (``prompt_logprobs``, no generated token), so the engine batches them like any other
+requests. Each token is scored once, in the first window where it is not part of the overlap, with the context that
+window gives it (the standard strided evaluation; the very first token has no prediction). Perplexity is
+``exp(total negative log-likelihood / scored tokens)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from llmos.engine.request import GenerationRequest
+from llmos.engine.streams import SyncOutputStream
+from llmos.errors import InvalidInputError, LlmosError
+from llmos.runtime.model import LoadedModel
+from llmos.types import SamplingParams
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+    window: int
+    stride: int
+    seconds: float
+    tokens_per_second: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored index) of each window; every index in 1..n-1 is scored exactly once."""
+    spans = []
+    scored_until = 1
+    begin = 0
+    while scored_until < n_tokens:
+        end = min(begin + window, n_tokens)
+        spans.append((begin, end, scored_until))
+        scored_until = end
+        if end == n_tokens:
+            break
+        begin = end - (window - stride)
+    return spans
+
+
+def perplexity(
+    model: LoadedModel, text: str, *, window: int | None = None, stride: int | None = None
+) -> PerplexityResult:
+    limit = model.engine.max_context
+    window = window or min(limit, 1024)
+    if not 2 <= window <= limit:
+        raise InvalidInputError(f"window must be between 2 and the model's context ({limit}), got {window}")
+    stride = stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise InvalidInputError(f"stride must be between 1 and the window ({window}), got {stride}")
+    tokens = model.backend.tokenize(text, add_special=True, parse_special=False)
+    if len(tokens) < 2:
+        raise InvalidInputError("the text is too short to measure perplexity (fewer than 2 tokens)")
+    spans = windows(len(tokens), window, stride)
+    started = time.perf_counter()
+    streams = []
+    for begin, end, _first in spans:
+        request = GenerationRequest(
+            tokens[begin:end], SamplingParams(max_tokens=0, temperature=0.0), prompt_logprobs=True, priority=1
+        )
+        stream = SyncOutputStream()
+        model.engine.submit(request, stream)
+        streams.append(stream)
+    nll, scored = 0.0, 0
+    for (begin, _end, first), stream in zip(spans, streams, strict=True):
+        logprobs = []
+        for output in stream:
+            if output.error is not None:
+                raise output.error if isinstance(output.error, LlmosError) else LlmosError(str(output.error))
+            logprobs.extend(output.prompt_logprobs or [])
+        for index, item in enumerate(logprobs):
+            if begin + index >= first and item.logprob is not None:
+                nll -= item.logprob
+                scored += 1
+    seconds = time.perf_counter() - started
+    return PerplexityResult(
+        perplexity=math.exp(nll / scored),
+        nll=nll / scored,
+        tokens=scored,
+        windows=len(spans),
+        window=window,
+        stride=stride,
+        seconds=seconds,
+        tokens_per_second=scored / seconds if seconds > 0 else 0.0,
+    )
