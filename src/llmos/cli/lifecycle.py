@@ -514,3 +514,65 @@ def eval_command(
             )
     if as_json:
         print_json([r.to_dict() for r in results])
+
+
+# --- compression ----------------------------------------------------------------------------------------------------
+
+
+def _decode_speed(name: str) -> tuple[float, str]:
+    """Decode tok/s of a greedy 64-token answer (after a warm-up), and the answer to the Paris question."""
+    from llmos.sdk import load_model
+
+    model = load_model(name, settings=settings(), pull=False)
+    try:
+        answer = model.generate_text("What is the capital of France?", max_length=24)
+        model.generate_text("Write a long story about a lighthouse keeper and the sea.", max_length=64)
+        stats = model.last_stats
+        speed = stats.decode_tokens_per_second if stats is not None else float("nan")
+    finally:
+        model.close()
+    return speed, answer
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Registered GGUF model.")],
+    kind: Annotated[str, typer.Option("--type", help="q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q4_1, f16, ...")],
+    name: Annotated[str | None, typer.Option("--name", help="Name of the child (default MODEL:TYPE).")] = None,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Measure size, decode tok/s and perplexity vs the parent.")
+    ] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Quantize a GGUF model with llama.cpp into a child version (lineage to its parent) and report what it cost."""
+    from llmos.compression.quantize import check_type
+    from llmos.evaluation.reports import evaluate
+    from llmos.registry.convert import quantize as quantize_model
+
+    check_type(kind)
+    registry = open_registry()
+    parent = registry.show(model)
+    child = quantize_model(registry, model, kind=kind, target=name)
+    record("quantize", child.name)
+    rows: list[dict[str, Any]] = []
+    for view in (parent, child):
+        row: dict[str, Any] = {"model": view.name, "quantization": view.quantization, "size": view.size}
+        if report:
+            row["perplexity"] = evaluate(settings(), view.name).metrics["perplexity"]
+            row["decode_tok_s"], row["answer"] = _decode_speed(view.name)
+        rows.append(row)
+    if report:
+        rows[1]["perplexity_delta_pct"] = (rows[1]["perplexity"] / rows[0]["perplexity"] - 1) * 100
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("MODEL", "QUANT", "SIZE", "DECODE TOK/S", "PERPLEXITY", "PARIS?"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            escape(row["model"]), str(row["quantization"]), human_size(row["size"]),
+            f"{row['decode_tok_s']:.1f}" if report else "-", f"{row['perplexity']:.3f}" if report else "-",
+            ("yes" if "Paris" in row.get("answer", "") else "no") if report else "-",
+        )  # fmt: skip
+    out.print(table)

@@ -255,11 +255,20 @@ class Scheduler:
         decoding = bool(decodes)
         prefill_budget = min(budget, self.config.max_prefill_tokens) if decoding else budget
 
-        for seq in self.running:
+        # an outnumbered tenant's request is admitted and prefilled before the majority's pending prompts
+        while prefill_budget > 0 and self._free_slots and self._waiting:
+            candidate = self._best_waiting()
+            if candidate is None or not self._outnumbered(candidate.tenant):
+                break
+            self._admit(candidate)
+            prefill_budget -= self._prefill_chunk(plan, candidate, prefill_budget)
+        admitted_now = {chunk.seq.request_id for chunk in plan.chunks}
+        prefilling = [s for s in self.running if s.prefilling and s.request_id not in admitted_now]
+        prefilling.sort(key=lambda s: not self._outnumbered(s.tenant))  # stable: arrival order otherwise
+        for seq in prefilling:
             if prefill_budget <= 0:
                 break
-            if seq.prefilling:
-                prefill_budget -= self._prefill_chunk(plan, seq, prefill_budget)
+            prefill_budget -= self._prefill_chunk(plan, seq, prefill_budget)
 
         while prefill_budget > 0 and self._free_slots and self._waiting:
             admitted = self._best_waiting()

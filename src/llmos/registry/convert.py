@@ -56,3 +56,42 @@ def convert(
             parents=[ParentRef(source.digest, source.name)],
             params={"to": to, "dtype": dtype},
         )
+
+
+def quantize(
+    registry: Registry,
+    name: str,
+    *,
+    kind: str,
+    target: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> VersionView:
+    """A GGUF child of a registered GGUF model, quantized to ``kind``, with a ``quantize`` lineage record."""
+    from llmos.compression.quantize import check_type, quantize_gguf
+
+    key = check_type(kind)
+    resolved = registry.resolve(name, verify=True)
+    source = resolved.view
+    if source.format != "gguf":
+        raise InvalidInputError(
+            f"{source.name} is {source.format}; quantization works on GGUF models"
+            " (a fine-tuned model must first be converted to GGUF)",
+            param="model",
+        )
+    target_name = target or f"{source.repository}:{key}"
+    parse_ref(target_name)
+    scratch = registry.settings.home / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="quantize-", dir=scratch) as tmp:
+        with registry.loadable_dir(resolved) as source_dir:
+            output = quantize_gguf(source_dir / source.files[0].path, Path(tmp) / "model.gguf", key)
+        info = inspect_path(output)
+        info.chat_template = source.chat_template or info.chat_template
+        return registry.import_info(
+            info,
+            target_name,
+            progress=progress,
+            operation="quantize",
+            parents=[ParentRef(source.digest, source.name)],
+            params={"type": key, "parent_quantization": source.quantization, "parent_size": source.size},
+        )

@@ -1,0 +1,48 @@
+"""``llmos quantize``: a GGUF child of a registered GGUF model, quantized by llama.cpp.
+
+Contract: :func:`quantize_gguf` runs ``llama_model_quantize`` on the parent's GGUF into a temporary file inside the
+store (same filesystem; removed whatever happens) and returns its path for the registry to import. Types are the
+llama.cpp file types listed in :data:`TYPES` (``q8_0``, ``q5_k_m``, ``q4_k_m``, ``q4_0``, ``f16``, ...); an unknown
+type is refused with the list. A parent that is already quantized is re-quantized (llama.cpp's
+``allow_requantize``): the child can never be more precise than the parent, which the report makes visible.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llmos.errors import InvalidInputError, ModelLoadError
+
+TYPES = {
+    "f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}  # fmt: skip
+
+
+def check_type(kind: str) -> str:
+    key = kind.lower()
+    if key not in TYPES:
+        raise InvalidInputError(f"unknown quantization type {kind!r}; choose one of {', '.join(TYPES)}", param="type")
+    return key
+
+
+def quantize_gguf(source: Path, target: Path, kind: str, threads: int | None = None) -> Path:
+    """Write ``source`` quantized to ``kind`` at ``target``."""
+    import llama_cpp
+
+    key = check_type(kind)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, TYPES[key])
+    params.allow_requantize = True
+    params.nthread = threads or os.cpu_count() or 1
+    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
+    if code != 0 or not target.is_file():
+        target.unlink(missing_ok=True)
+        raise ModelLoadError(f"llama.cpp could not quantize {source.name} to {key} (code {code})")
+    return target
