@@ -20,7 +20,7 @@ from llmos.api.auth import require_role
 from llmos.api.body import parse_body
 from llmos.api.openai.schemas import Strict
 from llmos.api.state import AppState
-from llmos.errors import InvalidInputError, NotFoundError
+from llmos.errors import NotFoundError
 from llmos.jobs.service import JobService
 from llmos.jobs.train import check_inputs, config_from_params
 from llmos.registry.datasets import load_rows, rows_of_split, show_dataset, store_rows
@@ -212,6 +212,3 @@ async def resume_job(request: Request, job_id: str) -> dict[str, Any]:
     view = await to_thread.run_sync(lambda: jobs.resume(job_id, tenant_id=_scope(caller)))
     _state(request).security.audit(caller.actor, caller.tenant, "jobs.resume", job_id, "ok")
     return view.to_dict()
-
-
-__all__ = ["InvalidInputError", "router"]

@@ -256,12 +256,7 @@ class Scheduler:
         prefill_budget = min(budget, self.config.max_prefill_tokens) if decoding else budget
 
         # an outnumbered tenant's request is admitted and prefilled before the majority's pending prompts
-        while prefill_budget > 0 and self._free_slots and self._waiting:
-            candidate = self._best_waiting()
-            if candidate is None or not self._outnumbered(candidate.tenant):
-                break
-            self._admit(candidate)
-            prefill_budget -= self._prefill_chunk(plan, candidate, prefill_budget)
+        prefill_budget = self._admit_waiting(plan, prefill_budget, only_outnumbered=True)
         admitted_now = {chunk.seq.request_id for chunk in plan.chunks}
         prefilling = [s for s in self.running if s.prefilling and s.request_id not in admitted_now]
         prefilling.sort(key=lambda s: not self._outnumbered(s.tenant))  # stable: arrival order otherwise
@@ -269,16 +264,23 @@ class Scheduler:
             if prefill_budget <= 0:
                 break
             prefill_budget -= self._prefill_chunk(plan, seq, prefill_budget)
-
-        while prefill_budget > 0 and self._free_slots and self._waiting:
-            admitted = self._best_waiting()
-            if admitted is None:
-                break
-            self._admit(admitted)
-            prefill_budget -= self._prefill_chunk(plan, admitted, prefill_budget)
+        self._admit_waiting(plan, prefill_budget, only_outnumbered=False)
         if not any(self._outnumbered(chunk.seq.tenant) for chunk in plan.chunks):
             plan.chunks[:0] = decodes
         return plan
+
+    def _admit_waiting(self, plan: StepPlan, budget: int, *, only_outnumbered: bool) -> int:
+        """Admit waiting sequences (best first) into free slots while prompt budget lasts; returns what is left.
+
+        With ``only_outnumbered``, stop at the first candidate whose tenant is not outnumbered.
+        """
+        while budget > 0 and self._free_slots and self._waiting:
+            candidate = self._best_waiting()
+            if candidate is None or (only_outnumbered and not self._outnumbered(candidate.tenant)):
+                break
+            self._admit(candidate)
+            budget -= self._prefill_chunk(plan, candidate, budget)
+        return budget
 
     def _outnumbered(self, tenant: str | None) -> bool:
         """True when ``tenant`` holds at most one slot while another tenant holds two or more.

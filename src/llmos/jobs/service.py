@@ -244,11 +244,13 @@ class JobService:
 
     # --- worker side ---------------------------------------------------------------------------------------------
 
-    def report(self, job_id: str, progress: dict[str, Any], *, record: dict[str, Any] | None = None) -> bool:
-        """Store progress (and append ``record`` to the loss curve); returns True if cancellation was requested."""
-        if record is not None:
-            with self.metrics_path(job_id).open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
+    def record_metrics(self, job_id: str, record: dict[str, Any]) -> None:
+        """Append one step's metrics to the job's loss curve."""
+        with self.metrics_path(job_id).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def report(self, job_id: str, progress: dict[str, Any]) -> bool:
+        """Store progress; returns True if cancellation was requested (or the job is gone)."""
         with self.session() as session, session.begin():
             job = session.get(Job, job_id)
             if job is None:
@@ -256,11 +258,6 @@ class JobService:
             job.progress = progress
             job.updated_at = utcnow()
             return bool(job.cancel_requested)
-
-    def cancel_requested(self, job_id: str) -> bool:
-        with self.session() as session:
-            job = session.get(Job, job_id)
-            return job is None or bool(job.cancel_requested)
 
     def finish(
         self, job_id: str, state: str, *, result: dict[str, Any] | None = None, error: str | None = None

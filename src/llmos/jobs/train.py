@@ -36,12 +36,9 @@ OPTIMIZER_FIELDS = ("lr", "weight_decay", "momentum", "beta1", "beta2", "eps")
 
 def config_from_params(params: dict[str, Any]) -> FinetuneConfig:
     """The training configuration a job's parameters describe (validated)."""
-    optimizer = OptimizerConfig(
-        name=str(params.get("optimizer", "adamw")),
-        **{k: float(params[k]) for k in OPTIMIZER_FIELDS if params.get(k) is not None},
-    )
-    if "lr" not in params or params.get("lr") is None:
-        optimizer = OptimizerConfig(**{**optimizer.__dict__, "lr": 2e-4 if params.get("method") != "full" else 5e-5})
+    values = {k: float(params[k]) for k in OPTIMIZER_FIELDS if params.get(k) is not None}
+    values.setdefault("lr", 2e-4 if params.get("method") != "full" else 5e-5)  # LoRA trains fewer, freer weights
+    optimizer = OptimizerConfig(name=str(params.get("optimizer", "adamw")), **values)
     config = FinetuneConfig(
         method=str(params.get("method", "lora")),
         optimizer=optimizer,

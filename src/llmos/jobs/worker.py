@@ -70,16 +70,10 @@ class JobContext:
         rate = done / (now - self._started) if now > self._started else 0.0
         eta = (total - step) / rate if rate > 0 else None
         progress = {"step": step, "total": total, "eta_seconds": eta, "metrics": metrics}
-        record = {"step": step, "time": time.time(), **metrics}
+        self.jobs.record_metrics(self.job.id, {"step": step, "time": time.time(), **metrics})
         if now - self._last_report >= 1.0 or step >= total or "val_loss" in metrics:
             self._last_report = now
-            cancelled = self.jobs.report(self.job.id, progress, record=record)
-            self.stop_requested = self.stop_requested or cancelled
-        else:
-            with self.jobs.metrics_path(self.job.id).open("a", encoding="utf-8") as handle:
-                import json
-
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
+            self.stop_requested = self.jobs.report(self.job.id, progress) or self.stop_requested
         if step % 10 == 0 or step >= total:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float | int))
             self.log(f"step {step}/{total} {shown}")
