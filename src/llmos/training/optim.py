@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from llmos.errors import InvalidInputError
+
+if TYPE_CHECKING:  # torch is imported where an optimizer is built: configs validate without it
+    import torch
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -71,6 +73,8 @@ class OptimizerConfig:
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
     """The optimizer ``config`` names, over the parameters in ``params`` that require gradients (each once)."""
+    import torch
+
     config.validate()
     seen: set[int] = set()
     trainable: list[torch.nn.Parameter] = []
@@ -138,4 +142,6 @@ def build_schedule(
     def factor(step: int) -> float:
         return schedule_factor(step, warmup_steps=warmup, total_steps=total, kind=kind, min_ratio=ratio)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, factor)
