@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml scripts/build_llama_cpp.sh
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	wheels=$$(scripts/build_llama_cpp.sh $(PY)) && \
-		$(PIP) install --quiet --find-links "$$wheels" -e '.[llamacpp,torch,bench,dev]'
+		$(PIP) install --quiet --find-links "$$wheels" -e '.[llamacpp,torch,bench,eval,dev]'
 	touch $@
 
 ## bench: llmos against llama-cpp-python: the SDK against llama_cpp.Llama, the server against llama_cpp.server

@@ -44,3 +44,21 @@ def pulled_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     sources.pull(registry, "smollm2")
     registry.close()
     return settings
+
+
+@pytest.fixture(scope="session")
+def converted_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """A store shared across tests with smollm2 pulled and converted to `smollm2:safetensors` (float32).
+
+    Tests may add their own, uniquely named versions to it; they must not move or remove the two shared ones.
+    """
+    from llmos.registry import sources
+    from llmos.registry.convert import convert
+    from llmos.registry.service import Registry
+
+    settings = Settings(home=tmp_path_factory.mktemp("converted") / "home")
+    registry = Registry(settings)
+    sources.pull(registry, "smollm2")
+    convert(registry, "smollm2", target="smollm2:safetensors")
+    registry.close()
+    return settings

@@ -172,3 +172,59 @@ def make_tiny_base(directory: Path, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     return directory
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_bpe_llama(
+    directory: Path, *, pre: str = "gpt-2", tied: bool = True, seed: int = 0, init: float = 0.3
+) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer (the kind GGUF conversion supports) and a ChatML template.
+
+    ``pre`` picks the pre-tokenizer: ``gpt-2`` (ByteLevel regex), ``smollm`` (single digits, then ByteLevel) or
+    ``llama-bpe`` (Llama 3's split regex, then ByteLevel without regex). ``init`` is the weights' standard deviation:
+    large enough that attention patterns (and so the rotary layout of q/k) visibly shape the logits.
+    """
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from llmos.formats.gguf_write import LLAMA3_SPLIT
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre != "llama-bpe")
+    steps: dict[str, list[Any]] = {
+        "gpt-2": [byte_level],
+        "smollm": [pre_tokenizers.Digits(individual_digits=True), byte_level],
+        "llama-bpe": [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"), byte_level],
+    }
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # merges across digits and spaces too,
+    backend.decoder = decoders.ByteLevel()  # so that the wrong pre-tokenizer would tokenize differently
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    corpus = [f"double {n}? {2 * n}. The year (19{n:02d}) had 365 days, isn't it?\n" for n in range(60)]
+    backend.train_from_iterator([*corpus, "user assistant system Hello, world! Ünïcode ✓"] * 3, trainer)
+    backend.pre_tokenizer = steps[pre][0] if len(steps[pre]) == 1 else pre_tokenizers.Sequence(steps[pre])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )  # fmt: skip
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=tied, initializer_range=init, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

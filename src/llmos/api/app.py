@@ -26,6 +26,7 @@ from llmos.api.lifecycle import router as lifecycle_router
 from llmos.api.middleware import HardeningMiddleware, RequestContextMiddleware
 from llmos.api.openai.embeddings import router as embeddings_router
 from llmos.api.openai.routes import router as openai_router
+from llmos.api.pipelines import router as pipelines_router
 from llmos.api.state import AppState
 from llmos.config import Settings
 from llmos.engine.core import EngineStats
@@ -146,6 +147,7 @@ def create_app(
     app.include_router(embeddings_router)
     app.include_router(admin_router)
     app.include_router(lifecycle_router)
+    app.include_router(pipelines_router)
 
     @app.get("/ready")
     @app.get("/health")

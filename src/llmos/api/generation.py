@@ -79,12 +79,21 @@ class Target:
     lease: Lease
     model: LoadedModel
     adapter: str | None
+    """The backend's key for the adapter: its name and digest, so an alias moved to a new version loads that one."""
     keep_alive: float | None
+    adapter_name: str | None = None
+    digest: str | None = None
+    """The registry version that answers (the adapter's when one was asked for)."""
+
+    @property
+    def fingerprint(self) -> str | None:
+        """OpenAI's ``system_fingerprint``: which stored version produced the answer (``llmos-`` + 12 hex digits)."""
+        return f"llmos-{self.digest.removeprefix('sha256:')[:12]}" if self.digest else None
 
     @property
     def name(self) -> str:
         """The name responses report: the adapter when one was asked for, else the model."""
-        return self.adapter or self.model.name
+        return self.adapter_name or self.model.name
 
     def release(self) -> None:
         self.lease.release(self.keep_alive)
@@ -96,7 +105,7 @@ async def acquire(state: AppState, caller: Principal, name: str, keep_alive_valu
     adapter: str | None = None
     lease_name = name
     if view.format == "lora":
-        adapter = view.name
+        adapter = f"{view.name}@{view.digest}"
         base_repository = parse_ref(str(view.details.get("base_name", ""))).repository
         lease_name = f"{base_repository}@{view.details.get('base_digest')}"
     lease = await to_thread.run_sync(state.residency.lease, lease_name, keep_alive)
@@ -109,18 +118,19 @@ async def acquire(state: AppState, caller: Principal, name: str, keep_alive_valu
         if adapter is not None:
             backend = model.backend
             if not hasattr(backend, "add_adapter"):
-                raise InvalidInputError(f"adapter {adapter} needs its base on the PyTorch backend", param="model")
+                raise InvalidInputError(f"adapter {view.name} needs its base on the PyTorch backend", param="model")
             if adapter not in getattr(backend, "adapters", {}):
 
                 def load_adapter() -> None:
-                    with state.registry.loadable_dir(state.registry.resolve(name, verify=True)) as adapter_dir:
+                    pinned = state.registry.resolve(f"{view.repository}@{view.digest}", verify=True)
+                    with state.registry.loadable_dir(pinned) as adapter_dir:
                         backend.add_adapter(adapter, adapter_dir)
 
                 await to_thread.run_sync(load_adapter)
     except BaseException:
         lease.release(keep_alive)
         raise
-    return Target(lease, model, adapter, keep_alive)
+    return Target(lease, model, adapter, keep_alive, view.name if adapter else None, view.digest)
 
 
 @dataclass

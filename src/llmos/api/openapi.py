@@ -84,7 +84,7 @@ def install(
 def standard(app: FastAPI) -> None:
     """The request and response shapes of llmos's own routes."""
     from llmos.api.admin import KeyRequest, TenantRequest, UnloadRequest
-    from llmos.api.lifecycle import DatasetRequest, TrainRequest
+    from llmos.api.lifecycle import DatasetRequest, EvalRequest, JobRequest
     from llmos.api.openai.embeddings import EmbeddingRequest
     from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -98,7 +98,8 @@ def standard(app: FastAPI) -> None:
             ("POST", "/admin/tenants"): TenantRequest,
             ("POST", "/admin/keys"): KeyRequest,
             ("POST", "/admin/datasets"): DatasetRequest,
-            ("POST", "/admin/jobs"): TrainRequest,
+            ("POST", "/admin/jobs"): JobRequest,
+            ("POST", "/admin/evaluations"): EvalRequest,
         },
         successes={
             ("POST", "/v1/chat/completions"): _object("id", "object", "created", "model", "choices", "usage"),

@@ -215,18 +215,26 @@ def _read_template(path: Path) -> str:
 @app.command()
 def convert(
     name: Annotated[str, typer.Argument(help="Registered model to convert, e.g. smollm2.")],
-    to: Annotated[str, typer.Option("--to", help="Target format.")] = "safetensors",
+    to: Annotated[str, typer.Option("--to", help="Target format: safetensors or gguf.")] = "safetensors",
     target: Annotated[
-        str | None, typer.Option("--name", "-n", help="Name of the result (default NAME:safetensors).")
+        str | None,
+        typer.Option("--name", "-n", help="Name of the result (default NAME:safetensors, NAME:gguf-TYPE)."),
     ] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str, typer.Option("--dtype", help="safetensors: float32, bfloat16 or float16.")] = "float32",
+    out_type: Annotated[
+        str | None, typer.Option("--type", help="gguf: f16 (default), f32 or q8_0; `llmos quantize` goes lower.")
+    ] = None,
 ) -> None:
-    """Convert a model to another format as a new registry version with lineage (GGUF -> safetensors)."""
+    """Convert a model to another format as a new registry version with lineage.
+
+    GGUF -> safetensors (for the PyTorch backend and training), or safetensors / LoRA adapter -> GGUF (llama
+    family; an adapter is merged into its base first) so llama.cpp serves it.
+    """
     from llmos.registry.convert import convert as run_convert
 
     registry = open_registry()
     with progress_bars() as progress:
-        view = run_convert(registry, name, to=to, target=target, dtype=dtype, progress=progress)
+        view = run_convert(registry, name, to=to, target=target, dtype=dtype, out_type=out_type, progress=progress)
     record("model.convert", view.name)
     err.print(f"converted to [bold]{escape(view.name)}[/] {view.short_digest} ({human_size(view.size)})")
 
@@ -261,14 +269,45 @@ def show(
     template: Annotated[bool, typer.Option("--template", help="Print only the chat template.")] = False,
 ) -> None:
     """Show a model version: format, architecture, size, files, tags and lineage."""
-    view = open_registry().show(name)
+    from llmos.evaluation.compression import latest_report
+
+    registry = open_registry()
+    view = registry.show(name)
     if template:
         out.print(escape(view.chat_template or ""), highlight=False)
         return
+    report = latest_report(registry, view.digest)
     if as_json:
-        print_json(view.to_dict(full=True))
+        print_json({**view.to_dict(full=True), "compression_report": report})
         return
     _print_view(view)
+    if report is not None:
+        _print_compression(report)
+
+
+def _print_compression(report: dict[str, Any]) -> None:
+    """The stored compression report of a version: it and its parent side by side, measured in one run."""
+
+    def number(value: Any, fmt: str) -> str:
+        return format(value, fmt) if isinstance(value, int | float) else "-"
+
+    table = Table(title=f"compression report ({report['created_at'][:19]})", box=None, header_style="bold")
+    for column in ("", "SIZE", "RESIDENT", "PROMPT TOK/S", "DECODE TOK/S", "PERPLEXITY", "PARIS?"):
+        table.add_column(column)
+    for side in ("parent", "child"):
+        item = report.get(side) or {}
+        table.add_row(
+            f"{side}: {escape(str(item.get('name')))}", human_size(item.get("size_bytes")),
+            human_size(item.get("resident_bytes")), number(item.get("prompt_tokens_per_second"), ".1f"),
+            number(item.get("decode_tokens_per_second"), ".1f"), number(item.get("perplexity"), ".3f"),
+            "yes" if "Paris" in str(item.get("answer", "")) else "no",
+        )  # fmt: skip
+    metrics = report.get("metrics", {})
+    out.print(table)
+    out.print(
+        f"size x{number(metrics.get('size_ratio'), '.2f')}, decode x{number(metrics.get('decode_speedup'), '.2f')},"
+        f" perplexity {number(metrics.get('perplexity_delta_pct'), '+.2f')}% vs the parent"
+    )
 
 
 def _print_view(view: VersionView) -> None:
@@ -603,103 +642,6 @@ def stop(
 
 
 @app.command()
-def bench(
-    suite: Annotated[
-        str,
-        typer.Option(
-            "--suite",
-            help="serving (llmos serve vs llama_cpp.server), runtime (torch backend, ...), security (auth cost,"
-            " tenant fairness) or training (llmos LoRA training vs a transformers + peft loop).",
-        ),
-    ] = "serving",
-    model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
-    levels: Annotated[str, typer.Option("--levels", help="Comma-separated client counts.")] = "1,4,16,64",
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Output tokens per request.")] = 128,
-    peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Also run llama_cpp.server.")] = True,
-    repeats: Annotated[int, typer.Option("--repeats", help="Turns per server and level (alternating order).")] = 2,
-    log_dir: Annotated[Path, typer.Option("--log-dir", help="Where server logs go.")] = Path("bench-logs"),
-) -> None:
-    """Benchmark llmos against peers: `serving` (llama_cpp.server, streaming chat at several client counts),
-    `runtime` (torch backend vs transformers generate, model switch time, memory per model) or `security`
-    (throughput with auth, quotas and usage records on vs off; one tenant's latency while another floods)."""
-    from llmos.bench.serving import format_table, run_benchmark
-    from llmos.errors import InvalidInputError
-
-    if suite == "runtime":
-        from llmos.bench import runtime as runtime_bench
-
-        err.print(f"CPU: {_cpu_name()}")
-        for line in runtime_bench.run(settings(), gguf=model, max_tokens=max_tokens):
-            out.print(line, highlight=False)
-        return
-    if suite == "training":
-        from llmos.bench import training as training_bench
-        from llmos.registry.convert import convert as convert_model
-
-        err.print(f"CPU: {_cpu_name()}")
-        registry = open_registry()
-        target = f"{model}:safetensors" if ":" not in model else model
-        try:
-            registry.show(target)
-        except LlmosError:
-            convert_model(registry, model, target=target)
-        resolved = registry.resolve(target, verify=True)
-        with registry.loadable_dir(resolved) as base_dir:
-            for line in training_bench.run(base_dir, resolved.view.chat_template, repeats=repeats):
-                out.print(line, highlight=False)
-        return
-    if suite == "security":
-        import tempfile
-
-        from llmos.bench import security as security_bench
-
-        err.print(f"CPU: {_cpu_name()}")
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=log_dir) as work_dir:
-            for line in security_bench.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
-                out.print(line, highlight=False)
-        return
-    if suite != "serving":
-        raise InvalidInputError(f"--suite must be serving, runtime, security or training, not {suite!r}")
-    try:
-        counts = [int(x) for x in levels.split(",") if x.strip()]
-    except ValueError as exc:
-        raise InvalidInputError(f"--levels must be comma-separated integers, got {levels!r}") from exc
-    registry = open_registry()
-    resolved = registry.resolve(model)
-    registry.close()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    effective = settings()
-    err.print(f"CPU: {_cpu_name()}; threads {effective.threads}; model {resolved.view.name}")
-    sides = run_benchmark(
-        resolved.view.name,
-        resolved.primary_path,
-        counts,
-        max_tokens,
-        effective.threads,
-        effective.context_length,
-        state.home,
-        log_dir,
-        peer=peer,
-        repeats=repeats,
-    )
-    out.print(format_table(sides), highlight=False)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-# --- system ---------------------------------------------------------------------------------------------------------
-
-
-@app.command()
 def config(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
     """Print the effective settings (secrets masked) and the environment variable for each."""
     rows = settings().describe()
@@ -732,8 +674,9 @@ def version() -> None:
         out.print("llama-cpp-python not installed")
 
 
-# registers `llmos data|jobs|train|eval|quantize` and `llmos tenants|keys|usage|audit`
-from llmos.cli import lifecycle, tenancy  # noqa: E402,F401
+# registers `llmos data|jobs|train|eval|quantize`, `llmos tenants|keys|usage|audit`, `llmos pipeline|history|rollback`
+# and `llmos prune|distill`
+from llmos.cli import bench, compression, lifecycle, pipelines, tenancy  # noqa: E402,F401
 
 # --- entry point ----------------------------------------------------------------------------------------------------
 

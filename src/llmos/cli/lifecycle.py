@@ -458,60 +458,121 @@ def _scratch_params(path: Path) -> dict[str, Any]:
 # --- eval -----------------------------------------------------------------------------------------------------------
 
 
+def _metric_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.5g}" if abs(value) < 1000 else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+def _print_report(report: Any) -> None:
+    metrics, params = report.metrics, report.params
+    if report.task == "perplexity":
+        head = f"perplexity {metrics['perplexity']:.3f} over {metrics['tokens']} tokens"
+    else:
+        shown = ", ".join(f"{k} {_metric_text(v)}" for k, v in metrics.items() if k != "samples")
+        head = f"{report.task}: {shown} over {metrics.get('samples')} rows"
+    out.print(
+        f"{escape(report.model)}: {escape(head)} of {escape(str(report.dataset))}"
+        f" ({params['tokens_per_second']:.0f} tok/s, {params['backend']})"
+    )
+    for example in params.get("examples", [])[:2]:
+        answer = example.get("prediction", example.get("picked"))
+        expected = example.get("reference", example.get("answer"))
+        out.print(f"  e.g. {escape(json.dumps(answer)[:120])} (expected {escape(json.dumps(expected)[:80])})")
+
+
+def _eval_compare(names: list[str], task: str, as_json: bool) -> None:
+    from llmos.evaluation.reports import comparison
+
+    if not names:
+        raise InvalidInputError("llmos eval compare needs at least one model")
+    if task.endswith((".yaml", ".yml")):
+        from llmos.evaluation.tasks import load_task_file
+
+        task = load_task_file(Path(task)).name
+    table_data = comparison(settings(), names, task)
+    if as_json:
+        print_json(table_data["rows"])
+        return
+    table = Table(box=None, header_style="bold", title=f"task: {escape(task)}", title_justify="left")
+    columns = table_data["metrics"]
+    for column in ("MODEL", *(c.upper() for c in columns), "DATASET", "BACKEND", "WHEN"):
+        table.add_column(column)
+    for row in table_data["rows"]:
+        if "when" not in row:
+            table.add_row(escape(row["model"]), "not evaluated", *["-"] * (len(columns) + 2))
+            continue
+        table.add_row(
+            escape(row["model"]), *(_metric_text(row.get(c)) for c in columns), escape(str(row.get("dataset"))),
+            escape(str(row.get("backend"))), str(row["when"]),
+        )  # fmt: skip
+    out.print(table)
+
+
 @app.command("eval")
 def eval_command(
     models: Annotated[list[str], typer.Argument(help="MODEL... to evaluate, or `compare MODEL MODEL...`.")],
-    task: Annotated[str, typer.Option("--task", help="perplexity")] = "perplexity",
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            help="perplexity, bleu, chrf, rouge, exact_match, multiple_choice, or a task YAML file (name, type,"
+            " prompt, reference, metric, choices, max_tokens, stop, chat).",
+        ),
+    ] = "perplexity",
     data: Annotated[
-        str | None, typer.Option("--data", help="Dataset whose text to score (default: llmos's held-out text).")
+        str | None,
+        typer.Option("--data", help="Dataset to evaluate on (perplexity without it: llmos's held-out text)."),
     ] = None,
     split: Annotated[str | None, typer.Option("--split", help="Only this split of the dataset.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N rows (quick runs).")] = None,
     window: Annotated[int | None, typer.Option("--window", help="Tokens per scored window (default 1024).")] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Tokens the window advances (default half).")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Generation tasks: most tokens per answer (default 64).")
+    ] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="llama.cpp or torch (default: by format).")] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Run as a background job (one per model) and print the job id(s).")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Evaluate models (perplexity with a sliding window, through the llmos engine) and store the reports with the
-    model and dataset versions; `llmos eval compare A B ...` prints the latest reports side by side."""
-    from llmos.evaluation.reports import compare, evaluate
+    """Evaluate models through the llmos engine (perplexity with a sliding window, BLEU / chrF / ROUGE / exact match
+    on generated answers, multiple-choice accuracy by log-likelihood, custom YAML tasks) and store the reports with
+    the model and dataset versions; `llmos eval compare A B ... --task T` prints the latest reports side by side."""
+    from llmos.evaluation.reports import evaluate
 
     if models[0] == "compare":
-        names = models[1:]
-        if not names:
-            raise InvalidInputError("llmos eval compare needs at least one model")
-        found = compare(settings(), names, task)
-        rows = [
-            {"model": name, **({"perplexity": r.metrics.get("perplexity"), "tokens": r.metrics.get("tokens"),
-             "dataset": r.dataset, "when": r.created_at.isoformat(timespec="seconds")} if r else {})}
-            for name, r in zip(names, found, strict=True)
-        ]  # fmt: skip
+        _eval_compare(models[1:], task, as_json)
+        return
+    if detach:
+        from llmos.jobs.evaluate import eval_params
+
+        registry = open_registry()
+        raw = {"task": task, "data": data, "split": split, "limit": limit, "window": window, "stride": stride,
+               "max_tokens": max_tokens, "backend": backend}  # fmt: skip
+        checked = [eval_params(registry, {**raw, "model": name}) for name in models]  # all valid before any queues
+        jobs = open_jobs()
+        views = [jobs.create("eval", params, resource="eval") for params in checked]
+        for view in views:
+            record("jobs.create", view.id)
+        jobs.dispatch()
         if as_json:
-            print_json(rows)
-            return
-        table = Table(box=None, header_style="bold")
-        for column in ("MODEL", "PERPLEXITY", "TOKENS", "DATASET", "WHEN"):
-            table.add_column(column)
-        for row in rows:
-            ppl = row.get("perplexity")
-            table.add_row(
-                escape(str(row["model"])), f"{ppl:.3f}" if isinstance(ppl, float) else "not evaluated",
-                str(row.get("tokens", "-")), escape(str(row.get("dataset", "-"))), str(row.get("when", "-")),
-            )  # fmt: skip
-        out.print(table)
+            print_json([v.to_dict() for v in views])
+        else:
+            for view in views:
+                out.print(view.id)
         return
     results = []
     for name in models:
         report = evaluate(
-            settings(), name, task=task, data=data, split=split, window=window, stride=stride, backend=backend
-        )
+            settings(), name, task=task, data=data, split=split, window=window, stride=stride, backend=backend,
+            limit=limit, max_tokens=max_tokens,
+        )  # fmt: skip
         record("eval", report.model)
         results.append(report)
         if not as_json:
-            out.print(
-                f"{escape(report.model)}: perplexity {report.metrics['perplexity']:.3f} over {report.metrics['tokens']}"
-                f" tokens of {escape(str(report.dataset))} ({report.params['tokens_per_second']:.0f} tok/s,"
-                f" {report.params['backend']})"
-            )
+            _print_report(report)
     if as_json:
         print_json([r.to_dict() for r in results])
 
@@ -536,15 +597,21 @@ def _decode_speed(name: str) -> tuple[float, str]:
 
 @app.command()
 def quantize(
-    model: Annotated[str, typer.Argument(help="Registered GGUF model.")],
-    kind: Annotated[str, typer.Option("--type", help="q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q4_1, f16, ...")],
+    model: Annotated[str, typer.Argument(help="Registered model: GGUF, or safetensors for int8.")],
+    kind: Annotated[
+        str, typer.Option("--type", help="GGUF: q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q4_1, f16, ...; safetensors: int8.")
+    ],
     name: Annotated[str | None, typer.Option("--name", help="Name of the child (default MODEL:TYPE).")] = None,
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="Measure size, decode tok/s and perplexity vs the parent.")
     ] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Quantize a GGUF model with llama.cpp into a child version (lineage to its parent) and report what it cost."""
+    """Quantize a model into a child version (lineage to its parent) and report what it cost.
+
+    GGUF models are quantized by llama.cpp; safetensors models take int8 (int8 weights, dynamic int8 activations
+    on the PyTorch backend).
+    """
     from llmos.compression.quantize import check_type
     from llmos.evaluation.reports import evaluate
     from llmos.registry.convert import quantize as quantize_model

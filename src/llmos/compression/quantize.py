@@ -1,10 +1,13 @@
-"""``llmos quantize``: a GGUF child of a registered GGUF model, quantized by llama.cpp.
+"""``llmos quantize``: quantization types, and a GGUF child of a registered GGUF model, quantized by llama.cpp.
 
-Contract: :func:`quantize_gguf` runs ``llama_model_quantize`` on the parent's GGUF into a temporary file inside the
-store (same filesystem; removed whatever happens) and returns its path for the registry to import. Types are the
-llama.cpp file types listed in :data:`TYPES` (``q8_0``, ``q5_k_m``, ``q4_k_m``, ``q4_0``, ``f16``, ...); an unknown
-type is refused with the list. A parent that is already quantized is re-quantized (llama.cpp's
-``allow_requantize``): the child can never be more precise than the parent, which the report makes visible.
+Contract: :func:`check_type` accepts the llama.cpp types (for GGUF models) and :data:`HF_TYPES` (``int8``, for
+safetensors models on the PyTorch backend, see :mod:`llmos.compression.int8`); :func:`check_fits` refuses a type that
+does not fit the model's format, listing the ones that do. :func:`quantize_gguf` runs ``llama_model_quantize`` on
+the parent's GGUF into a temporary file inside the store (same filesystem; removed whatever happens) and returns its
+path for the registry to import. Types are the llama.cpp file types listed in :data:`TYPES` (``q8_0``, ``q5_k_m``,
+``q4_k_m``, ``q4_0``, ``f16``, ...); an unknown type is refused with the list. A parent that is already quantized
+is re-quantized (llama.cpp's ``allow_requantize``): the child can never be more precise than the parent, which the
+report makes visible.
 """
 
 from __future__ import annotations
@@ -23,13 +26,42 @@ TYPES = {
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
     "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }  # fmt: skip
+HF_TYPES = ("int8",)
 
 
 def check_type(kind: str) -> str:
     key = kind.lower()
-    if key not in TYPES:
-        raise InvalidInputError(f"unknown quantization type {kind!r}; choose one of {', '.join(TYPES)}", param="type")
+    if key not in TYPES and key not in HF_TYPES:
+        raise InvalidInputError(
+            f"unknown quantization type {kind!r}; choose one of {', '.join(TYPES)} (GGUF models)"
+            f" or {', '.join(HF_TYPES)} (safetensors models)",
+            param="type",
+        )
     return key
+
+
+def check_fits(key: str, model_format: str, model_name: str) -> None:
+    """Refuse a quantization type that the model's format cannot take, naming the types that it can."""
+    if (model_format == "gguf" and key in TYPES) or (model_format == "hf" and key in HF_TYPES):
+        return
+    if model_format == "gguf":
+        raise InvalidInputError(
+            f"{model_name} is a GGUF model; {key} is for safetensors models (PyTorch backend)."
+            f" Types for GGUF models: {', '.join(TYPES)}",
+            param="type",
+        )
+    if model_format == "hf":
+        raise InvalidInputError(
+            f"{model_name} is a safetensors model; valid types for it: {', '.join(HF_TYPES)}."
+            f" {key} is a llama.cpp type and needs a GGUF model (`llmos convert {model_name} --to gguf` makes one)",
+            param="type",
+        )
+    hint = " (`llmos convert NAME --to gguf` merges an adapter into its base)" if model_format == "lora" else ""
+    raise InvalidInputError(
+        f"{model_name} is {model_format}; quantization works on GGUF models ({', '.join(TYPES)})"
+        f" and safetensors models ({', '.join(HF_TYPES)}){hint}",
+        param="model",
+    )
 
 
 def quantize_gguf(source: Path, target: Path, kind: str, threads: int | None = None) -> Path:

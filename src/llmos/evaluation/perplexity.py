@@ -1,10 +1,12 @@
 """Perplexity of a loaded model on a text, scored through the engine with a sliding window.
 
 Contract: :func:`perplexity` tokenizes ``text`` the way the model reads text (its BOS convention), cuts it into
-windows of at most ``window`` tokens advancing by ``stride`` (default: half a window), and submits every window at once
-as a prompt-scoring request (``prompt_logprobs``, no generated token), so the engine batches them like any other
-requests. Each token is scored once, in the first window where it is not part of the overlap, with the context that
-window gives it (the standard strided evaluation; the very first token has no prediction). Perplexity is
+windows of at most ``window`` tokens advancing by ``stride`` (default: half a window), and submits every window at
+once as a prompt-scoring request (``prompt_logprobs``, no generated token; see
+:func:`~llmos.evaluation.runner.run_requests`), so the engine batches them like any other requests. The default
+window is 1024 tokens, or the model's context minus one when that is shorter (a scored prompt must fit the context).
+Each token is scored once, in the first window where it is not part of the overlap, with the context that window
+gives it (the standard strided evaluation; the very first token has no prediction). Perplexity is
 ``exp(total negative log-likelihood / scored tokens)``.
 """
 
@@ -16,10 +18,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from llmos.engine.request import GenerationRequest
-from llmos.engine.streams import SyncOutputStream
-from llmos.errors import InvalidInputError, LlmosError
+from llmos.errors import InvalidInputError
+from llmos.evaluation.runner import Progress, run_requests
 from llmos.runtime.model import LoadedModel
 from llmos.types import SamplingParams
+
+DEFAULT_WINDOW = 1024
 
 
 @dataclass
@@ -53,36 +57,36 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
 
 
 def perplexity(
-    model: LoadedModel, text: str, *, window: int | None = None, stride: int | None = None
+    model: LoadedModel,
+    text: str,
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    progress: Progress | None = None,
+    adapter: str | None = None,
 ) -> PerplexityResult:
-    limit = model.engine.max_context
-    window = window or min(limit, 1024)
+    limit = model.engine.max_context - 1  # the engine keeps one position free after a prompt
+    window = window or min(limit, DEFAULT_WINDOW)
     if not 2 <= window <= limit:
-        raise InvalidInputError(f"window must be between 2 and the model's context ({limit}), got {window}")
+        raise InvalidInputError(
+            f"window must be between 2 and {limit} (the model's context minus one), got {window}", param="window"
+        )
     stride = stride or max(1, window // 2)
     if not 1 <= stride <= window:
-        raise InvalidInputError(f"stride must be between 1 and the window ({window}), got {stride}")
+        raise InvalidInputError(f"stride must be between 1 and the window ({window}), got {stride}", param="stride")
     tokens = model.backend.tokenize(text, add_special=True, parse_special=False)
     if len(tokens) < 2:
         raise InvalidInputError("the text is too short to measure perplexity (fewer than 2 tokens)")
     spans = windows(len(tokens), window, stride)
+    params = SamplingParams(max_tokens=0, temperature=0.0)
+    requests = [
+        GenerationRequest(tokens[begin:end], params, prompt_logprobs=True, priority=1) for begin, end, _ in spans
+    ]
     started = time.perf_counter()
-    streams = []
-    for begin, end, _first in spans:
-        request = GenerationRequest(
-            tokens[begin:end], SamplingParams(max_tokens=0, temperature=0.0), prompt_logprobs=True, priority=1
-        )
-        stream = SyncOutputStream()
-        model.engine.submit(request, stream)
-        streams.append(stream)
+    collected = run_requests(model, requests, progress, adapter)
     nll, scored = 0.0, 0
-    for (begin, _end, first), stream in zip(spans, streams, strict=True):
-        logprobs = []
-        for output in stream:
-            if output.error is not None:
-                raise output.error if isinstance(output.error, LlmosError) else LlmosError(str(output.error))
-            logprobs.extend(output.prompt_logprobs or [])
-        for index, item in enumerate(logprobs):
+    for (begin, _end, first), result in zip(spans, collected, strict=True):
+        for index, item in enumerate(result.prompt_logprobs):
             if begin + index >= first and item.logprob is not None:
                 nll -= item.logprob
                 scored += 1

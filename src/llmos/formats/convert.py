@@ -1,18 +1,21 @@
-"""Format conversion: GGUF -> Hugging Face safetensors directory.
+"""Format conversion: GGUF -> Hugging Face safetensors directory, and LoRA merging (for HF -> GGUF, see gguf_write).
 
 Contract: :func:`gguf_to_hf` dequantizes a llama-family GGUF with transformers' GGUF reader and writes a Hugging
 Face directory (config.json, model.safetensors, tokenizer files) in ``dtype`` (float32 by default: the exact
 dequantized values). Needs the ``torch`` extra; anything transformers cannot read raises
-:class:`~llmos.errors.InvalidModelFileError`.
+:class:`~llmos.errors.InvalidModelFileError`. :func:`merge_lora` folds a peft LoRA adapter into its base's weights
+(peft ``merge_and_unload``) so a fine-tuned model can be written as one self-contained file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
+from typing import Any
 
-from llmos.errors import BackendUnavailableError, InvalidModelFileError
+from llmos.errors import BackendUnavailableError, InvalidInputError, InvalidModelFileError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -45,3 +48,27 @@ def gguf_to_hf(gguf_file: Path, out_dir: Path, dtype: str = "float32") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def merge_lora(base_dir: Path, adapter_dir: Path) -> dict[str, Any]:
+    """The state dict of ``base_dir`` with the peft LoRA adapter in ``adapter_dir`` merged in (``merge_and_unload``).
+
+    Loaded in float32 so the merge adds the low-rank update at full precision; the result is self-contained.
+    """
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("llmos_quantization"):
+        raise InvalidInputError(
+            f"cannot merge a LoRA adapter into a {config['llmos_quantization']} model; use its float parent as base"
+        )
+    try:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:  # pragma: no cover - depends on installation
+        raise BackendUnavailableError("merging a LoRA adapter needs `pip install 'llmos[torch]'`") from exc
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, local_files_only=True)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise InvalidModelFileError(f"the LoRA adapter cannot be merged into its base: {exc}") from exc
+    return dict(merged.state_dict())

@@ -108,7 +108,7 @@ def run(job_id: str, settings: Settings | None = None) -> int:
             return 0
         except LlmosError as exc:
             context.log(f"failed: {exc}")
-            jobs.finish(job_id, "failed", error=str(exc))
+            jobs.finish(job_id, "failed", error=str(exc), result=getattr(exc, "result", None))
             return 1
         except Exception as exc:
             traceback.print_exc()

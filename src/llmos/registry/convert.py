@@ -1,25 +1,56 @@
-"""``llmos convert``: a new registry version in another format, with lineage to its source.
+"""``llmos convert`` and ``llmos quantize``: new registry versions in another format, with lineage to their source.
 
 Contract: :func:`convert` reads a registered version, converts it in a temporary directory inside the store (same
 filesystem, removed afterwards whatever happens), imports the result under the target name with a ``convert``
-lineage record (parent digest and name, target format, dtype) and keeps the source's chat template, so both copies
-of a model talk the same way. Only GGUF -> safetensors exists so far.
+lineage record (parent digest and name, target format and type) and keeps the source's chat template, so both
+copies of a model talk the same way. Directions: GGUF -> safetensors (``to="safetensors"``, transformers' GGUF
+reader) and safetensors -> GGUF (``to="gguf"``, :mod:`llmos.formats.gguf_write`, llama family, ``out_type`` f16 /
+f32 / q8_0). A LoRA adapter converted to GGUF is first merged into its base (the base is a second parent), so the
+file is self-contained and llama.cpp serves the fine-tuned model on its own.
+
+:func:`quantize` makes a quantized child: llama.cpp types for GGUF parents, ``int8`` (dynamic int8 for the PyTorch
+backend, :mod:`llmos.compression.int8`) for safetensors parents; a type that does not fit the parent's format is
+refused with the types that do. Versions derived from encrypted blobs (a fine-tuned model in a store with a key)
+are stored encrypted too.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmos.errors import InvalidInputError
-from llmos.formats.convert import gguf_to_hf
 from llmos.formats.detect import inspect_path
-from llmos.registry.names import parse_ref
-from llmos.registry.service import ParentRef, ProgressFactory, Registry
+from llmos.registry.names import DEFAULT_TAG, parse_ref
+from llmos.registry.service import ParentRef, ProgressFactory, Registry, ResolvedModel
 from llmos.registry.views import VersionView
 
-TARGETS = ("safetensors",)
+TARGETS = ("safetensors", "gguf")
+
+
+@contextmanager
+def _scratch(registry: Registry, prefix: str) -> Iterator[Path]:
+    root = registry.settings.home / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=root) as tmp:
+        yield Path(tmp)
+
+
+def derived_name(source: str, suffix: str) -> str:
+    """``REPO:SUFFIX`` for a default or format tag (``latest``, ``safetensors``, ``gguf-*``), else ``REPO:TAG-SUFFIX``,
+    so children of different versions of one repository (``smollm2:int8`` -> ``smollm2:int8-gguf-f16``) do not take
+    each other's tag."""
+    ref = parse_ref(source)
+    if ref.tag in (None, DEFAULT_TAG, "safetensors", suffix) or ref.tag.startswith("gguf-"):
+        return f"{ref.repository}:{suffix}"
+    return f"{ref.repository}:{ref.tag}-{suffix}"
+
+
+def _encrypted(registry: Registry, *sources: ResolvedModel) -> bool:
+    return any(registry.blobs.is_encrypted(f.digest) for source in sources for f in source.view.files)
 
 
 def convert(
@@ -29,20 +60,26 @@ def convert(
     to: str = "safetensors",
     target: str | None = None,
     dtype: str = "float32",
+    out_type: str | None = None,
     progress: ProgressFactory | None = None,
 ) -> VersionView:
     if to not in TARGETS:
         raise InvalidInputError(f"--to must be one of {', '.join(TARGETS)}", param="to")
+    if to == "gguf":
+        return _to_gguf(registry, name, out_type or "f16", target, progress)
+    if out_type is not None:
+        raise InvalidInputError("--type applies to --to gguf; safetensors takes --dtype", param="type")
     resolved = registry.resolve(name)
     source = resolved.view
     if source.format != "gguf":
-        raise InvalidInputError(f"{source.name} is already {source.format}; only GGUF models can be converted so far")
+        raise InvalidInputError(
+            f"{source.name} is already {source.format}; only GGUF models convert to safetensors", param="to"
+        )
+    from llmos.formats.convert import gguf_to_hf
+
     target_name = target or f"{source.repository}:{to}"
     parse_ref(target_name)
-    scratch = registry.settings.home / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="convert-", dir=scratch) as tmp:
-        work = Path(tmp)
+    with _scratch(registry, "convert-") as work:
         (work / "src").mkdir()
         os.symlink(resolved.primary_path, work / "src" / "model.gguf")
         gguf_to_hf(work / "src" / "model.gguf", work / "out", dtype)
@@ -58,6 +95,59 @@ def convert(
         )
 
 
+def _to_gguf(
+    registry: Registry, name: str, out_type: str, target: str | None, progress: ProgressFactory | None
+) -> VersionView:
+    from llmos.formats.convert import merge_lora
+    from llmos.formats.gguf_write import OUT_TYPES, hf_to_gguf
+
+    if out_type not in OUT_TYPES:
+        raise InvalidInputError(
+            f"--type must be one of {', '.join(OUT_TYPES)} for GGUF, not {out_type!r}", param="type"
+        )
+    resolved = registry.resolve(name, verify=True)
+    source = resolved.view
+    if source.format not in ("hf", "lora"):
+        raise InvalidInputError(
+            f"{source.name} is {source.format}; only safetensors models and LoRA adapters convert to GGUF", param="to"
+        )
+    target_name = target or derived_name(source.name, f"gguf-{out_type}")
+    parse_ref(target_name)
+    parents = [ParentRef(source.digest, source.name)]
+    params: dict[str, object] = {"to": "gguf", "type": out_type}
+    with _scratch(registry, "convert-") as work:
+        output = work / "model.gguf"
+        if source.format == "lora":
+            base_name = str(source.details.get("base_name", ""))
+            base = registry.resolve(
+                f"{parse_ref(base_name).repository}@{source.details.get('base_digest')}", verify=True
+            )
+            encrypted = _encrypted(registry, resolved, base)
+            with registry.loadable_dir(base) as base_dir, registry.loadable_dir(resolved) as adapter_dir:
+                merged = merge_lora(base_dir, adapter_dir)
+                template = source.chat_template or base.view.chat_template
+                hf_to_gguf(base_dir, output, out_type, name=source.name, chat_template=template, tensors=merged)
+            del merged
+            parents.append(ParentRef(base.view.digest, base_name or base.view.name))
+            params.update({"merged_adapter": True, "base": base_name or base.view.name})
+        else:
+            encrypted = _encrypted(registry, resolved)
+            template = source.chat_template
+            with registry.loadable_dir(resolved) as source_dir:
+                hf_to_gguf(source_dir, output, out_type, name=source.name, chat_template=template)
+        info = inspect_path(output)
+        info.chat_template = template or info.chat_template
+        return registry.import_info(
+            info,
+            target_name,
+            progress=progress,
+            operation="convert",
+            parents=parents,
+            params=params,
+            encrypt=encrypted,
+        )
+
+
 def quantize(
     registry: Registry,
     name: str,
@@ -66,25 +156,23 @@ def quantize(
     target: str | None = None,
     progress: ProgressFactory | None = None,
 ) -> VersionView:
-    """A GGUF child of a registered GGUF model, quantized to ``kind``, with a ``quantize`` lineage record."""
-    from llmos.compression.quantize import check_type, quantize_gguf
+    """A quantized child of a registered model (llama.cpp types for GGUF, int8 for safetensors), with lineage."""
+    from llmos.compression.quantize import check_fits, check_type, quantize_gguf
 
     key = check_type(kind)
     resolved = registry.resolve(name, verify=True)
     source = resolved.view
-    if source.format != "gguf":
-        raise InvalidInputError(
-            f"{source.name} is {source.format}; quantization works on GGUF models"
-            " (a fine-tuned model must first be converted to GGUF)",
-            param="model",
-        )
-    target_name = target or f"{source.repository}:{key}"
+    check_fits(key, source.format, source.name)
+    target_name = target or derived_name(source.name, key)
     parse_ref(target_name)
-    scratch = registry.settings.home / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="quantize-", dir=scratch) as tmp:
+    with _scratch(registry, "quantize-") as work:
         with registry.loadable_dir(resolved) as source_dir:
-            output = quantize_gguf(source_dir / source.files[0].path, Path(tmp) / "model.gguf", key)
+            if key == "int8":
+                from llmos.compression.int8 import quantize_int8
+
+                output = quantize_int8(source_dir, work / "out")
+            else:
+                output = quantize_gguf(source_dir / source.files[0].path, work / "model.gguf", key)
         info = inspect_path(output)
         info.chat_template = source.chat_template or info.chat_template
         return registry.import_info(
@@ -94,4 +182,5 @@ def quantize(
             operation="quantize",
             parents=[ParentRef(source.digest, source.name)],
             params={"type": key, "parent_quantization": source.quantization, "parent_size": source.size},
+            encrypt=_encrypted(registry, resolved),
         )

@@ -43,13 +43,17 @@ from llmos.registry.views import VersionView, canonical_json, version_view
 from llmos.store.blobs import BlobInfo, BlobStore, ProgressCallback
 from llmos.store.crypto import BlobCipher, derive_key
 from llmos.store.db import open_database, session_factory
-from llmos.store.schema import Lineage, Model, ModelVersion, Tag, VersionFile
+from llmos.store.schema import Lineage, Model, ModelVersion, Tag, TagHistory, VersionFile, utcnow
 
 MANIFEST_SCHEMA = "llmos.model.v1"
 ENCRYPTED_OPERATIONS = {"fine-tune", "train", "distill"}
 """Versions made from private data are encrypted at rest when a key is configured (and LoRA adapters always)."""
 # Called once with the total byte count, then the store reports progress through the returned callback.
 ProgressFactory = Callable[[str, int], ProgressCallback]
+
+
+HISTORY_PER_TAG = 10
+"""Moves of one tag that are remembered (and, for tags other than ``latest``, whose versions are kept for rollback)."""
 
 
 @dataclass(frozen=True)
@@ -284,17 +288,19 @@ class Registry:
         parents: Sequence[ParentRef] = (),
         params: dict[str, Any] | None = None,
         tenant_id: int | None = None,
+        encrypt: bool = False,
     ) -> VersionView:
         """Copy the files of an inspected model into the store and register them as a version of ``name``.
 
         A new model belongs to ``tenant_id`` (None = public); adding a version to an existing model of another
-        tenant is refused.
+        tenant is refused. ``encrypt`` asks for encryption at rest (when a key is configured) beyond the default
+        rule, e.g. for a conversion of an encrypted version.
         """
         ref = parse_ref(name)
         if ref.digest:
             raise ConflictError("cannot import under a digest; give a name with an optional :tag", param="name")
         encrypt = self.blobs.cipher is not None and (
-            info.format in ("lora", "dataset") or operation in ENCRYPTED_OPERATIONS
+            encrypt or info.format in ("lora", "dataset") or operation in ENCRYPTED_OPERATIONS
         )
         with self.blobs.writing():
             stored: list[BlobInfo] = []
@@ -376,27 +382,78 @@ class Registry:
             session.flush()
         return model
 
-    def _set_tag(self, session: Session, model: Model, tag: str, version: ModelVersion) -> None:
+    def _set_tag(self, session: Session, model: Model, tag: str, version: ModelVersion, reason: str = "tag") -> None:
+        """Point ``tag`` at ``version``, recording the move in the tag's history (when it really moves)."""
         existing = session.scalar(select(Tag).where(Tag.model_id == model.id, Tag.tag == tag))
         previous_version = existing.version if existing else None
         if existing is None:
             session.add(Tag(model=model, tag=tag, version=version))
-        else:
+        elif existing.version_id != version.id:
             existing.version = version
+            existing.updated_at = utcnow()
+        if previous_version is None or previous_version.id != version.id:
+            session.add(
+                TagHistory(
+                    model_id=model.id,
+                    tag=tag,
+                    digest=version.digest,
+                    previous_digest=previous_version.digest if previous_version else None,
+                    reason=reason[:255],
+                )
+            )
         session.flush()
+        trimmed = self._trim_history(session, model, tag)
         if previous_version is not None and previous_version.id != version.id:
-            self._drop_if_untagged(session, previous_version)
+            trimmed.add(previous_version.digest)
+        for digest in trimmed:
+            stale = session.scalar(
+                select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.digest == digest)
+            )
+            if stale is not None:
+                self._drop_if_untagged(session, stale)
+
+    def _trim_history(self, session: Session, model: Model, tag: str) -> set[str]:
+        """Keep the newest :data:`HISTORY_PER_TAG` moves of a tag; the digests the dropped entries named."""
+        rows = session.scalars(
+            select(TagHistory)
+            .where(TagHistory.model_id == model.id, TagHistory.tag == tag)
+            .order_by(TagHistory.id.desc())
+            .offset(HISTORY_PER_TAG)
+        ).all()
+        for row in rows:
+            session.delete(row)
+        session.flush()
+        return {row.digest for row in rows}
 
     def _drop_if_untagged(self, session: Session, version: ModelVersion) -> bool:
+        """Delete a version no tag points at and no alias's recent history names (rollback may still need it).
+
+        Every tag but ``latest`` counts as an alias here: ``latest`` moves with each import, and keeping every
+        version it ever named would keep every import.
+        """
         remaining = session.scalar(select(func.count()).select_from(Tag).where(Tag.version_id == version.id))
         if remaining:
+            return False
+        in_history = session.scalar(
+            select(func.count())
+            .select_from(TagHistory)
+            .where(
+                TagHistory.model_id == version.model_id,
+                TagHistory.digest == version.digest,
+                TagHistory.tag != DEFAULT_TAG,  # `latest` follows imports; old imports are not kept for it
+            )
+        )
+        if in_history:
             return False
         session.delete(version)
         session.flush()
         return True
 
-    def tag(self, source: str, target: str) -> VersionView:
-        """Point ``target`` (a name with optional tag) at the version ``source`` resolves to."""
+    def tag(self, source: str, target: str, *, reason: str = "tag") -> VersionView:
+        """Point ``target`` (a name with optional tag) at the version ``source`` resolves to.
+
+        ``reason`` goes into the tag's history (``llmos history``): who or what moved it.
+        """
         src_ref = parse_ref(source)
         dst_ref = parse_ref(target)
         if dst_ref.digest:
@@ -413,13 +470,16 @@ class Registry:
                 version = _copy_version(src_version, model)
                 session.add(version)
                 session.flush()
-            self._set_tag(session, model, dst_ref.tag or DEFAULT_TAG, version)
+            self._set_tag(session, model, dst_ref.tag or DEFAULT_TAG, version, reason)
             session.flush()
             session.refresh(model)
             return version_view(version, dst_ref.repository, dst_ref.tag)
 
     def remove(self, name: str) -> RemoveResult:
-        """Remove a tag (and its version when no other tag points at it), or a whole version by digest."""
+        """Remove a tag (and its version when no other tag or alias history keeps it), or a version by digest.
+
+        Removing a tag also forgets its history; removing a model's last tag removes the model.
+        """
         ref = parse_ref(name)
         result = RemoveResult()
         candidates: set[str] = set()
@@ -435,14 +495,25 @@ class Registry:
                 tag = session.scalar(select(Tag).where(Tag.model_id == model.id, Tag.tag == ref.tag))
                 assert tag is not None  # _resolve_version found it
                 session.delete(tag)
+                for row in session.scalars(
+                    select(TagHistory).where(TagHistory.model_id == model.id, TagHistory.tag == ref.tag)
+                ):
+                    session.delete(row)
                 session.flush()
                 result.removed_tags.append(str(ref))
-                if self._drop_if_untagged(session, version):
-                    result.removed_versions.append(version.digest)
+                if session.scalar(select(func.count()).select_from(Tag).where(Tag.model_id == model.id)):
+                    if self._drop_if_untagged(session, version):
+                        result.removed_versions.append(version.digest)
+                else:  # no tag left: the versions only other tags' history kept go too
+                    for stale in list(model.versions):
+                        candidates.update(f.blob_digest for f in stale.files)
+                        result.removed_versions.append(stale.digest)
+                        session.delete(stale)
             session.flush()
             if not session.scalar(
                 select(func.count()).select_from(ModelVersion).where(ModelVersion.model_id == model.id)
             ):
+                session.expire(model)
                 session.delete(model)
         result.deleted_blobs = self._delete_unreferenced(candidates)
         return result

@@ -231,3 +231,35 @@ class Evaluation(Base):
     params: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
     job_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TagHistory(Base):
+    """Every move of a tag (alias): which version it pointed at from when, and why. Append-only in normal use.
+
+    A version a tag's recent history names is kept even when no tag points at it any more, so ``llmos rollback``
+    can move the tag back; history beyond the newest entries per tag is trimmed (see the registry).
+    """
+
+    __tablename__ = "tag_history"
+    __table_args__ = (Index("ix_tag_history_model_tag", "model_id", "tag"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    tag: Mapped[str] = mapped_column(String(128))
+    digest: Mapped[str] = mapped_column(String(71))
+    previous_digest: Mapped[str | None] = mapped_column(String(71))
+    reason: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Pipeline(Base):
+    """A named pipeline recipe (train -> evaluate -> gate -> promote), stored so runs can be started by name."""
+
+    __tablename__ = "pipelines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="SET NULL"), index=True)
+    recipe: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -81,13 +81,14 @@ def chat_completion(
     choices: list[dict[str, Any]],
     prompt_tokens: int,
     completion_tokens: int,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": fingerprint,
         "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     }
@@ -117,14 +118,19 @@ def usage_chunk(completion_id: str, created: int, model: str, obj: str, usage_va
 
 
 def text_completion(
-    completion_id: str, created: int, model: str, choices: list[dict[str, Any]], usage_value: dict[str, int] | None
+    completion_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_value: dict[str, int] | None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": completion_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": fingerprint,
         "choices": choices,
     }
     if usage_value is not None:

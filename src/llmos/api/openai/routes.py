@@ -25,10 +25,11 @@ from llmos.api.errors import error_body
 from llmos.api.generation import Call, acquire, meter, submit_all
 from llmos.api.openai import render
 from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from llmos.api.pipelines import start_for_missing_model
 from llmos.api.state import AppState
 from llmos.engine.grammar import json_object_grammar, json_schema_grammar
 from llmos.engine.request import GenerationRequest, Logprob
-from llmos.errors import InvalidInputError, LlmosError, PermissionDeniedError
+from llmos.errors import InvalidInputError, LlmosError, ModelNotFoundError, PermissionDeniedError
 from llmos.runtime.model import LoadedModel
 from llmos.types import ChatMessage, SamplingParams
 
@@ -127,7 +128,12 @@ async def chat_completions(request: Request) -> Any:
     body = await parse_body(request, ChatCompletionRequest, state.settings.max_request_bytes)
     grammar = await to_thread.run_sync(_grammar, body)
     caller = principal(request)
-    target = await acquire(state, caller, body.model, body.keep_alive)
+    try:
+        target = await acquire(state, caller, body.model, body.keep_alive)
+    except ModelNotFoundError:
+        if body.pipeline is None:
+            raise
+        return await start_for_missing_model(request, caller, body.model, body.pipeline)
     try:
         model = target.model
         messages = [ChatMessage(ROLE_MAP.get(m.role, m.role), m.text()) for m in body.messages]  # type: ignore[arg-type]
@@ -180,7 +186,9 @@ async def chat_completions(request: Request) -> Any:
         }
         for i in range(body.n)
     ]
-    return render.chat_completion(completion_id, created, target.name, choices, len(prompt), completion_tokens)
+    return render.chat_completion(
+        completion_id, created, target.name, choices, len(prompt), completion_tokens, target.fingerprint
+    )
 
 
 async def _chat_stream(
@@ -246,7 +254,12 @@ async def completions(request: Request) -> Any:
             "max_tokens must be at least 1 unless echo is true (prompt scoring)", param="max_tokens"
         )
     caller = principal(request)
-    target = await acquire(state, caller, body.model, body.keep_alive)
+    try:
+        target = await acquire(state, caller, body.model, body.keep_alive)
+    except ModelNotFoundError:
+        if body.pipeline is None:
+            raise
+        return await start_for_missing_model(request, caller, body.model, body.pipeline)
     try:
         model = target.model
         prompts = await to_thread.run_sync(_prompt_token_lists, body, model)
@@ -311,7 +324,7 @@ async def completions(request: Request) -> Any:
             }
         )
     usage = render.usage(prompt_tokens, completion_tokens)
-    return render.text_completion(completion_id, created, target.name, choices, usage)
+    return render.text_completion(completion_id, created, target.name, choices, usage, target.fingerprint)
 
 
 async def _completion_stream(

@@ -77,6 +77,9 @@ class SamplingFields(Strict):
     repeat_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     priority: int = Field(default=0, ge=-100, le=100)
     keep_alive: str | int | float | None = None
+    pipeline: str | None = Field(default=None, max_length=128)
+    """llmos extension: when the model does not exist yet, start this stored pipeline (which must promote that
+    model's alias) and answer 202 with its job id instead of 404."""
 
     @field_validator("stop")
     @classmethod

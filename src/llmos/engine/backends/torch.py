@@ -13,8 +13,10 @@ sequences of different lengths:
 * LoRA adapters (peft format) add ``scale * x A^T B^T`` to the adapted projections for exactly the tokens of the
   sequences that asked for that adapter, so requests for different adapters and for the base share a batch.
 
-Only logits of requested rows are computed (final norm + LM head on those rows). Supported: architectures whose HF
-implementation follows the Llama module layout (llama, mistral, qwen2, smollm). Not thread-safe (engine thread only).
+Only logits of requested rows are computed (final norm + LM head on those rows). A checkpoint made by ``llmos quantize
+--type int8`` loads with int8 projections, LM head and embeddings (:mod:`llmos.engine.backends.int8`). Supported:
+architectures whose HF implementation follows the Llama module layout (llama, mistral, qwen2, smollm). Not
+thread-safe (engine thread only).
 """
 
 from __future__ import annotations
@@ -79,9 +81,14 @@ class TorchBackend:
             raise BackendUnavailableError("the PyTorch backend needs `pip install 'llmos[torch]'`") from exc
         if threads:
             torch.set_num_threads(threads)
+        from llmos.engine.backends.int8 import is_int8_dir, load_int8_model
+
         try:
             tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+            if is_int8_dir(model_dir):  # `llmos quantize --type int8`: int8 weights, dynamic int8 activations
+                model: Any = load_int8_model(model_dir, dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"transformers could not load the model: {exc}") from exc
         self.tokenizer = tokenizer
@@ -108,6 +115,7 @@ class TorchBackend:
         self.adapters: dict[str, LoraAdapter] = {}
         self._seq_adapter: dict[int, str | None] = {}
         self._logits: torch.Tensor | None = None
+        self._log_z: list[float] | None = None
         self._eos = self._end_tokens()
         self._pieces: dict[int, bytes] = {}
         decoder = type(getattr(self.tokenizer.backend_tokenizer, "decoder", None)).__name__
@@ -180,12 +188,18 @@ class TorchBackend:
         return logits
 
     def logprobs(self, output_row: int, token: int, top_n: int) -> tuple[float, list[TokenLogprob]]:
-        log_probs = torch.log_softmax(self._row_logits(output_row).to(torch.float64), dim=-1)
-        chosen = float(log_probs[token])
+        # log Z of every output row at once, the first time a row is asked for after a decode: scoring a prompt
+        # asks for every row, and one vectorized logsumexp beats a full-vocabulary log-softmax per row
+        if self._log_z is None:
+            assert self._logits is not None, "logprobs() before decode()"
+            self._log_z = torch.logsumexp(self._logits, dim=-1).tolist()
+        logits = self._row_logits(output_row)
+        log_z = self._log_z[output_row]
+        chosen = float(logits[token]) - log_z
         if top_n <= 0:
             return chosen, []
-        values, ids = torch.topk(log_probs, min(top_n, self.n_vocab))
-        return chosen, [TokenLogprob(int(t), float(v)) for t, v in zip(ids, values, strict=True)]
+        values, ids = torch.topk(logits, min(top_n, self.n_vocab))
+        return chosen, [TokenLogprob(int(t), float(v) - log_z) for t, v in zip(ids, values, strict=True)]
 
     # --- adapters ---------------------------------------------------------------------------------------------------
 
@@ -245,10 +259,12 @@ class TorchBackend:
                 keys = self.k_cache[layer_index, slot, :, : start + length][None]
                 values = self.v_cache[layer_index, slot, :, : start + length][None]
                 mask = None
-                if length > 1:
+                causal = length > 1 and start == 0  # a fresh prompt: the causal kernel skips the masked half
+                if length > 1 and start > 0:
                     mask = torch.ones(length, start + length, dtype=torch.bool).tril(diagonal=start)
+                scale = attn.scaling
                 out[:, :, begin:end] = F.scaled_dot_product_attention(
-                    q[:, :, begin:end], keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+                    q[:, :, begin:end], keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
                 )
             out_flat = out.transpose(1, 2).reshape(1, total, self.heads * self.head_dim)
             hidden = residual + self._proj(attn.o_proj, out_flat, layer_index, "o_proj", lora_rows)
@@ -269,6 +285,7 @@ class TorchBackend:
                 picks = []
             rows[item.seq_id] = list(range(len(wanted), len(wanted) + len(picks)))
             wanted.extend(picks)
+        self._log_z = None
         if wanted:
             selected = inner.norm(hidden[0, wanted])
             self._logits = self.model.lm_head(selected).to(torch.float32)
@@ -320,17 +337,23 @@ class TorchBackend:
     def _fuse_projections(self) -> None:
         """One weight matrix for q/k/v and one for gate/up per layer: two large GEMMs instead of five small ones.
 
-        The modules' own weights become views into the fused matrices, so nothing is stored twice.
+        The modules' own weights become views into the fused matrices, so nothing is stored twice. Int8 models get
+        one packed int8 matrix per group instead (the modules become slices of it).
         """
-        self._fused_weights: list[list[tuple[torch.Tensor, torch.Tensor | None, list[int]]]] = []
+        from llmos.engine.backends.int8 import fuse_int8, is_int8_module, pack_remaining
+
+        self._fused_weights: list[list[tuple[torch.Tensor | torch.nn.Module, torch.Tensor | None, list[int]]]] = []
         for layer in self.layers:
-            groups = []
+            groups: list[tuple[torch.Tensor | torch.nn.Module, torch.Tensor | None, list[int]]] = []
             for owner, names in (
                 (layer.self_attn, ("q_proj", "k_proj", "v_proj")),
                 (layer.mlp, ("gate_proj", "up_proj")),
             ):
                 modules = [getattr(owner, n) for n in names]
                 sizes = [int(m.weight.shape[0]) for m in modules]
+                if is_int8_module(modules[0]):
+                    groups.append((fuse_int8(owner, names), None, sizes))
+                    continue
                 weight = torch.cat([m.weight.detach() for m in modules])
                 biases = [m.bias for m in modules]
                 bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
@@ -342,12 +365,14 @@ class TorchBackend:
                     offset += size
                 groups.append((weight, bias if any(b is not None for b in biases) else None, sizes))
             self._fused_weights.append(groups)
+        pack_remaining(self.model)
 
     def _fused(
         self, x: torch.Tensor, layer: int, group: int, modules: tuple[str, ...], lora_rows: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
         weight, bias, sizes = self._fused_weights[layer][group]
-        parts: tuple[torch.Tensor, ...] = torch.split(F.linear(x, weight, bias), sizes, dim=-1)
+        fused = weight(x) if isinstance(weight, torch.nn.Module) else F.linear(x, weight, bias)
+        parts: tuple[torch.Tensor, ...] = torch.split(fused, sizes, dim=-1)
         for module, part in zip(modules, parts, strict=True):
             self._add_lora(part, x, layer, module, lora_rows)
         return parts

@@ -1,0 +1,141 @@
+"""``llmos bench``: llmos side by side with its peers (serving, runtime, training, evaluation, security) and the
+compression table, each printing the CPU it ran on (speeds compare only within one run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmos.cli import app, err, open_registry, out, settings, state
+from llmos.errors import LlmosError
+
+
+@app.command()
+def bench(
+    suite: Annotated[
+        str,
+        typer.Option(
+            "--suite",
+            help="serving (llmos serve vs llama_cpp.server), runtime (torch backend, ...), security (auth cost,"
+            " tenant fairness), training (llmos LoRA training vs a transformers + peft loop), eval (llmos eval"
+            " perplexity throughput vs a transformers loop) or compression (size, speed and perplexity of the"
+            " comma-separated --model versions).",
+        ),
+    ] = "serving",
+    model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
+    levels: Annotated[str, typer.Option("--levels", help="Comma-separated client counts.")] = "1,4,16,64",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Output tokens per request.")] = 128,
+    peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Also run llama_cpp.server.")] = True,
+    repeats: Annotated[int, typer.Option("--repeats", help="Turns per server and level (alternating order).")] = 2,
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="Where server logs go.")] = Path("bench-logs"),
+) -> None:
+    """Benchmark llmos against peers: `serving` (llama_cpp.server, streaming chat at several client counts),
+    `runtime` (torch backend vs transformers generate, model switch time, memory per model) or `security`
+    (throughput with auth, quotas and usage records on vs off; one tenant's latency while another floods)."""
+    from llmos.bench.serving import format_table, run_benchmark
+    from llmos.errors import InvalidInputError
+
+    if suite == "runtime":
+        from llmos.bench import runtime as runtime_bench
+
+        err.print(f"CPU: {_cpu_name()}")
+        for line in runtime_bench.run(settings(), gguf=model, max_tokens=max_tokens):
+            out.print(line, highlight=False)
+        return
+    if suite == "training":
+        from llmos.bench import training as training_bench
+        from llmos.registry.convert import convert as convert_model
+
+        err.print(f"CPU: {_cpu_name()}")
+        registry = open_registry()
+        target = f"{model}:safetensors" if ":" not in model else model
+        try:
+            registry.show(target)
+        except LlmosError:
+            convert_model(registry, model, target=target)
+        resolved = registry.resolve(target, verify=True)
+        with registry.loadable_dir(resolved) as base_dir:
+            for line in training_bench.run(base_dir, resolved.view.chat_template, repeats=repeats):
+                out.print(line, highlight=False)
+        return
+    if suite == "eval":
+        from llmos.bench import evaluation as eval_bench
+        from llmos.registry.convert import convert as convert_model
+
+        err.print(f"CPU: {_cpu_name()}")
+        registry = open_registry()
+        target = f"{model}:safetensors" if ":" not in model else model
+        try:
+            registry.show(target)
+        except LlmosError:
+            convert_model(registry, model, target=target)
+        resolved = registry.resolve(target, verify=True)
+        gguf = model if registry.show(model).format == "gguf" else None
+        with registry.loadable_dir(resolved) as model_dir:
+            lines = eval_bench.run(
+                settings().home, model_dir, resolved.view.name, gguf, repeats=repeats, threads=settings().threads
+            )
+        for line in lines:
+            out.print(line, highlight=False)
+        return
+    if suite == "compression":
+        from llmos.bench import compression as compression_bench
+
+        err.print(f"CPU: {_cpu_name()}")
+        for line in compression_bench.run(settings(), [m.strip() for m in model.split(",") if m.strip()]):
+            out.print(line, highlight=False, markup=False)
+        return
+    if suite == "security":
+        import tempfile
+
+        from llmos.bench import security as security_bench
+
+        err.print(f"CPU: {_cpu_name()}")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=log_dir) as work_dir:
+            for line in security_bench.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
+                out.print(line, highlight=False)
+        return
+    if suite != "serving":
+        raise InvalidInputError(
+            f"--suite must be serving, runtime, security, training, eval or compression, not {suite!r}"
+        )
+    try:
+        counts = [int(x) for x in levels.split(",") if x.strip()]
+    except ValueError as exc:
+        raise InvalidInputError(f"--levels must be comma-separated integers, got {levels!r}") from exc
+    registry = open_registry()
+    resolved = registry.resolve(model)
+    registry.close()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    effective = settings()
+    err.print(f"CPU: {_cpu_name()}; threads {effective.threads}; model {resolved.view.name}")
+    sides = run_benchmark(
+        resolved.view.name,
+        resolved.primary_path,
+        counts,
+        max_tokens,
+        effective.threads,
+        effective.context_length,
+        state.home,
+        log_dir,
+        peer=peer,
+        repeats=repeats,
+    )
+    out.print(format_table(sides), highlight=False)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+# --- system ---------------------------------------------------------------------------------------------------------
