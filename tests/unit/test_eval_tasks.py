@@ -164,3 +164,22 @@ def test_generation_is_greedy_and_scored(fake_model: LoadedModel) -> None:
     result = run_generate(fake_model, spec, items)
     assert [e["prediction"] for e in result.examples] == ["cde", "234"]
     assert result.metrics == {"exact_match": 0.5, "contains": 0.5} and result.tokens == 6
+
+
+def test_scoring_from_an_index_computes_no_logits_for_the_context_before_it(fake_model: LoadedModel) -> None:
+    backend = fake_model.backend
+    assert isinstance(backend, FakeBackend)
+    prompt = list(b"!\"#$%&'()*+,-./0")  # counts up: every token is the fake model's prediction (logprob 0)
+    params = SamplingParams(max_tokens=0, temperature=0.0)
+    plain, windowed = run_requests(
+        fake_model,
+        [
+            GenerationRequest(prompt, params, prompt_logprobs=True),
+            GenerationRequest(prompt, params, prompt_logprobs=True, score_from=6),
+        ],
+    )
+    assert [lp.logprob for lp in plain.prompt_logprobs] == [None] + [0.0] * 15
+    assert [lp.logprob for lp in windowed.prompt_logprobs] == [None] * 6 + [0.0] * 10
+    assert [lp.token for lp in windowed.prompt_logprobs] == prompt
+    # the windowed request's first 5 positions ran as a chunk of their own (the fake backend records every batch)
+    assert [n for batch in backend.batches for slot, n in batch if n != 16] == [5, 11]

@@ -296,16 +296,21 @@ class EngineCore:
         seq.state["sampler"] = self.backend.new_sampler(request.params, request.grammar)
 
     def _prompt_logprobs(self, seq: Sequence, chunk: Chunk, rows: list[int]) -> list[Logprob]:
-        """Row j of a chunk predicts prompt token start+j+1; the very first prompt token has no logprob."""
+        """Row j of a chunk predicts prompt token start+j+1; the very first prompt token has no logprob, nor have
+        those before the request's ``score_from`` (a chunk of only those computed no logits)."""
         prompt = seq.request.prompt_tokens
         top_n = seq.request.logprobs or 0
+        score_from = seq.request.score_from
         result: list[Logprob] = []
         if chunk.start_pos == 0:
             result.append(Logprob(prompt[0], self.backend.token_bytes(prompt[0]), None))
-        for j, row in enumerate(rows):
-            index = chunk.start_pos + j + 1
-            if index < len(prompt):
-                result.append(self._logprob(row, prompt[index], top_n))
+        end = min(chunk.start_pos + len(chunk.tokens) + 1, len(prompt))
+        for index in range(chunk.start_pos + 1, end):
+            j = index - chunk.start_pos - 1
+            if chunk.logits == "all" and index >= score_from:
+                result.append(self._logprob(rows[j], prompt[index], top_n))
+            else:
+                result.append(Logprob(prompt[index], self.backend.token_bytes(prompt[index]), None))
         return result
 
     def _logprob(self, row: int, token: int, top_n: int) -> Logprob:

@@ -33,6 +33,9 @@ class GenerationRequest:
     """None: no logprobs. N >= 0: logprob of each generated token plus the N most likely alternatives."""
     prompt_logprobs: bool = False
     """Score the prompt too (completions ``echo`` with ``logprobs``): logprob of every prompt token but the first."""
+    score_from: int = 1
+    """With ``prompt_logprobs``: the first prompt token to score. Earlier ones come back with logprob None, and a
+    prefill chunk that only precedes it computes no logits (the overlap of a strided perplexity window is free)."""
     grammar: str | None = None
     """GBNF grammar the output must follow (JSON mode / JSON schema)."""
     adapter: str | None = None

@@ -296,8 +296,15 @@ class Scheduler:
     def _prefill_chunk(plan: StepPlan, seq: Sequence, budget: int) -> int:
         tokens_all = seq.prefill_tokens
         take = min(len(tokens_all) - seq.prompt_done, budget)
+        scoring = seq.request.prompt_logprobs
+        if scoring and seq.replay is None:
+            # the row of position p predicts token p + 1: positions before score_from - 1 predict unwanted tokens,
+            # so they form a chunk of their own that needs no logits
+            unscored = seq.request.score_from - 1 - seq.prompt_done
+            if unscored > 0:
+                take, scoring = min(take, unscored), False
         tokens = tokens_all[seq.prompt_done : seq.prompt_done + take]
         last = seq.prompt_done + take == len(tokens_all)
-        logits = "all" if seq.request.prompt_logprobs else ("last" if last else "none")
+        logits = "all" if scoring else ("last" if last else "none")
         plan.chunks.append(Chunk(seq, tokens, seq.prompt_done, logits, samples=last))
         return take

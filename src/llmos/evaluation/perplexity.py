@@ -79,8 +79,9 @@ def perplexity(
         raise InvalidInputError("the text is too short to measure perplexity (fewer than 2 tokens)")
     spans = windows(len(tokens), window, stride)
     params = SamplingParams(max_tokens=0, temperature=0.0)
-    requests = [
-        GenerationRequest(tokens[begin:end], params, prompt_logprobs=True, priority=1) for begin, end, _ in spans
+    requests = [  # the window's overlap with the previous one is context only: it needs no logits
+        GenerationRequest(tokens[begin:end], params, prompt_logprobs=True, score_from=first - begin, priority=1)
+        for begin, end, first in spans
     ]
     started = time.perf_counter()
     collected = run_requests(model, requests, progress, adapter)
