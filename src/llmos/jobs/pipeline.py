@@ -36,7 +36,7 @@ from llmos.config import Settings
 from llmos.errors import ConflictError, InvalidInputError, LlmosError, ModelNotFoundError, NotFoundError
 from llmos.evaluation.gate import parse_gate
 from llmos.jobs.service import JobService, JobView
-from llmos.jobs.train import check_inputs, config_from_params, hf_base, run_train
+from llmos.jobs.train import CONFIG_FIELDS, OPTIMIZER_FIELDS, check_inputs, config_from_params, hf_base, run_train
 from llmos.registry import aliases
 from llmos.registry.names import parse_ref
 from llmos.registry.service import Registry
@@ -125,7 +125,16 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
     train = raw.get("train") or {}
     if not isinstance(train, dict):
         raise InvalidInputError("pipeline field 'train' must be a mapping of training options", param="train")
-    config_from_params(train)  # refuses bad hyperparameters now, not after the queue
+    allowed = {*CONFIG_FIELDS, *OPTIMIZER_FIELDS, "method", "optimizer"}
+    if set(train) - allowed:
+        bad_keys = ", ".join(sorted(map(str, set(train) - allowed)))
+        raise InvalidInputError(
+            f"unknown train field(s) {bad_keys}; fields: {', '.join(sorted(allowed))}", param="train"
+        )
+    try:
+        config_from_params(train)  # refuses bad hyperparameters now, not after the queue
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"pipeline field 'train' has an invalid value: {exc}", param="train") from exc
     evaluate = raw.get("evaluate") or {}
     if not isinstance(evaluate, dict):
         raise InvalidInputError("pipeline field 'evaluate' must be a mapping", param="evaluate")
@@ -135,6 +144,14 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
             f"unknown evaluate field(s) {', '.join(map(repr, bad))}; fields: {', '.join(EVALUATE_FIELDS)}",
             param="evaluate",
         )
+    for key in ("window", "stride", "limit"):
+        if key in evaluate and (
+            not isinstance(evaluate[key], int) or isinstance(evaluate[key], bool) or evaluate[key] < 1
+        ):
+            raise InvalidInputError(f"evaluate field {key!r} must be a positive integer", param="evaluate")
+    for key in ("task", "data", "split"):
+        if key in evaluate and not isinstance(evaluate[key], str):
+            raise InvalidInputError(f"evaluate field {key!r} must be a string", param="evaluate")
     gate = raw.get("gate", DEFAULT_GATE)
     if not isinstance(gate, str):
         raise InvalidInputError("pipeline field 'gate' must be an expression string", param="gate")
