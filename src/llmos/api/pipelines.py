@@ -20,11 +20,10 @@ from pydantic import Field
 
 from llmos.api.auth import require_role
 from llmos.api.body import parse_body
+from llmos.api.lifecycle import _jobs, _scope, _state
 from llmos.api.openai.schemas import Strict
-from llmos.api.state import AppState
 from llmos.errors import InvalidInputError, ModelNotFoundError, NotFoundError, PermissionDeniedError
 from llmos.jobs import pipeline as pipelines
-from llmos.jobs.service import JobService
 from llmos.registry import aliases
 from llmos.security.principal import Principal
 
@@ -40,20 +39,6 @@ class PipelineRequest(Strict):
 class RollbackRequest(Strict):
     alias: str = Field(min_length=1, max_length=300)
     to: str | None = Field(default=None, max_length=80)
-
-
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.llmos
-    return state
-
-
-def _jobs(request: Request) -> JobService:
-    jobs: JobService = request.app.state.jobs
-    return jobs
-
-
-def _scope(caller: Principal) -> int | None:
-    return None if caller.is_admin else caller.tenant_id
 
 
 async def _queue(request: Request, caller: Principal, recipe: pipelines.Recipe) -> str:

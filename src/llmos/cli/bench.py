@@ -5,12 +5,24 @@ compression table, each printing the CPU it ran on (speeds compare only within o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from llmos.cli import app, err, open_registry, out, settings, state
 from llmos.errors import LlmosError
+
+
+def _safetensors_copy(registry: Any, model: str) -> Any:
+    """The resolved safetensors copy of ``model`` (``MODEL:safetensors``, converted once) for the torch-side suites."""
+    from llmos.registry.convert import convert as convert_model
+
+    target = f"{model}:safetensors" if ":" not in model else model
+    try:
+        registry.show(target)
+    except LlmosError:
+        convert_model(registry, model, target=target)
+    return registry.resolve(target, verify=True)
 
 
 @app.command()
@@ -47,32 +59,20 @@ def bench(
         return
     if suite == "training":
         from llmos.bench import training as training_bench
-        from llmos.registry.convert import convert as convert_model
 
         err.print(f"CPU: {_cpu_name()}")
         registry = open_registry()
-        target = f"{model}:safetensors" if ":" not in model else model
-        try:
-            registry.show(target)
-        except LlmosError:
-            convert_model(registry, model, target=target)
-        resolved = registry.resolve(target, verify=True)
+        resolved = _safetensors_copy(registry, model)
         with registry.loadable_dir(resolved) as base_dir:
             for line in training_bench.run(base_dir, resolved.view.chat_template, repeats=repeats):
                 out.print(line, highlight=False)
         return
     if suite == "eval":
         from llmos.bench import evaluation as eval_bench
-        from llmos.registry.convert import convert as convert_model
 
         err.print(f"CPU: {_cpu_name()}")
         registry = open_registry()
-        target = f"{model}:safetensors" if ":" not in model else model
-        try:
-            registry.show(target)
-        except LlmosError:
-            convert_model(registry, model, target=target)
-        resolved = registry.resolve(target, verify=True)
+        resolved = _safetensors_copy(registry, model)
         gguf = model if registry.show(model).format == "gguf" else None
         with registry.loadable_dir(resolved) as model_dir:
             lines = eval_bench.run(
