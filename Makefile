@@ -6,7 +6,7 @@ SYSTEM_PYTHON ?= python3
 MODEL ?= smollm2
 PROMPT ?= What is the capital of France?
 
-.PHONY: run test install dev lint bench clean
+.PHONY: run test install dev lint bench clean console test-tools
 
 ## run: install llmos into $(VENV), pull the default model, stream an answer, then serve the OpenAI API
 run: install
@@ -15,7 +15,7 @@ run: install
 	$(VENV)/bin/llmos serve --model $(MODEL)
 
 ## test: install the dev tools too, then lint, type-check, check import layers and run the whole test suite
-test: dev lint
+test: dev lint test-tools
 	$(VENV)/bin/pytest
 
 lint: dev
@@ -39,6 +39,20 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	wheels=$$(scripts/build_llama_cpp.sh $(PY)) && \
 		$(PIP) install --quiet --find-links "$$wheels" -e '.[llamacpp,torch,bench,eval,dev]'
 	touch $@
+
+## test-tools: the Debian programs the tests drive: chromium (the console's browser tests, through Playwright; nothing
+## is downloaded by Playwright) and promtool (from the prometheus package: `promtool check metrics` on /metrics)
+test-tools:
+	@missing=""; [ -x /usr/bin/chromium ] || missing="chromium"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else echo "the tests need: sudo apt-get install $$missing" >&2; exit 1; fi; fi
+
+## console: rebuild the web console (console/, Preact + TypeScript + Vite) into src/llmos/console/static
+console:
+	cd console && npm ci --no-audit --no-fund && npm run build
 
 ## bench: llmos against llama-cpp-python: the SDK against llama_cpp.Llama, the server against llama_cpp.server
 bench: install

@@ -127,7 +127,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"server exited: {self.read_log()}"
             try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

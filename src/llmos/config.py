@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -124,6 +124,18 @@ class Settings(BaseSettings):
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed to call the API from a browser (CORS); none by default."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Least severe log level `llmos serve` writes (the access log is at info)."
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="Log lines of `llmos serve` on stderr: JSON objects, readable text, or auto (text on a terminal).",
+    )
+    ready_min_free_bytes: int = Field(
+        default=1024**3,
+        ge=0,
+        description="/ready answers 503 while the disk holding LLMOS_HOME has less free space than this (bytes).",
     )
     llamacpp_extra_buffers: bool = Field(
         default=True,

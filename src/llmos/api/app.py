@@ -1,10 +1,10 @@
 """The FastAPI application of ``llmos serve``.
 
 Contract: :func:`create_app` wires settings, the registry, a :class:`~llmos.runtime.residency.Residency` memory
-manager with its :class:`~llmos.runtime.loader.Loader`, metrics, error mapping and middleware, and mounts the OpenAI
-routes, ``/health``, ``/metrics`` and the admin routes. Models named in ``preload`` are loaded in a background
-thread at startup; ``/health`` answers 503 until they are ready (and 500 with the reason if one failed), then 200.
-Shutdown unloads every model.
+manager with its :class:`~llmos.runtime.loader.Loader`, metrics, tracing (when the OTEL environment asks for it),
+error mapping and middleware, and mounts the OpenAI routes, ``/health``, ``/ready``, ``/metrics`` and the admin
+routes. Models named in ``preload`` are loaded in a background thread at startup; ``/ready`` answers 503 until they
+are ready (see :mod:`llmos.api.health`), ``/health`` 200 as long as the process serves. Shutdown unloads every model.
 """
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ from contextlib import asynccontextmanager
 from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from llmos.api import errors, openapi
 from llmos.api.admin import router as admin_router
 from llmos.api.auth import AuthMiddleware
+from llmos.api.console import router as console_router
+from llmos.api.health import router as health_router
 from llmos.api.lifecycle import router as lifecycle_router
 from llmos.api.middleware import HardeningMiddleware, RequestContextMiddleware
+from llmos.api.models import router as models_router
 from llmos.api.openai.embeddings import router as embeddings_router
 from llmos.api.openai.routes import router as openai_router
 from llmos.api.pipelines import router as pipelines_router
@@ -33,6 +36,7 @@ from llmos.engine.core import EngineStats
 from llmos.errors import LlmosError
 from llmos.jobs.service import JobService
 from llmos.observability.metrics import CONTENT_TYPE, Metrics
+from llmos.observability.tracing import Tracing
 from llmos.registry.service import Registry
 from llmos.runtime.loader import Loader
 from llmos.runtime.memory import process_rss
@@ -73,7 +77,9 @@ def create_app(
             return 0, process_rss(), []
         return residency.budget, process_rss(), [(e.view.name, e.backend, e.reserved) for e in residency.snapshot()]
 
-    metrics = Metrics(engine_stats, memory)
+    jobs = JobService(settings)
+    metrics = Metrics(engine_stats, memory, jobs=jobs.gauges, home=settings.home)
+    tracing = Tracing.from_env()
     registry = Registry(settings)
     loader = Loader(
         settings, registry, overrides=backend_overrides, replicas=replicas, step_listener=metrics.observe_step
@@ -102,7 +108,6 @@ def create_app(
         finally:
             state.ready.set()
 
-    jobs = JobService(settings)
     stop_dispatch = threading.Event()
 
     def dispatch_jobs() -> None:
@@ -126,6 +131,7 @@ def create_app(
             await to_thread.run_sync(residency.close)
             await to_thread.run_sync(security.close)
             registry.close()
+            tracing.shutdown()
 
     app = FastAPI(title="llmos", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.llmos = state
@@ -142,21 +148,15 @@ def create_app(
     app.add_middleware(
         HardeningMiddleware, max_header_bytes=settings.max_header_bytes, read_seconds=settings.request_read_seconds
     )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: ids and metrics for every answer
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, tracing=tracing)  # outermost: ids, logs, metrics
     app.include_router(openai_router)
     app.include_router(embeddings_router)
     app.include_router(admin_router)
     app.include_router(lifecycle_router)
     app.include_router(pipelines_router)
-
-    @app.get("/ready")
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if not state.ready.is_set():
-            return JSONResponse({"status": "loading", "models": state.preload}, status_code=503)
-        if state.preload_error:
-            return JSONResponse({"status": "error", "error": state.preload_error}, status_code=500)
-        return JSONResponse({"status": "ok"})
+    app.include_router(models_router)  # after pipelines: /admin/models/{name}/history is matched first
+    app.include_router(console_router)
+    app.include_router(health_router)  # /health (alive) and /ready (preloads, database, disk)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

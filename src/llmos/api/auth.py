@@ -1,6 +1,7 @@
 """Authentication on every route, and the permission checks routes call.
 
-Contract: :class:`AuthMiddleware` runs before routing. Unless the path is ``/health`` or ``/ready``, it requires a
+Contract: :class:`AuthMiddleware` runs before routing. Unless the path is ``/health``, ``/ready`` or the web console's
+static files under ``/console``, it requires a
 valid ``Authorization: Bearer <key>`` whenever authentication is on (a key exists, or ``Settings.auth``), and stores
 the :class:`~llmos.security.principal.Principal` in ``scope["state"]["principal"]``; with authentication off, the
 caller is the local admin. It fails closed: an unexpected error while authenticating denies the request (401 for a
@@ -24,6 +25,12 @@ from llmos.security.service import SecurityService
 
 log = logging.getLogger("llmos.api")
 OPEN_PATHS = {"/health", "/ready"}
+CONSOLE_PREFIX = "/console"
+"""The web console's static shell (HTML, scripts, styles; no data) is served without a key."""
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")
 
 
 class AuthMiddleware:
@@ -32,7 +39,7 @@ class AuthMiddleware:
         self.security = security
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

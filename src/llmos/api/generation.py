@@ -5,9 +5,11 @@ manager: loading and evicting as needed) and, for a LoRA adapter, to its residen
 returned :class:`Target` holds a lease until released. :func:`submit_all` queues every choice of a call on the
 model's engine before any response byte is sent, so admission errors (503 with ``Retry-After``) are proper HTTP
 errors; if one choice is refused the others are aborted and the lease released. :class:`Call` then yields
-``(choice_index, output)`` pairs as the engine produces them, records time to first token, inter-token latency,
-tokens and finish reasons in the metrics, aborts every unfinished choice if the consumer goes away (client
-disconnect) or fails, and releases the lease (applying the request's keep-alive) when it ends.
+``(choice_index, output)`` pairs as the engine produces them, records queue wait, time to first token, inter-token
+latency, tokens (per model and tenant) and finish reasons in the metrics, and the queue and generation spans when
+tracing is on; it aborts every unfinished choice if the consumer goes away (client disconnect) or fails, records the
+request's final status for the request counter, and releases the lease (applying the request's keep-alive) when it
+ends. The resolved model's registry name becomes the request's ``model`` for logs, metrics and traces.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from llmos.api.state import AppState
 from llmos.engine.request import GenerationOutput, GenerationRequest
 from llmos.engine.streams import AsyncOutputStream
 from llmos.errors import InvalidInputError, LlmosError, OverloadedError
+from llmos.observability.context import current_request, set_model, set_outcome
 from llmos.observability.metrics import Metrics
 from llmos.registry.names import parse_ref
 from llmos.runtime.model import LoadedModel
@@ -102,6 +105,7 @@ class Target:
 async def acquire(state: AppState, caller: Principal, name: str, keep_alive_value: object = None) -> Target:
     keep_alive = parse_keep_alive(keep_alive_value)  # type: ignore[arg-type]
     view = visible_view(caller, await to_thread.run_sync(state.registry.show, name), name)
+    set_model(view.name)
     adapter: str | None = None
     lease_name = name
     if view.format == "lora":
@@ -143,35 +147,54 @@ class Call:
     metering: Metering | None = None
     prompt_tokens: int = 0
     finished: set[int] = field(default_factory=set)
+    submitted: float = field(default_factory=time.monotonic)
+    tenant: str | None = None
 
     @property
     def model(self) -> LoadedModel:
         return self.target.model
 
     async def outputs(self) -> AsyncIterator[tuple[int, GenerationOutput]]:
-        label = self.model.name
+        metrics, label = self.metrics, self.target.name
+        context = current_request()
         last_token_at: dict[int, float] = {}
+        admitted: dict[int, float] = {}
         completion_tokens = 0
         status = 200
         try:
             async for index, output in self._merged():
+                if index not in admitted and output.admitted_at is not None:
+                    admitted[index] = output.admitted_at
+                    metrics.queue_wait.labels(label).observe(max(0.0, output.admitted_at - self.submitted))
                 if output.token_ids:
                     previous = last_token_at.get(index)
                     if previous is None:
-                        self.metrics.time_to_first_token.labels(label).observe(output.time - self.arrived)
+                        metrics.time_to_first_token.labels(label).observe(output.time - self.arrived)
                     else:
-                        self.metrics.inter_token_latency.labels(label).observe(output.time - previous)
+                        metrics.inter_token_latency.labels(label).observe(output.time - previous)
                     last_token_at[index] = output.time
                 if output.finished:
                     self.finished.add(index)
                     completion_tokens += output.completion_tokens
-                    self.metrics.finished.labels(label, output.finish_reason or "unknown").inc()
-                    self.metrics.completion_tokens.labels(label).inc(output.completion_tokens)
+                    metrics.finished.labels(label, output.finish_reason or "unknown").inc()
+                    metrics.count_tokens(label, self.tenant, completion=output.completion_tokens)
+                    if context is not None and context.tracing is not None:
+                        context.tracing.record_generation(
+                            context,
+                            choice=index,
+                            submitted=self.submitted,
+                            admitted=admitted.get(index),
+                            finished=output.time,
+                            prompt_tokens=output.prompt_tokens,
+                            completion_tokens=output.completion_tokens,
+                            finish_reason=output.finish_reason,
+                        )
                 yield index, output
         except BaseException as exc:
             status = exc.status if isinstance(exc, LlmosError) else 499
             raise
         finally:
+            set_outcome(status)
             self.abort_unfinished()
             self.target.release()
             if self.metering is not None:
@@ -182,7 +205,7 @@ class Call:
             if index not in self.finished:
                 self.model.engine.abort(request.request_id)
                 self.finished.add(index)
-                self.metrics.finished.labels(self.model.name, "cancelled").inc()
+                self.metrics.finished.labels(self.target.name, "cancelled").inc()
 
     async def _merged(self) -> AsyncIterator[tuple[int, GenerationOutput]]:
         if len(self.streams) == 1:
@@ -228,6 +251,7 @@ def submit_all(
     model = target.model
     streams: list[AsyncOutputStream] = []
     submitted: list[GenerationRequest] = []
+    submitted_at = time.monotonic()
     try:
         for request in requests:
             stream = AsyncOutputStream()
@@ -236,12 +260,23 @@ def submit_all(
             submitted.append(request)
     except BaseException as exc:
         if isinstance(exc, OverloadedError):
-            metrics.rejected.labels(model.name).inc()
+            metrics.rejected.labels(target.name).inc()
         for request in submitted:
             model.engine.abort(request.request_id)
         target.release()
         if metering is not None:
             metering.finish(target.name, 0, 0, exc.status if isinstance(exc, LlmosError) else 500)
         raise
-    metrics.prompt_tokens.labels(model.name).inc(prompt_tokens)
-    return Call(target, requests, streams, metrics, arrived=arrived, metering=metering, prompt_tokens=prompt_tokens)
+    tenant = metering.caller.tenant if metering is not None else None
+    metrics.count_tokens(target.name, tenant, prompt=prompt_tokens)
+    return Call(
+        target,
+        requests,
+        streams,
+        metrics,
+        arrived=arrived,
+        metering=metering,
+        prompt_tokens=prompt_tokens,
+        submitted=submitted_at,
+        tenant=tenant,
+    )

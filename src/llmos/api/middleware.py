@@ -1,15 +1,21 @@
-"""ASGI middleware: a request id on every response, and per-route HTTP metrics.
+"""ASGI middleware: request ids, request context for logs and traces, access log, per-route and per-model metrics.
 
 Contract: every HTTP response carries ``x-request-id`` (the client's, if it sent a well-formed one, else a new
 one), basic security headers (nosniff, no framing, no referrer), and any headers a handler left in
 ``scope["state"]["response_headers"]`` (rate-limit state); the id is also in ``scope["state"]["request_id"]`` for
-handlers and logs. Each request is counted by method, route template and status, and its duration observed. Pure
-ASGI, so streaming responses pass through untouched.
+handlers. A :class:`~llmos.observability.context.RequestContext` is bound for the request's duration, so every log
+record carries the request id, tenant and (once resolved) model, and, when tracing is on, the request gets a SERVER
+span. When the request ends: it is counted by method, route template and status and its duration observed;
+generation and embedding routes are also counted by endpoint, model, tenant and final status (a stream's outcome
+overrides the 200 it started with) with their end-to-end latency; one access-log line is written (``llmos.access``:
+method, route template, status, duration, plus the context fields; probes and scrapes at DEBUG). Never the raw
+path, headers, bodies or keys. Pure ASGI, so streaming responses pass through untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -17,8 +23,15 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmos.observability.metrics import Metrics
+from llmos.observability.context import RequestContext, bind_request, reset_request
+from llmos.observability.metrics import METHODS, Metrics
+from llmos.observability.tracing import Tracing
 
+access_log = logging.getLogger("llmos.access")
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
+"""Routes counted per model and tenant (``llmos_requests_total``), by their endpoint label."""
+QUIET_ROUTES = {"/health", "/ready", "/metrics"}
+"""Probes and scrapes: logged at DEBUG so a 1 s scrape interval does not drown the access log."""
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
@@ -28,17 +41,24 @@ SECURITY_HEADERS = [
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.tracing = tracing or Tracing()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        headers = scope.get("headers") or []
+        incoming = dict(headers).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _VALID_ID.match(incoming) else f"req_{uuid.uuid4().hex}"
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        context = RequestContext(request_id, state)
+        if self.tracing.enabled:
+            context.span, context.tracing = self.tracing.start_request(scope["method"], headers), self.tracing
+        token = bind_request(context)
         started = time.monotonic()
         status = 500
 
@@ -57,10 +77,26 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            route: Any = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(scope["method"], template, str(status)).inc()
-            self.metrics.request_duration.labels(template).observe(time.monotonic() - started)
+            try:
+                self._finish(scope, context, status, time.monotonic() - started)
+            finally:
+                reset_request(token)
+
+    def _finish(self, scope: Scope, context: RequestContext, status: int, seconds: float) -> None:
+        route: Any = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        method = scope["method"]
+        self.metrics.observe_http(method, template, status, seconds)
+        endpoint = ENDPOINTS.get(template)
+        final = context.outcome if context.outcome is not None and status < 400 else status
+        if endpoint is not None:
+            self.metrics.observe_request(endpoint, context.model, context.tenant, final, seconds)
+        self.tracing.end_request(context.span, template, final, context)
+        level = logging.DEBUG if template in QUIET_ROUTES else logging.INFO
+        if access_log.isEnabledFor(level):
+            shown = method if method in METHODS else "OTHER"
+            extra = {"method": shown, "route": template, "status": final, "duration_ms": round(seconds * 1000, 1)}
+            access_log.log(level, "%s %s %d %.1fms", shown, template, final, seconds * 1000, extra=extra)
 
 
 class HardeningMiddleware:

@@ -166,7 +166,7 @@ def run(
         for side, home in homes.items():
             env = {**os.environ, "LLMOS_HOME": str(home), "LLMOS_USAGE_RECORDS": "1" if side == "on" else "0"}
             command = [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(ports[side])]
-            stack.enter_context(server(command, bases[side] + "/health", env, work_dir / f"llmos-{side}.log"))
+            stack.enter_context(server(command, bases[side] + "/ready", env, work_dir / f"llmos-{side}.log"))
         for repeat in range(repeats):
             order = ["on", "off"] if repeat % 2 == 0 else ["off", "on"]
             for side in order:

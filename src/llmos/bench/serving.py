@@ -232,7 +232,7 @@ def run_benchmark(
     if peer:
         ports["llama_cpp.server"] = free_port()
         commands["llama_cpp.server"] = peer_command(gguf, ports["llama_cpp.server"], threads, context)
-    ready = {"llmos": "/health", "llama_cpp.server": "/v1/models"}
+    ready = {"llmos": "/ready", "llama_cpp.server": "/v1/models"}
     bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     runs: dict[str, dict[int, list[LevelResult]]] = {name: {} for name in bases}
     with ExitStack() as stack:

@@ -502,10 +502,13 @@ def serve(
     ] = None,
     auth: Annotated[bool, typer.Option("--auth", help="Require API keys even before any key exists.")] = False,
 ) -> None:
-    """Serve the OpenAI-compatible HTTP API (and /health, /metrics, /admin/runtime)."""
+    """Serve the OpenAI-compatible HTTP API (and /health, /ready, /metrics, /admin/runtime)."""
+    import logging
+
     import uvicorn
 
     from llmos.api.app import create_app
+    from llmos.observability.logs import configure_logging, json_flag
     from llmos.registry.names import parse_ref
     from llmos.runtime.loader import parse_overrides, parse_replicas
     from llmos.runtime.memory import parse_size
@@ -526,6 +529,7 @@ def serve(
         parse_ref(name)
     backends = parse_overrides(backend or [])
     replica_counts = parse_replicas(replicas or [])
+    configure_logging(effective.log_level, json_flag(effective.log_format))  # JSON lines unless stderr is a TTY
     open_registry().close()  # apply migrations and surface store errors before binding the port
     app = create_app(
         effective,
@@ -534,8 +538,11 @@ def serve(
         backend_overrides=backends,
         replicas=replica_counts,
     )
-    err.print(f"llmos serving on http://{effective.host}:{effective.port} (OpenAI API under /v1)")
-    uvicorn.run(app, host=effective.host, port=effective.port, log_level="warning", access_log=False)
+    logging.getLogger("llmos.serve").info(  # a log record, so JSON logs stay one object per line
+        "llmos serving on http://%s:%d (OpenAI API under /v1)", effective.host, effective.port
+    )
+    # log_config=None: uvicorn's own records go through the handler configure_logging installed
+    uvicorn.run(app, host=effective.host, port=effective.port, log_level="warning", access_log=False, log_config=None)
 
 
 def _is_loopback(host: str) -> bool:
@@ -674,9 +681,9 @@ def version() -> None:
         out.print("llama-cpp-python not installed")
 
 
-# registers `llmos data|jobs|train|eval|quantize`, `llmos tenants|keys|usage|audit`, `llmos pipeline|history|rollback`
-# and `llmos prune|distill`
-from llmos.cli import bench, compression, lifecycle, pipelines, tenancy  # noqa: E402,F401
+# registers `llmos data|jobs|train|eval|quantize`, `llmos tenants|keys|usage|audit`, `llmos pipeline|history|rollback`,
+# `llmos prune|distill` and `llmos top`
+from llmos.cli import bench, compression, lifecycle, pipelines, tenancy, top  # noqa: E402,F401
 
 # --- entry point ----------------------------------------------------------------------------------------------------
 

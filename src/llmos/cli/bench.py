@@ -33,8 +33,9 @@ def bench(
             "--suite",
             help="serving (llmos serve vs llama_cpp.server), runtime (torch backend, ...), security (auth cost,"
             " tenant fairness), training (llmos LoRA training vs a transformers + peft loop), eval (llmos eval"
-            " perplexity throughput vs a transformers loop) or compression (size, speed and perplexity of the"
-            " comma-separated --model versions).",
+            " perplexity throughput vs a transformers loop), compression (size, speed and perplexity of the"
+            " comma-separated --model versions) or observability (16 streaming clients with /metrics scraped every"
+            " second and the console's runtime poll, vs neither; --repeats pairs of runs, at least 3).",
         ),
     ] = "serving",
     model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
@@ -99,9 +100,27 @@ def bench(
             for line in security_bench.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
                 out.print(line, highlight=False)
         return
+    if suite == "observability":
+        import tempfile
+
+        from llmos.bench import observability as observability_bench
+
+        registry = open_registry()
+        resolved = registry.resolve(model)
+        err.print(f"CPU: {_cpu_name()}; model {resolved.view.name}")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=log_dir) as work_dir, registry.loadable_dir(resolved) as model_dir:
+            resolved.primary_path  # noqa: B018 -- refuses a model of several files
+            weights = model_dir / resolved.view.files[0].path
+            lines = observability_bench.run(
+                resolved.view.name, weights, Path(work_dir), max_tokens=max_tokens, pairs=max(3, repeats)
+            )
+        for line in lines:
+            out.print(line, highlight=False, markup=False)
+        return
     if suite != "serving":
         raise InvalidInputError(
-            f"--suite must be serving, runtime, security, training, eval or compression, not {suite!r}"
+            f"--suite must be serving, runtime, security, training, eval, compression or observability, not {suite!r}"
         )
     try:
         counts = [int(x) for x in levels.split(",") if x.strip()]

@@ -212,6 +212,7 @@ class EngineCore:
         started = time.perf_counter()
         for chunk in list(chunks):
             if chunk.start_pos == 0 and chunk.seq.prompt_done == 0:  # the sequence just took its slot
+                chunk.seq.state.setdefault("admitted_at", time.monotonic())  # the first time (not after a preemption)
                 try:
                     self.backend.bind_adapter(_slot(chunk.seq), chunk.seq.request.adapter)
                 except LlmosError as exc:
@@ -356,6 +357,7 @@ class EngineCore:
 
     def _push(self, seq: Sequence, output: GenerationOutput) -> None:
         stream: OutputStream = seq.state["stream"]
+        output.admitted_at = seq.state.get("admitted_at")
         if self._outbox is not None and threading.current_thread() is self._thread:
             self._outbox.append((stream, output))
         else:

@@ -3,7 +3,7 @@
 Contract: plain dataclasses, no behaviour. A :class:`GenerationRequest` is immutable once submitted. The engine
 answers with a stream of :class:`GenerationOutput` events for that request: zero or more with new text, then
 exactly one with ``finished=True`` (and, on failure, ``error`` set). Every event carries the cumulative token
-counts, so the last one is also the usage record.
+counts, so the last one is also the usage record, and, once the request was admitted, its admission time.
 """
 
 from __future__ import annotations
@@ -65,3 +65,6 @@ class GenerationOutput:
     completion_tokens: int = 0
     error: LlmosError | None = None
     time: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    """``time.monotonic()`` when the request first took a slot in the running batch (None while it never did):
+    with the caller's submission time, its queue wait."""

@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from llmos.config import Settings
@@ -273,6 +273,23 @@ class JobService:
             job.updated_at = utcnow()
             job.pid = None
             job.pid_started = None
+
+    def gauges(self) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, float]]]:
+        """For ``/metrics``: job counts by (kind, state), and (id, kind, last loss) of each running job.
+
+        One grouped count and one indexed query; the loss is the one in the last progress report (at most 1 s old).
+        """
+        with self.session() as session:
+            counts = session.execute(select(Job.kind, Job.state, func.count()).group_by(Job.kind, Job.state))
+            states = [(str(kind), str(state), int(count)) for kind, state, count in counts]
+            running = session.execute(select(Job.id, Job.kind, Job.progress).where(Job.state == "running"))
+            losses = []
+            for job_id, kind, progress in running:
+                reported = (progress or {}).get("metrics")
+                loss = reported.get("loss") if isinstance(reported, dict) else None
+                if isinstance(loss, int | float) and not isinstance(loss, bool) and loss == loss:
+                    losses.append((str(job_id), str(kind), float(loss)))
+        return states, losses
 
     def metrics(self, job_id: str, *, tenant_id: int | None = None) -> list[dict[str, Any]]:
         self.get(job_id, tenant_id=tenant_id)

@@ -4,7 +4,8 @@ Contract: started by :meth:`llmos.jobs.service.JobService.dispatch` with stdout/
 the handler of the job's kind (:data:`llmos.jobs.kinds.HANDLERS`) with a :class:`JobContext`, then records the final
 state: ``succeeded`` with the handler's result, ``cancelled`` when a cancellation stopped it, ``failed`` with a
 one-line message otherwise (the traceback goes to the log only). SIGTERM asks the handler to stop at its next
-progress report. When it ends it dispatches the queue, so the next queued job starts without a server.
+progress report. When it ends it dispatches the queue, so the next queued job starts without a server. Log records
+(warnings and up) go to the job's log as text lines carrying the job id.
 """
 
 from __future__ import annotations
@@ -127,5 +128,9 @@ def run(job_id: str, settings: Settings | None = None) -> int:
 if __name__ == "__main__":
     # run the module under its real name, so handlers that import JobCancelled from it raise the class caught here
     from llmos.jobs import worker
+    from llmos.observability.context import bind_process
+    from llmos.observability.logs import configure_logging
 
+    bind_process(job_id=sys.argv[1])  # log records in the job's log name their job
+    configure_logging("warning", json=False)  # job.log is read by people (CLI, console): text, warnings and up
     sys.exit(worker.run(sys.argv[1]))

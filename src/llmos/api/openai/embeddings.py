@@ -22,6 +22,7 @@ from llmos.api.generation import meter
 from llmos.api.openai.schemas import Strict
 from llmos.api.state import AppState
 from llmos.errors import InvalidInputError, LlmosError
+from llmos.observability.context import set_model
 from llmos.runtime.embedding import EmbeddingModel
 from llmos.runtime.residency import parse_keep_alive
 
@@ -62,7 +63,8 @@ async def embeddings(request: Request) -> dict[str, Any]:
     if isinstance(body.input, list) and len(body.input) > MAX_INPUTS:
         raise InvalidInputError(f"at most {MAX_INPUTS} inputs per request, got {len(body.input)}", param="input")
     caller = principal(request)
-    visible_view(caller, await to_thread.run_sync(state.registry.show, body.model), body.model)
+    view = visible_view(caller, await to_thread.run_sync(state.registry.show, body.model), body.model)
+    set_model(view.name)
     lease = await to_thread.run_sync(state.residency.lease, body.model, keep_alive)
     metering = None
     try:
@@ -85,6 +87,7 @@ async def embeddings(request: Request) -> dict[str, Any]:
     finally:
         lease.release(keep_alive)
     state.metrics.embedding_inputs.labels(model.name).inc(len(texts))
+    state.metrics.count_tokens(model.name, caller.tenant, prompt=tokens)
     data = []
     for index, vector in enumerate(vectors):
         encoded: Any = (
