@@ -225,7 +225,7 @@ def run(
     env = {**os.environ, "LLMOS_HOME": str(home)}
     command = [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(port)]
     with ExitStack() as stack:
-        stack.enter_context(server(command, base + "/health", env, work_dir / "llmos.log"))
+        stack.enter_context(server(command, base + "/ready", env, work_dir / "llmos.log"))  # model loaded
         pid = _server_pid(port)
         asyncio.run(run_level(base, model, clients, 1, 16, False, "warmup", headers))
         for pair in range(pairs):

@@ -274,7 +274,9 @@ class LlamaCppModel:
             raise ValueError(f"batch of {total} tokens exceeds n_batch={self.n_batch}")
         rows: dict[int, list[int]] = {}
         index = 0
-        for item in items:
+        # In ascending sequence order: llama.cpp's per-sequence KV streams are gathered far faster that way (16
+        # sequences: ~95 ms a step ascending, ~200 ms descending, as the free-slot list hands them out after a burst).
+        for item in sorted(items, key=lambda item: item.seq_id):
             last = len(item.tokens) - 1
             for offset, token in enumerate(item.tokens):
                 batch.token[index] = token
