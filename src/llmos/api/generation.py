@@ -156,6 +156,11 @@ class Call:
 
     async def outputs(self) -> AsyncIterator[tuple[int, GenerationOutput]]:
         metrics, label = self.metrics, self.target.name
+        # the per-token histograms' children, looked up once per call rather than once per token
+        first_token, between_tokens = (
+            metrics.time_to_first_token.labels(label),
+            metrics.inter_token_latency.labels(label),
+        )
         context = current_request()
         last_token_at: dict[int, float] = {}
         admitted: dict[int, float] = {}
@@ -169,9 +174,9 @@ class Call:
                 if output.token_ids:
                     previous = last_token_at.get(index)
                     if previous is None:
-                        metrics.time_to_first_token.labels(label).observe(output.time - self.arrived)
+                        first_token.observe(output.time - self.arrived)
                     else:
-                        metrics.inter_token_latency.labels(label).observe(output.time - previous)
+                        between_tokens.observe(output.time - previous)
                     last_token_at[index] = output.time
                 if output.finished:
                     self.finished.add(index)
