@@ -74,6 +74,15 @@ class Settings(BaseSettings):
         ge=1,
         description="Prompt tokens per step while other sequences are decoding (chunked prefill keeps them flowing).",
     )
+    step_target_ms: int = Field(
+        default=100,
+        ge=0,
+        description=(
+            "While several requests share a model, keep each forward pass near this long by chunking prompts"
+            " (learned from measured steps); bounds stalls of running streams and how long a new request waits."
+            " 0 turns it off."
+        ),
+    )
     memory_budget: str = Field(
         default="60%",
         description=(

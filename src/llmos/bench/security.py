@@ -95,10 +95,13 @@ class Fairness:
     idle: list[RequestResult]
     loaded: list[RequestResult]
     flood_completed: int
+    flood_throughput: float
+    """Tenant a's completion tokens per second while b's loaded requests ran."""
 
 
-def _flood_main(base: str, model: str, key: str, flood: int, stop: Any, done: Any) -> None:
-    """Child process: tenant a keeps ``flood`` streams open until ``stop`` is set; counts completed requests.
+def _flood_main(base: str, model: str, key: str, flood: int, stop: Any, done: Any, tokens: Any) -> None:
+    """Child process: tenant a keeps ``flood`` streams open until ``stop`` is set; counts completed requests and
+    their completion tokens.
 
     It runs at low CPU priority: on a machine this small the load generator shares the cores with the server (whose
     compute threads are themselves niced below its HTTP loop), while real tenants' clients run elsewhere.
@@ -117,6 +120,7 @@ def _flood_main(base: str, model: str, key: str, flood: int, stop: Any, done: An
                     result = await one_request(client, base, model, prompt, 96)
                     with done.get_lock():
                         done.value += int(result.ok)
+                        tokens.value += result.tokens if result.ok else 0
                     round_ += 1
 
             await asyncio.gather(*(flooder(i) for i in range(flood)))
@@ -131,17 +135,21 @@ async def _fairness(base: str, model: str, keys: dict[str, str], flood: int, cou
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     done = context.Value("i", 0)
-    flooder = context.Process(target=_flood_main, args=(base, model, keys["a"], flood, stop, done), daemon=True)
+    tokens = context.Value("q", 0)
+    flooder = context.Process(target=_flood_main, args=(base, model, keys["a"], flood, stop, done, tokens), daemon=True)
     flooder.start()
     try:
         await asyncio.sleep(10.0)  # let the flood fill every slot and the waiting queue
+        started, tokens_before = time.perf_counter(), tokens.value
         loaded = await _ttfts(base, model, keys["b"], count, 8, "loaded")
+        await asyncio.sleep(max(20.0 - (time.perf_counter() - started), 0.0))  # a window long enough for a's rate
+        throughput = (tokens.value - tokens_before) / (time.perf_counter() - started)
     finally:
         stop.set()
         flooder.join(300)
         if flooder.is_alive():
             flooder.terminate()
-    return Fairness(idle, loaded, done.value)
+    return Fairness(idle, loaded, done.value, throughput)
 
 
 def run(
@@ -195,7 +203,7 @@ def run(
         lines += [
             "",
             f"fairness: tenant b, {len(loaded)} sequential requests while tenant a keeps {flood} streams open"
-            f" ({flood_ok} flood requests completed)",
+            f" ({flood_ok} flood requests completed; a's rate meanwhile {fairness.flood_throughput:.1f} tok/s)",
             f"  b TTFT idle:   median {statistics.median(idle) * 1000:.0f} ms, max {max(idle) * 1000:.0f} ms",
             f"  b TTFT loaded: median {statistics.median(loaded) * 1000:.0f} ms, max {max(loaded) * 1000:.0f} ms",
             f"  ratio loaded/idle (median): {slowdown:.2f} (bound: 2.0)",

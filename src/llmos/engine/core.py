@@ -43,6 +43,8 @@ def _slot(seq: Sequence) -> int:
 class EngineConfig:
     max_waiting: int = 64
     max_prefill_tokens: int = 256
+    step_target_seconds: float = 0.0
+    """Aim for steps about this long while several sequences share the engine (0: no target); see the scheduler."""
 
 
 @dataclass
@@ -84,6 +86,7 @@ class EngineCore:
                 max_waiting=self.config.max_waiting,
                 max_batch_tokens=backend.n_batch,
                 max_prefill_tokens=min(self.config.max_prefill_tokens, backend.n_batch),
+                step_target_seconds=self.config.step_target_seconds,
             )
         )
         self.step_listener = step_listener
@@ -238,8 +241,10 @@ class EngineCore:
                 self._advance(seq, chunk, rows.get(_slot(seq), []))
             except LlmosError as exc:
                 self._finish(seq, "error", error=exc)
+        seconds = time.perf_counter() - started
+        self.scheduler.record_step(sum(len(c.tokens) for c in chunks), seconds)
         if self.step_listener is not None:
-            self.step_listener(StepStats(len(chunks), len(items), time.perf_counter() - started))
+            self.step_listener(StepStats(len(chunks), len(items), seconds))
 
     def _advance(self, seq: Sequence, chunk: Chunk, rows: list[int]) -> None:
         request = seq.request

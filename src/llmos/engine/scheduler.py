@@ -9,6 +9,14 @@ Contract (pure Python, no model; the engine core executes what it decides):
   whole ``max_batch_tokens`` budget.
 * **Caps**: at most ``max_running`` sequences hold slots (one KV stream each), at most ``max_batch_tokens`` tokens
   per step.
+* **Step-time target** (isolation between tenants): on a *shared* engine (requests of two or more tenants within
+  ``shared_window_seconds``) with ``step_target_seconds`` set, each step is kept near the target: prompt tokens are
+  capped to what fits beside the step's decodes (never below ``min_prefill_tokens``), and when the decodes alone
+  would overrun it they are split: those of tenants holding fewer slots first, then the ones that waited longest
+  (round robin). A newcomer then waits at most one short step before its prompt starts. Tokens per step are learned
+  by :class:`~llmos.engine.step_cost.StepBudget` from the step times the engine reports through
+  :meth:`Scheduler.record_step`. An engine serving one tenant runs unthrottled steps (best throughput, and a burst
+  of prompts is prefilled at full speed).
 * **Order and fair share**: a waiting sequence is admitted by ``priority`` (lower first), then by how many slots
   its tenant (the request's fairness key) already holds (fewest first), then arrival (first come, first served).
   When every slot is taken and a tenant holding at most one slot waits behind a tenant holding two or more, the
@@ -16,7 +24,8 @@ Contract (pure Python, no model; the engine core executes what it decides):
   tenant's queue, to be recomputed from its prompt and the tokens it already produced (its output stream just
   pauses). At most one preemption per step; requests that score their prompt are never preempted. The prompt of
   such an outnumbered tenant runs in a step of its own (the others' decodes wait that one step), so its time to
-  first token stays close to what it is on an idle server.
+  first token stays close to what it is on an idle server; a prompt longer than one chunk alternates such steps
+  with normal ones.
 * **Admission control**: past ``max_waiting`` queued sequences, :meth:`Scheduler.add` raises
   :class:`~llmos.errors.OverloadedError` with a retry hint instead of queueing without bound.
 * **Cancellation**: :meth:`Scheduler.abort` removes a waiting sequence at once, and a running one at the next
@@ -27,10 +36,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmos.engine.request import GenerationRequest
+from llmos.engine.step_cost import StepBudget
 from llmos.errors import OverloadedError
 
 
@@ -40,6 +52,11 @@ class SchedulerConfig:
     max_waiting: int = 64
     max_batch_tokens: int = 512
     max_prefill_tokens: int = 256
+    step_target_seconds: float = 0.0
+    """0: no time target (prompt tokens per step are capped by the token limits only)."""
+    min_prefill_tokens: int = 8
+    shared_window_seconds: float = 10.0
+    """An engine counts as shared while requests of two or more tenants arrived within this many seconds."""
 
 
 @dataclass(eq=False)
@@ -56,6 +73,8 @@ class Sequence:
     position: int = 0
     """KV position of the next token fed."""
     generated: list[int] = field(default_factory=list)
+    last_decode_step: int = 0
+    """The scheduler step that last fed this sequence's pending token (round robin when decodes are split)."""
     replay: list[int] | None = None
     """After a preemption: the tokens to recompute into the KV cache (prompt + generated but the pending one)."""
     aborted: bool = False
@@ -110,8 +129,13 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self._clock = clock
+        self._last_seen: dict[str | None, float] = {}
+        self._steps = 0
+        self._alone_last = False
+        """The previous step ran an outnumbered tenant's prompt on its own (the next one may not)."""
         self._order = itertools.count()
         self._queues: dict[str | None, list[tuple[int, int, int, Sequence]]] = {}
         self._pushes = itertools.count()
@@ -121,6 +145,7 @@ class Scheduler:
         self._free_slots = list(range(config.max_running - 1, -1, -1))
         self._to_drop: list[Sequence] = []
         self.preemptions = 0
+        self.budget = StepBudget(config.step_target_seconds)
 
     # --- queue ------------------------------------------------------------------------------------------------------
 
@@ -142,6 +167,7 @@ class Scheduler:
                 retry_after=1.0,
             )
         seq.order = next(self._order)
+        self._last_seen[seq.tenant] = self._clock()
         self._enqueue(seq)
 
     def _enqueue(self, seq: Sequence) -> None:
@@ -231,6 +257,10 @@ class Scheduler:
         self.preemptions += 1
         return True
 
+    def record_step(self, tokens: int, seconds: float) -> None:
+        """How long the last step took (the engine thread reports it; step sizes for the time target follow)."""
+        self.budget.observe(tokens, seconds)
+
     # --- planning ---------------------------------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
@@ -245,29 +275,66 @@ class Scheduler:
             best = self._best_waiting()
             if best is not None:
                 self._preempt_for(best, plan)
+        self._steps += 1
+        decodes = [s for s in self.running if not s.prefilling and s.pending is not None]
+        prompt_cap = min(self.config.max_batch_tokens, self.config.max_prefill_tokens)
 
-        budget = self.config.max_batch_tokens
-        decodes = []
+        # an outnumbered tenant's prompt runs in a step of its own, before anything else; a long one alternates with
+        # normal steps, so the others' streams slow down but never stop
+        if not self._alone_last:
+            budget = prompt_cap if decodes else self.config.max_batch_tokens
+            for seq in self.running:
+                if budget > 0 and seq.prefilling and self._outnumbered(seq.tenant):
+                    budget -= self._prefill_chunk(plan, seq, budget)
+            self._admit_waiting(plan, budget, only_outnumbered=True)
+        self._alone_last = bool(plan.chunks) and bool(decodes)
+        if plan.chunks:
+            return plan
+
+        chosen = self._pick_decodes(decodes)
+        budget = self.config.max_batch_tokens - len(chosen)
+        budget = self._time_capped(min(budget, prompt_cap) if chosen else budget, len(chosen))
         for seq in self.running:
-            if not seq.prefilling and seq.pending is not None:
-                decodes.append(Chunk(seq, [seq.pending], seq.position, "last", samples=True))
-                budget -= 1
-        decoding = bool(decodes)
-        prefill_budget = min(budget, self.config.max_prefill_tokens) if decoding else budget
-
-        # an outnumbered tenant's request is admitted and prefilled before the majority's pending prompts
-        prefill_budget = self._admit_waiting(plan, prefill_budget, only_outnumbered=True)
-        admitted_now = {chunk.seq.request_id for chunk in plan.chunks}
-        prefilling = [s for s in self.running if s.prefilling and s.request_id not in admitted_now]
-        prefilling.sort(key=lambda s: not self._outnumbered(s.tenant))  # stable: arrival order otherwise
-        for seq in prefilling:
-            if prefill_budget <= 0:
-                break
-            prefill_budget -= self._prefill_chunk(plan, seq, prefill_budget)
-        self._admit_waiting(plan, prefill_budget, only_outnumbered=False)
-        if not any(self._outnumbered(chunk.seq.tenant) for chunk in plan.chunks):
-            plan.chunks[:0] = decodes
+            if budget > 0 and seq.prefilling:
+                budget -= self._prefill_chunk(plan, seq, budget)
+        self._admit_waiting(plan, budget, only_outnumbered=False)
+        plan.chunks[:0] = [
+            Chunk(seq, [seq.pending], seq.position, "last", samples=True) for seq in chosen if seq.pending is not None
+        ]
         return plan
+
+    def _shared(self) -> bool:
+        """True when requests of more than one tenant reached this engine within the recent window."""
+        horizon = self._clock() - self.config.shared_window_seconds
+        for tenant in [t for t, seen in self._last_seen.items() if seen < horizon]:
+            del self._last_seen[tenant]
+        return len(self._last_seen) > 1
+
+    def _pick_decodes(self, decodes: list[Sequence]) -> list[Sequence]:
+        """All running decodes; on a shared engine whose decodes alone would overrun the step-time target, those of
+        tenants holding fewer slots first, then those that waited longest (round robin), leaving room for a minimum
+        prompt chunk when one is pending."""
+        capacity = self.budget.capacity()
+        if capacity is None or len(decodes) <= 1 or not self._shared():
+            chosen = decodes
+        else:
+            wants_prompt = bool(self._waiting and self._free_slots) or any(s.prefilling for s in self.running)
+            room = max(capacity - (self.config.min_prefill_tokens if wants_prompt else 0), 1)
+            # tenants holding fewer slots first (fair share), then round robin
+            ranked = sorted(decodes, key=lambda s: (self._held.get(s.tenant, 0), s.last_decode_step, s.order))
+            picked = set(ranked[:room])
+            chosen = [s for s in decodes if s in picked]
+        for seq in chosen:
+            seq.last_decode_step = self._steps
+        return chosen
+
+    def _time_capped(self, budget: int, decodes: int) -> int:
+        """``budget`` lowered to the prompt tokens that fit the step-time target beside ``decodes`` decode tokens
+        (never below ``min_prefill_tokens``), on a shared engine with more than one sequence in it."""
+        capacity = self.budget.capacity()
+        if capacity is None or len(self.running) + len(self._waiting) <= 1 or not self._shared():
+            return budget
+        return min(budget, max(capacity - decodes, self.config.min_prefill_tokens))
 
     def _admit_waiting(self, plan: StepPlan, budget: int, *, only_outnumbered: bool) -> int:
         """Admit waiting sequences (best first) into free slots while prompt budget lasts; returns what is left.

@@ -164,7 +164,11 @@ class Loader:
         listener = self.step_listener
         engine = EngineCore(
             generator,
-            EngineConfig(max_waiting=self.settings.max_waiting, max_prefill_tokens=self.settings.max_prefill_tokens),
+            EngineConfig(
+                max_waiting=self.settings.max_waiting,
+                max_prefill_tokens=self.settings.max_prefill_tokens,
+                step_target_seconds=self.settings.step_target_ms / 1000,
+            ),
             name=view.name,
             step_listener=(lambda stats: listener(view.name, stats)) if listener else None,
         )
