@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,3 +66,41 @@ def converted_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     convert(registry, "smollm2", target="smollm2:safetensors")
     registry.close()
     return settings
+
+
+def ray_listeners(pgid: int) -> list[str]:
+    """Listening addresses of every process in a Ray cluster's process group (the test cluster must be loopback)."""
+    import psutil
+
+    addresses = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                continue
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    addresses.append(conn.laddr.ip)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return addresses
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A local Ray head on 127.0.0.1 (2 CPUs: two worker processes for actors), started the one llmos way.
+
+    At the end it checks that every listener of the cluster's processes is on loopback, then stops the cluster by
+    its own process group.
+    """
+    pytest.importorskip("ray")
+    from llmos.distributed.cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("ray") / "home")
+    info = cluster.start(cpus=2)
+    try:
+        yield info
+        listeners = [ipaddress.ip_address(ip) for ip in ray_listeners(info.pid)]
+        unwrapped = [getattr(ip, "ipv4_mapped", None) or ip for ip in listeners]  # ::ffff:127.0.0.1 is loopback
+        assert listeners and all(ip.is_loopback for ip in unwrapped), listeners
+    finally:
+        cluster.stop()

@@ -228,3 +228,22 @@ def make_tiny_bpe_llama(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# --- transfer ---------------------------------------------------------------------------------------------------
+
+
+def make_tiny_hf(directory: Path) -> Path:
+    """A Hugging Face model directory made without torch: random safetensors weights (~0.5 MB), config.json and a
+    ~300 KB tokenizer.json (three blobs of different sizes, for transfer tests)."""
+    import json
+
+    directory.mkdir(parents=True)
+    count = 128 * 1024
+    header = json.dumps({"w": {"dtype": "F32", "shape": [count], "data_offsets": [0, 4 * count]}}).encode()
+    (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + os.urandom(4 * count))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32}
+    (directory / "config.json").write_text(json.dumps(config))
+    vocab = {os.urandom(8).hex(): n for n in range(12000)}
+    (directory / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}}))
+    return directory

@@ -83,6 +83,26 @@ class Settings(BaseSettings):
             " 0 turns it off."
         ),
     )
+    ray_address: str | None = Field(
+        default=None,
+        description=(
+            "Serve models as replicas on this Ray cluster (host:port, or `auto` for the one `llmos cluster start`"
+            " runs for this home). Unset: everything runs in this process."
+        ),
+    )
+    ray_min_replicas: int = Field(default=1, ge=1, le=64, description="Replicas per model on Ray, at least.")
+    ray_max_replicas: int = Field(
+        default=1, ge=1, le=64, description="Replicas per model on Ray, at most (scaled up when requests queue)."
+    )
+    ray_scale_down_seconds: float = Field(
+        default=60.0, gt=0, description="Idle time after which a Ray model above its minimum replicas drops one."
+    )
+    ray_replica_cpus: int = Field(
+        default=1, ge=1, le=256, description="CPUs a Ray replica reserves (and compute threads it runs)."
+    )
+    ray_allow_remote: bool = Field(
+        default=False, description="Allow a Ray address that is not on this machine (loopback only otherwise)."
+    )
     memory_budget: str = Field(
         default="60%",
         description=(
@@ -145,6 +165,17 @@ class Settings(BaseSettings):
         default=1024**3,
         ge=0,
         description="/ready answers 503 while the disk holding LLMOS_HOME has less free space than this (bytes).",
+    )
+    remote_api_key: SecretStr | None = Field(
+        default=None,
+        description="API key `llmos push` / `llmos pull --from` present to the other llmos server (or --api-key).",
+    )
+    transfer_allow_private: bool = Field(
+        default=False,
+        description=(
+            "Let `llmos push` / `llmos pull --from` reach loopback, private, link-local and other non-public"
+            " addresses (off: such targets are refused before any connection, so transfers cannot be used for SSRF)."
+        ),
     )
     llamacpp_extra_buffers: bool = Field(
         default=True,

@@ -71,11 +71,20 @@ async def runtime(request: Request) -> dict[str, Any]:
                     "kv_cells_total": sum(s.kv_cells_total for s in all_stats),
                     "generated_tokens": sum(s.generated_tokens for s in all_stats),
                     "prompt_tokens": sum(s.prompt_tokens for s in all_stats),
-                    "per_replica": [{"running": s.running, "waiting": s.waiting} for s in all_stats],
+                    "per_replica": [
+                        {"running": s.running, "waiting": s.waiting, "alive": r.engine.alive, **_placement(r)}
+                        for r, s in zip(engines, all_stats, strict=True)
+                    ],
                 }
             )
         models.append(item)
     return {"budget": residency.budget, "used": residency.used(), "rss": process_rss(), "models": models}
+
+
+def _placement(replica: LoadedModel) -> dict[str, Any]:
+    """Where a replica runs: its Ray node and worker process, for replicas on a Ray cluster."""
+    info = getattr(replica.engine, "info", None)
+    return {"node": info["node"], "pid": info["pid"]} if isinstance(info, dict) else {}
 
 
 @router.post("/runtime/unload")

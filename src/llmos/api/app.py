@@ -2,9 +2,10 @@
 
 Contract: :func:`create_app` wires settings, the registry, a :class:`~llmos.runtime.residency.Residency` memory
 manager with its :class:`~llmos.runtime.loader.Loader`, metrics, tracing (when the OTEL environment asks for it),
-error mapping and middleware, and mounts the OpenAI routes, ``/health``, ``/ready``, ``/metrics`` and the admin
-routes. Models named in ``preload`` are loaded in a background thread at startup; ``/ready`` answers 503 until they
-are ready (see :mod:`llmos.api.health`), ``/health`` 200 as long as the process serves. Shutdown unloads every model.
+error mapping and middleware, and mounts the OpenAI routes, ``/health``, ``/ready``, ``/metrics``, the admin
+routes and the registry transfer routes (``/v1/registry``). Models named in ``preload`` are loaded in a background
+thread at startup; ``/ready`` answers 503 until they are ready (see :mod:`llmos.api.health`), ``/health`` 200 as long
+as the process serves. Shutdown unloads every model.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from llmos.api.openai.embeddings import router as embeddings_router
 from llmos.api.openai.routes import router as openai_router
 from llmos.api.pipelines import router as pipelines_router
 from llmos.api.state import AppState
+from llmos.api.transfer import router as transfer_router
 from llmos.config import Settings
 from llmos.engine.core import EngineStats
-from llmos.errors import LlmosError
+from llmos.errors import BackendUnavailableError, LlmosError
 from llmos.jobs.service import JobService
 from llmos.observability.metrics import CONTENT_TYPE, Metrics
 from llmos.observability.tracing import Tracing
@@ -47,6 +49,36 @@ from llmos.security.quotas import QuotaManager
 from llmos.security.service import SecurityService
 
 log = logging.getLogger(__name__)
+
+
+def _make_loader(
+    settings: Settings,
+    registry: Registry,
+    overrides: dict[str, str] | None,
+    replicas: dict[str, int] | None,
+    metrics: Metrics,
+) -> Loader:
+    """The local loader, or with ``ray_address`` set, one that runs model replicas on the Ray cluster."""
+    if not settings.ray_address:
+        return Loader(settings, registry, overrides=overrides, replicas=replicas, step_listener=metrics.observe_step)
+    from llmos.distributed.cluster import LocalCluster, connect
+    from llmos.distributed.serving import RayLoader
+
+    address = settings.ray_address
+    if address == "auto":
+        info = LocalCluster(settings.home).info()
+        if info is None:
+            raise BackendUnavailableError("no Ray cluster runs for this home; start one with `llmos cluster start`")
+        address = info.address
+    connect(address, settings.home / "ray" / "home", allow_remote=settings.ray_allow_remote)
+    return RayLoader(
+        settings,
+        registry,
+        overrides=overrides,
+        replicas=replicas,
+        min_replicas=settings.ray_min_replicas,
+        max_replicas=settings.ray_max_replicas,
+    )
 
 
 def create_app(
@@ -81,9 +113,7 @@ def create_app(
     metrics = Metrics(engine_stats, memory, jobs=jobs.gauges, home=settings.home)
     tracing = Tracing.from_env()
     registry = Registry(settings)
-    loader = Loader(
-        settings, registry, overrides=backend_overrides, replicas=replicas, step_listener=metrics.observe_step
-    )
+    loader = _make_loader(settings, registry, backend_overrides, replicas, metrics)
     residency = Residency(
         settings,
         registry,
@@ -154,6 +184,7 @@ def create_app(
     app.include_router(admin_router)
     app.include_router(lifecycle_router)
     app.include_router(pipelines_router)
+    app.include_router(transfer_router)  # /v1/registry: push and pull between llmos servers
     app.include_router(models_router)  # after pipelines: /admin/models/{name}/history is matched first
     app.include_router(console_router)
     app.include_router(health_router)  # /health (alive) and /ready (preloads, database, disk)

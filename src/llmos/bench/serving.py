@@ -75,7 +75,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(command: list[str], ready_url: str, env: dict[str, str], log_path: Path) -> Iterator[None]:
+def server(
+    command: list[str], ready_url: str, env: dict[str, str], log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
@@ -91,7 +93,7 @@ def server(command: list[str], ready_url: str, env: dict[str, str], log_path: Pa
                 time.sleep(0.5)
             else:
                 raise RuntimeError(f"server not ready after 180 s; see {log_path}")
-            yield
+            yield process
         finally:
             process.terminate()
             try:

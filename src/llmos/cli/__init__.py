@@ -153,8 +153,31 @@ def print_json(value: Any) -> None:
 
 
 @app.command()
-def pull(name: Annotated[str, typer.Argument(help="Bundled model to register, e.g. smollm2 or gemma3-270m.")]) -> None:
-    """Register a model that ships inside an installed Python package (no network needed)."""
+def pull(
+    name: Annotated[str, typer.Argument(help="Bundled model to register (smollm2, gemma3-270m), or a remote name.")],
+    from_url: Annotated[
+        str | None,
+        typer.Option("--from", help="Fetch NAME (a model or dataset) from this llmos server.", show_default=False),
+    ] = None,
+    target: Annotated[str | None, typer.Option("--name", "-n", help="With --from: local name (default: same).")] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="With --from: the server's key (default LLMOS_REMOTE_API_KEY).")
+    ] = None,
+    allow_private: Annotated[
+        bool, typer.Option("--allow-private", help="With --from: allow loopback / private-network servers.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --from: print the transfer report as JSON.")] = False,
+) -> None:
+    """Register a model that ships inside an installed Python package, or fetch one from another llmos server."""
+    if from_url is not None:
+        from llmos.cli.transfer import pull_from
+
+        pull_from(name, from_url, target, api_key, allow_private, as_json)
+        return
+    if target or api_key or allow_private or as_json:
+        from llmos.errors import InvalidInputError
+
+        raise InvalidInputError("--name, --api-key, --allow-private and --json apply only with --from URL")
     from llmos.registry import sources
 
     registry = open_registry()
@@ -166,8 +189,16 @@ def pull(name: Annotated[str, typer.Argument(help="Bundled model to register, e.
 
 @app.command("import")
 def import_(
-    path: Annotated[Path, typer.Argument(help="A .gguf file, a .safetensors file or a Hugging Face model directory.")],
-    name: Annotated[str, typer.Option("--name", "-n", help="Name to register it under: [namespace/]name[:tag].")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A .gguf file, a .safetensors file, a Hugging Face model directory or an edge bundle (llmos export)."
+        ),
+    ],
+    name: Annotated[
+        str | None,
+        typer.Option("--name", "-n", help="Name to register it under: [namespace/]name[:tag] (a bundle: its own)."),
+    ] = None,
     chat_template: Annotated[
         Path | None, typer.Option("--chat-template", help="Jinja chat template file replacing the model's own.")
     ] = None,
@@ -178,10 +209,20 @@ def import_(
         str | None, typer.Option("--tenant", help="Owning tenant (only it and admins see the model); default public.")
     ] = None,
 ) -> None:
-    """Import a model file or directory (GGUF, safetensors, Hugging Face, peft LoRA) into the registry."""
+    """Import a model file or directory (GGUF, safetensors, Hugging Face, peft LoRA, edge bundle) into the registry."""
     from llmos.formats.detect import inspect_path
+    from llmos.formats.edge_runner import is_bundle
     from llmos.registry.names import parse_ref
 
+    if is_bundle(path):  # verified against its manifest before anything is registered
+        from llmos.cli.edge import import_edge
+
+        import_edge(path, name, tenant=tenant, chat_template=chat_template, base=base)
+        return
+    if name is None:
+        from llmos.errors import InvalidInputError
+
+        raise InvalidInputError(f"--name is required to import {path} (only an edge bundle names itself)", param="name")
     parse_ref(name)  # reject a bad name before reading anything
     template = _read_template(chat_template) if chat_template else None
     from llmos.cli.tenancy import open_security
@@ -501,6 +542,15 @@ def serve(
         list[str] | None, typer.Option("--replicas", help="NAME=N: run N engine instances of NAME (load balanced).")
     ] = None,
     auth: Annotated[bool, typer.Option("--auth", help="Require API keys even before any key exists.")] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray", help="Run model replicas on this Ray cluster: host:port, or auto (`llmos cluster start`)."
+        ),
+    ] = None,
+    ray_replicas: Annotated[
+        str | None, typer.Option("--ray-replicas", help="MIN[:MAX] replicas per model on Ray (scaled by queue depth).")
+    ] = None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API (and /health, /ready, /metrics, /admin/runtime)."""
     import logging
@@ -521,6 +571,15 @@ def serve(
     }
     if auth:
         overrides["auth"] = True
+    if ray is not None:
+        overrides["ray_address"] = ray
+    if ray_replicas is not None:
+        from llmos.errors import InvalidInputError
+
+        low, _, high = ray_replicas.partition(":")
+        if not low.isdigit() or not (high or low).isdigit() or not 1 <= int(low) <= int(high or low) <= 64:
+            raise InvalidInputError(f"--ray-replicas takes MIN or MIN:MAX between 1 and 64: {ray_replicas!r}")
+        overrides["ray_min_replicas"], overrides["ray_max_replicas"] = int(low), int(high or low)
     effective = settings().model_copy(update=overrides)
     _refuse_open_bind_without_keys(effective)
     parse_size(effective.memory_budget)
@@ -682,8 +741,8 @@ def version() -> None:
 
 
 # registers `llmos data|jobs|train|eval|quantize`, `llmos tenants|keys|usage|audit`, `llmos pipeline|history|rollback`,
-# `llmos prune|distill` and `llmos top`
-from llmos.cli import bench, compression, lifecycle, pipelines, tenancy, top  # noqa: E402,F401
+# `llmos prune|distill`, `llmos top`, `llmos push` and `llmos export`
+from llmos.cli import bench, cluster, compression, edge, lifecycle, pipelines, tenancy, top, transfer  # noqa: E402,F401
 
 # --- entry point ----------------------------------------------------------------------------------------------------
 

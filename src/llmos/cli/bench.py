@@ -34,8 +34,9 @@ def bench(
             help="serving (llmos serve vs llama_cpp.server), runtime (torch backend, ...), security (auth cost,"
             " tenant fairness), training (llmos LoRA training vs a transformers + peft loop), eval (llmos eval"
             " perplexity throughput vs a transformers loop), compression (size, speed and perplexity of the"
-            " comma-separated --model versions) or observability (16 streaming clients with /metrics scraped every"
-            " second and the console's runtime poll, vs neither; --repeats pairs of runs, at least 3).",
+            " comma-separated --model versions), observability (16 streaming clients with /metrics scraped every"
+            " second and the console's runtime poll, vs neither; --repeats pairs of runs, at least 3) or ray (one"
+            " local engine vs Ray replicas at 16 clients, with a scaling projection).",
         ),
     ] = "serving",
     model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
@@ -98,6 +99,17 @@ def bench(
         log_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=log_dir) as work_dir:
             for line in security_bench.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
+                out.print(line, highlight=False)
+        return
+    if suite == "ray":
+        import tempfile
+
+        from llmos.bench import ray as ray_bench
+
+        err.print(f"CPU: {_cpu_name()}")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=log_dir) as work_dir:
+            for line in ray_bench.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
                 out.print(line, highlight=False)
         return
     if suite == "observability":

@@ -121,9 +121,10 @@ class Loader:
 
     def _load(self, resolved: ResolvedModel, backend: str) -> Any:
         with self.registry.loadable_dir(resolved) as directory:  # decrypted only for the duration of the load
-            return self._load_from(resolved, backend, directory)
+            return self.load_from(resolved, backend, directory)
 
-    def _load_from(self, resolved: ResolvedModel, backend: str, directory: Path) -> Any:
+    def load_from(self, resolved: ResolvedModel, backend: str, directory: Path) -> Any:
+        """Load ``resolved`` from ``directory`` (its files under their own names) without touching the registry."""
         view = resolved.view
         if backend == "sentence-transformers":
             from llmos.runtime.embedding import EmbeddingModel
