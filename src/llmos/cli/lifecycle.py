@@ -400,12 +400,25 @@ def train(
     from_scratch: Annotated[
         Path | None, typer.Option("--from-scratch", help="JSON/YAML config of a model to train from scratch.")
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray", help="Train data-parallel on this Ray cluster: host:port, or auto (`llmos cluster start`)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="DDP workers on Ray (global batch split over them; 2).")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
 ) -> None:
     """Fine-tune a model on a dataset (LoRA or full) as a job; prints the job id (or follows it with --wait)."""
     from llmos.jobs.train import check_inputs, config_from_params
 
     jobs = open_jobs()
+    if workers is not None and not ray:
+        raise InvalidInputError("--workers needs --ray (data-parallel training runs on a Ray cluster)")
+    if ray and from_scratch is not None:
+        raise InvalidInputError("--ray trains --base models; --from-scratch runs in one process")
     if from_scratch is not None:
         params: dict[str, Any] = _scratch_params(from_scratch)
         kind = "scratch"
@@ -421,6 +434,11 @@ def train(
             "eval_every": eval_every, "checkpoint_every": checkpoint_every, "patience": patience,
             "precision": precision,
         }  # fmt: skip
+        if ray:
+            from llmos.distributed.training import check_workers, resolve_address
+
+            resolve_address(settings().home, ray, allow_remote=settings().ray_allow_remote)  # before queueing
+            params.update(ray=ray, workers=check_workers(workers or 2))
         config_from_params(params)  # bad hyperparameters and inputs fail here, before anything is queued
         check_inputs(open_registry(), params)
         kind = "train"
@@ -481,6 +499,24 @@ def _print_report(report: Any) -> None:
         out.print(f"  e.g. {escape(json.dumps(answer)[:120])} (expected {escape(json.dumps(expected)[:80])})")
 
 
+def _ray_perplexity(ray: str | None, workers: int | None, task: str, detach: bool) -> Any:
+    """The Ray perplexity runner `--ray` asks for (None without it); refuses what it cannot shard."""
+    if not ray:
+        if workers is not None:
+            raise InvalidInputError("--workers needs --ray")
+        return None
+    if task != "perplexity" or detach:
+        raise InvalidInputError("--ray shards the perplexity task of an inline `llmos eval` (not --detach)")
+    from llmos.distributed.evaluation import RayPerplexity
+    from llmos.distributed.training import resolve_address
+
+    current = settings()
+    address = resolve_address(current.home, ray, allow_remote=current.ray_allow_remote)
+    return RayPerplexity(
+        address, current.home / "ray" / "home", workers=workers or 2, allow_remote=current.ray_allow_remote
+    )
+
+
 def _eval_compare(names: list[str], task: str, as_json: bool) -> None:
     from llmos.evaluation.reports import comparison
 
@@ -535,6 +571,11 @@ def eval_command(
     detach: Annotated[
         bool, typer.Option("--detach", help="Run as a background job (one per model) and print the job id(s).")
     ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option("--ray", help="Perplexity: shard the windows over Ray workers at host:port, or auto."),
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Ray workers for --ray (2).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Evaluate models through the llmos engine (perplexity with a sliding window, BLEU / chrF / ROUGE / exact match
@@ -545,6 +586,7 @@ def eval_command(
     if models[0] == "compare":
         _eval_compare(models[1:], task, as_json)
         return
+    runner = _ray_perplexity(ray, workers, task, detach)
     if detach:
         from llmos.jobs.evaluate import eval_params
 
@@ -567,7 +609,7 @@ def eval_command(
     for name in models:
         report = evaluate(
             settings(), name, task=task, data=data, split=split, window=window, stride=stride, backend=backend,
-            limit=limit, max_tokens=max_tokens,
+            limit=limit, max_tokens=max_tokens, perplexity_runner=runner,
         )  # fmt: skip
         record("eval", report.model)
         results.append(report)

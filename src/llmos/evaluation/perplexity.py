@@ -7,7 +7,9 @@ once as a prompt-scoring request (``prompt_logprobs``, no generated token; see
 window is 1024 tokens, or the model's context minus one when that is shorter (a scored prompt must fit the context).
 Each token is scored once, in the first window where it is not part of the overlap, with the context that window
 gives it (the standard strided evaluation; the very first token has no prediction). Perplexity is
-``exp(total negative log-likelihood / scored tokens)``.
+``exp(total negative log-likelihood / scored tokens)``. With ``shard=(index, count)`` only windows ``index, index +
+count, ...`` are scored (data-parallel evaluation: the shards' ``nll * tokens`` add up to the whole text's; a shard
+with no window scores no token and has a NaN perplexity).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def perplexity(
     stride: int | None = None,
     progress: Progress | None = None,
     adapter: str | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> PerplexityResult:
     limit = model.engine.max_context - 1  # the engine keeps one position free after a prompt
     window = window or min(limit, DEFAULT_WINDOW)
@@ -77,7 +80,10 @@ def perplexity(
     tokens = model.backend.tokenize(text, add_special=True, parse_special=False)
     if len(tokens) < 2:
         raise InvalidInputError("the text is too short to measure perplexity (fewer than 2 tokens)")
-    spans = windows(len(tokens), window, stride)
+    index, count = shard
+    if not 0 <= index < count:
+        raise InvalidInputError(f"shard must be (index, count) with 0 <= index < count, got {shard}", param="shard")
+    spans = windows(len(tokens), window, stride)[index::count]
     params = SamplingParams(max_tokens=0, temperature=0.0)
     requests = [  # the window's overlap with the previous one is context only: it needs no logits
         GenerationRequest(tokens[begin:end], params, prompt_logprobs=True, score_from=first - begin, priority=1)
@@ -93,8 +99,8 @@ def perplexity(
                 scored += 1
     seconds = time.perf_counter() - started
     return PerplexityResult(
-        perplexity=math.exp(nll / scored),
-        nll=nll / scored,
+        perplexity=math.exp(nll / scored) if scored else math.nan,
+        nll=nll / scored if scored else 0.0,
         tokens=scored,
         windows=len(spans),
         window=window,

@@ -26,17 +26,20 @@ from llmos.data.rows import row_text
 from llmos.data.shipped import heldout_text_path
 from llmos.errors import InvalidInputError
 from llmos.evaluation.metrics import METRIC_KEYS, require
-from llmos.evaluation.perplexity import DEFAULT_WINDOW, perplexity
+from llmos.evaluation.perplexity import DEFAULT_WINDOW, PerplexityResult, perplexity
 from llmos.evaluation.runner import Progress
 from llmos.evaluation.scoring import run_generate, run_multiple_choice
 from llmos.evaluation.target import open_generator
 from llmos.evaluation.tasks import BUILTIN_TASKS, ChoiceItem, GenerateItem, TaskSpec, make_items, resolve_task
 from llmos.registry.datasets import load_rows, rows_of_split
-from llmos.registry.service import Registry
+from llmos.registry.service import Registry, ResolvedModel
 from llmos.store.schema import Evaluation
 
 TASKS = BUILTIN_TASKS
 HELDOUT_NAME = "llmos:heldout_text"
+PerplexityRunner = Callable[
+    [Settings, str, str, int | None, int | None, str | None, Progress | None], tuple[PerplexityResult, str]
+]
 
 
 @dataclass
@@ -105,8 +108,13 @@ def evaluate(
     spec: TaskSpec | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    perplexity_runner: PerplexityRunner | None = None,
 ) -> Report:
-    """Measure ``task`` (a built-in name or a task YAML path; or ``spec``, already parsed) and store the report."""
+    """Measure ``task`` (a built-in name or a task YAML path; or ``spec``, already parsed) and store the report.
+
+    ``perplexity_runner(settings, "repository@digest", text, window, stride, backend, progress) -> (result, backend)``
+    measures the perplexity task instead of a model loaded here (data-parallel evaluation on Ray).
+    """
     if spec is None:
         spec = resolve_task(task, max_tokens=max_tokens)
     check_request(spec, data, limit)
@@ -130,6 +138,17 @@ def evaluate(
             else:
                 text = "\n\n".join(row_text(row) for row in rows)
             settings = perplexity_settings(settings, window)
+        if spec is None and perplexity_runner is not None:  # sharded elsewhere (Ray): the model loads there
+            say(f"evaluating {resolved.view.name}: perplexity on {dataset_name}, sharded")
+            ref = f"{resolved.view.repository}@{resolved.view.digest}"
+            sharded, backend_name = perplexity_runner(settings, ref, text, window, stride, backend, progress)
+            measured = {"perplexity": sharded.perplexity, "nll": sharded.nll, "tokens": sharded.tokens}
+            details = {
+                "window": sharded.window, "stride": sharded.stride, "seconds": sharded.seconds,
+                "tokens_per_second": sharded.tokens_per_second, "limit": limit, "windows": sharded.windows,
+                "backend": backend_name, "split": split,
+            }  # fmt: skip
+            return _store(registry, resolved, "perplexity", (dataset_name, dataset_digest), measured, details, job_id)
         max_running = 4 if spec is None else 8
         say(f"loading {resolved.view.name}")
         with open_generator(settings, registry, resolved, backend, max_running=max_running) as (instance, adapter):
@@ -163,22 +182,34 @@ def evaluate(
                     params["spec"] = spec.fields()
                 task_name = spec.name
         params.update(backend=instance.backend_name, split=split)
-        row = Evaluation(
-            model_name=resolved.view.name,
-            model_digest=resolved.view.digest,
-            task=task_name,
-            dataset_name=dataset_name,
-            dataset_digest=dataset_digest,
-            metrics=metrics,
-            params=params,
-            job_id=job_id,
-        )
-        with registry.session() as session, session.begin():
-            session.add(row)
-            session.flush()
-            return _report(row)
+        return _store(registry, resolved, task_name, (dataset_name, dataset_digest), metrics, params, job_id)
     finally:
         registry.close()
+
+
+def _store(
+    registry: Registry,
+    resolved: ResolvedModel,
+    task: str,
+    dataset: tuple[str | None, str | None],
+    metrics: dict[str, Any],
+    params: dict[str, Any],
+    job_id: str | None,
+) -> Report:
+    row = Evaluation(
+        model_name=resolved.view.name,
+        model_digest=resolved.view.digest,
+        task=task,
+        dataset_name=dataset[0],
+        dataset_digest=dataset[1],
+        metrics=metrics,
+        params=params,
+        job_id=job_id,
+    )
+    with registry.session() as session, session.begin():
+        session.add(row)
+        session.flush()
+        return _report(row)
 
 
 def reports(

@@ -6,12 +6,18 @@ name; default: the dataset's ``validation`` split when its rows carry splits, el
 is first given a Hugging Face copy (``llmos convert``; reused when it exists). The job checkpoints into its own
 directory, so ``llmos jobs resume`` continues where it stopped. The result is registered with lineage to the base
 and the dataset (digests, hyperparameters, metrics, job id): a LoRA adapter bound to its base, or a full model.
+
+With ``ray`` (a Ray address, or ``auto`` for this home's ``llmos cluster``) the same training runs data-parallel on
+``workers`` Ray Train workers (:func:`llmos.distributed.training.ray_finetune`), checkpointing into the same
+directory; rank 0 reports progress and log lines through a :class:`RemoteJobReporter`.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmos.data.split import split as split_rows
@@ -21,10 +27,11 @@ from llmos.registry.convert import convert
 from llmos.registry.datasets import load_rows, parent_of, rows_of_split
 from llmos.registry.service import ParentRef, Registry
 from llmos.registry.views import VersionView
-from llmos.training.finetune import FinetuneConfig, TrainingStopped, finetune
+from llmos.training.finetune import FinetuneConfig, FinetuneResult, TrainingStopped, finetune
 from llmos.training.optim import OptimizerConfig
 
 if TYPE_CHECKING:
+    from llmos.config import Settings
     from llmos.jobs.worker import JobContext
 
 CONFIG_FIELDS = (
@@ -93,6 +100,43 @@ def hf_base(registry: Registry, name: str, log: Any) -> VersionView:
     return convert(registry, view.name, target=target)
 
 
+class RemoteJobReporter:
+    """A job's progress and log lines from another process (a Ray worker): picklable; opens its own job service."""
+
+    def __init__(self, settings: Settings, job_id: str) -> None:
+        self.settings, self.job_id = settings, job_id
+        self._context: JobContext | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"settings": self.settings, "job_id": self.job_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.settings, self.job_id, self._context = state["settings"], state["job_id"], None
+
+    def _job(self) -> JobContext:
+        if self._context is None:
+            from llmos.jobs.service import JobService
+            from llmos.jobs.worker import JobContext
+
+            reporter = self
+
+            class Context(JobContext):
+                def log(self, message: str) -> None:
+                    reporter.log(message)
+
+            jobs = JobService(self.settings)
+            self._context = Context(jobs, jobs.get(self.job_id), self.settings)
+        return self._context
+
+    def progress(self, step: int, total: int, metrics: dict[str, float]) -> bool:
+        return self._job().progress(step, total, metrics)
+
+    def log(self, message: str) -> None:
+        """Append a line to the job's log (opened for appending, as the worker's own output is)."""
+        with self._job().jobs.log_path(self.job_id).open("a", encoding="utf-8") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
 def run_train(context: JobContext) -> dict[str, Any]:
     params = context.params
     config = config_from_params(params)
@@ -119,17 +163,20 @@ def run_train(context: JobContext) -> dict[str, Any]:
         shutil.rmtree(output, ignore_errors=True)
         with registry.loadable_dir(registry.resolve(base.name, verify=True)) as base_dir:
             try:
-                result = finetune(
-                    base_dir,
-                    train,
-                    validation,
-                    output,
-                    context.checkpoint_dir,
-                    config,
-                    chat_template=base.chat_template,
-                    on_step=context.progress,
-                    log=context.log,
-                )
+                if params.get("ray"):
+                    result = _train_on_ray(context, base_dir, train, validation, output, config, base.chat_template)
+                else:
+                    result = finetune(
+                        base_dir,
+                        train,
+                        validation,
+                        output,
+                        context.checkpoint_dir,
+                        config,
+                        chat_template=base.chat_template,
+                        on_step=context.progress,
+                        log=context.log,
+                    )
             except TrainingStopped as exc:
                 from llmos.jobs.worker import JobCancelled
 
@@ -143,6 +190,8 @@ def run_train(context: JobContext) -> dict[str, Any]:
             "dataset_digest": data_view.digest,
             "metrics": {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))},
         }
+        if params.get("ray"):
+            lineage_params["distributed"] = {"backend": "ray", "workers": int(params.get("workers") or 2)}
         if config.method == "lora":
             view = registry.import_path(
                 output,
@@ -168,3 +217,35 @@ def run_train(context: JobContext) -> dict[str, Any]:
         return {"model": view.name, "digest": view.digest, "metrics": lineage_params["metrics"]}
     finally:
         registry.close()
+
+
+def _train_on_ray(
+    context: JobContext,
+    base_dir: Path,
+    train: list[dict[str, Any]],
+    validation: list[dict[str, Any]],
+    output: Path,
+    config: FinetuneConfig,
+    chat_template: str | None,
+) -> FinetuneResult:
+    from llmos.distributed.training import check_workers, ray_finetune, resolve_address
+
+    settings = context.settings
+    reporter = RemoteJobReporter(settings, context.id)
+    return ray_finetune(
+        base_dir,
+        train,
+        validation,
+        output,
+        context.checkpoint_dir,
+        config,
+        address=resolve_address(settings.home, str(context.params["ray"]), allow_remote=settings.ray_allow_remote),
+        ray_home=settings.home / "ray" / "home",
+        work_dir=context.directory / "ray",
+        workers=check_workers(context.params.get("workers") or 2),
+        allow_remote=settings.ray_allow_remote,
+        chat_template=chat_template,
+        on_step=reporter.progress,
+        log=reporter.log,
+        name=f"llmos-{context.id}",
+    )

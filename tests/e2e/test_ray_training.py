@@ -1,0 +1,167 @@
+"""Acceptance: `llmos train --ray --workers 2` and `llmos eval --ray` on the tests' own local Ray cluster.
+
+Two DDP workers must end where one process ends with the same global batch and seed, and a job whose Ray worker is
+killed with SIGKILL mid-training must resume from its last llmos checkpoint (not step 0) and end there too. The
+training model is the tiny random Llama of the other training tests, so each run is a few seconds of compute; most
+of the time is Ray Train starting its worker processes. Perplexity of SmolLM2 sharded over two Ray workers must
+equal the one-process measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmos.config import Settings
+from llmos.data.shipped import heldout_text_path
+from llmos.jobs.service import JobService
+from llmos.registry import sources
+from llmos.registry.datasets import store_rows
+from llmos.registry.service import Registry
+from tests.helpers import make_tiny_base, run_cli, toy_qa_rows
+
+pytest.importorskip("ray")
+
+STEPS = 100
+ARGS = (
+    "--base", "tiny", "--data", "toy", "--max-steps", str(STEPS), "--batch-size", "8", "--lr", "0.003",
+    "--warmup-steps", "2", "--checkpoint-every", "10", "--eval-every", "50", "--seed", "3", "--method", "full",
+    "--precision", "fp32",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ray-train")
+    home = root / "home"
+    registry = Registry(Settings(home=home))
+    registry.import_path(make_tiny_base(root / "base"), "tiny")
+    rows = toy_qa_rows(60)
+    for i, row in enumerate(rows):
+        row["split"] = "validation" if i % 6 == 0 else "train"
+    store_rows(registry, rows, "toy", operation="import", report={})
+    registry.close()
+    return home
+
+
+def train(home: Path, *args: str) -> dict[str, Any]:
+    result = run_cli(home, "train", *ARGS, *args, "--wait", timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return dict(json.loads(result.stdout.strip().splitlines()[-1])["metrics"])
+
+
+@pytest.fixture(scope="module")
+def single(home: Path) -> dict[str, Any]:
+    """The reference: the same job in one process (the local trainer; one torch thread, as each Ray worker has)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # two spinning threads on two busy cores make this tiny model crawl
+        return train(home, "--name", "single")
+
+
+def close(value: float, reference: float) -> bool:
+    return abs(value - reference) <= 0.02 * abs(reference)
+
+
+@pytest.mark.timeout(600)
+def test_two_ddp_workers_end_where_one_process_ends(home: Path, single: dict[str, Any], ray_cluster: Any) -> None:
+    ddp = train(home, "--name", "ddp", "--ray", ray_cluster.address, "--workers", "2")
+    print(
+        f"\nfinal train loss: one process {single['train_loss']:.5f}, 2 DDP workers {ddp['train_loss']:.5f};"
+        f" validation {single['validation_loss']:.5f} vs {ddp['validation_loss']:.5f}"
+        f" (from {single['initial_validation_loss']:.5f})"
+    )
+    assert ddp["steps"] == single["steps"] == STEPS and ddp["tokens"] == single["tokens"]
+    assert ddp["resumed_from"] is None
+    assert single["validation_loss"] < 0.9 * single["initial_validation_loss"]  # it learnt: the match means something
+    assert close(ddp["train_loss"], single["train_loss"]) and close(ddp["validation_loss"], single["validation_loss"])
+    registry = Registry(Settings(home=home))
+    try:
+        lineage = registry.show("ddp").lineage[0].params
+    finally:
+        registry.close()
+    assert lineage["distributed"] == {"backend": "ray", "workers": 2}
+
+
+@pytest.mark.timeout(600)
+def test_a_job_whose_ray_worker_is_killed_resumes_from_its_checkpoint(
+    home: Path, single: dict[str, Any], ray_cluster: Any
+) -> None:
+    args = (*ARGS, "--name", "killed", "--ray", ray_cluster.address, "--workers", "2")
+    started = run_cli(home, "train", *args)
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.strip().splitlines()[-1]
+    jobs = JobService(Settings(home=home))
+    work = jobs.job_dir(job_id) / "ray"
+    deadline = time.monotonic() + 300
+    step = 0
+    while step < 25:  # past two checkpoints (every 10 steps), well before the end
+        assert time.monotonic() < deadline, jobs.log_path(job_id).read_text()
+        assert jobs.get(job_id).state == "running", jobs.log_path(job_id).read_text()
+        lines = jobs.metrics_path(job_id).read_text().splitlines() if jobs.metrics_path(job_id).exists() else []
+        step = json.loads(lines[-1])["step"] if lines else 0
+        time.sleep(0.02)
+    victim = json.loads((work / "workers" / "rank-1.json").read_text())
+    os.kill(victim["pid"], signal.SIGKILL)
+    while jobs.get(job_id).state == "running":
+        assert time.monotonic() < deadline, jobs.log_path(job_id).read_text()
+        time.sleep(0.5)
+    view = jobs.get(job_id)
+    log = jobs.log_path(job_id).read_text()
+    jobs.close()
+    assert view.state == "succeeded", log
+    metrics = view.result["metrics"]
+    assert metrics["resumed_from"] is not None and 20 <= metrics["resumed_from"] < STEPS, log
+    assert metrics["resumed_from"] % 10 == 0, log
+    assert f"resumed from the checkpoint of step {metrics['resumed_from']} (worker group start 2)" in log
+    assert json.loads((work / "workers" / "rank-1.json").read_text())["pid"] != victim["pid"]
+    print(
+        f"\nkilled rank 1 (pid {victim['pid']}) at step >= {step}; resumed from step {metrics['resumed_from']};"
+        f" final train loss {metrics['train_loss']:.5f} (one process {single['train_loss']:.5f}),"
+        f" validation {metrics['validation_loss']:.5f} ({single['validation_loss']:.5f})"
+    )
+    assert metrics["steps"] == STEPS
+    assert close(metrics["train_loss"], single["train_loss"])
+    assert close(metrics["validation_loss"], single["validation_loss"])
+
+
+def test_ray_options_are_checked_before_anything_is_queued(home: Path) -> None:
+    refused = run_cli(home, "train", *ARGS, "--name", "x", "--workers", "2")
+    assert refused.returncode == 1 and "--workers needs --ray" in refused.stderr
+    no_cluster = run_cli(home, "train", *ARGS, "--name", "x", "--ray", "auto")
+    assert no_cluster.returncode == 1 and "llmos cluster start" in no_cluster.stderr
+    remote = run_cli(home, "train", *ARGS, "--name", "x", "--ray", "10.1.2.3:6379")
+    assert remote.returncode == 1 and "not on this machine" in remote.stderr
+    not_sharded = run_cli(home, "eval", "tiny", "--task", "bleu", "--data", "toy", "--ray", "auto")
+    assert not_sharded.returncode == 1 and "--ray shards the perplexity task" in not_sharded.stderr
+    jobs = JobService(Settings(home=home))
+    try:
+        assert not [job for job in jobs.list_jobs() if job.params.get("name") == "x"]
+    finally:
+        jobs.close()
+
+
+@pytest.mark.timeout(600)
+def test_perplexity_sharded_over_two_ray_workers_equals_one_process(home: Path, ray_cluster: Any) -> None:
+    registry = Registry(Settings(home=home))
+    try:
+        sources.pull(registry, "smollm2")
+        paragraphs = [p for p in heldout_text_path().read_text().split("\n\n") if p.strip()][:3]
+        store_rows(registry, [{"text": p} for p in paragraphs], "prose", operation="import", report={})
+    finally:
+        registry.close()
+    args = ("eval", "smollm2", "--data", "prose", "--window", "64", "--stride", "32", "--json")
+    local = run_cli(home, *args)
+    sharded = run_cli(home, *args, "--ray", ray_cluster.address, "--workers", "2", timeout=400)
+    assert local.returncode == 0 and sharded.returncode == 0, local.stderr + sharded.stderr
+    one, two = json.loads(local.stdout)[0], json.loads(sharded.stdout)[0]
+    ppl_one, ppl_two = one["metrics"]["perplexity"], two["metrics"]["perplexity"]
+    print(f"\nperplexity: one process {ppl_one:.5f}, 2 Ray workers {ppl_two:.5f}")
+    assert two["metrics"]["tokens"] == one["metrics"]["tokens"] > 200
+    assert two["params"]["windows"] > 5 and "2 Ray workers" in two["params"]["backend"]
+    assert abs(ppl_two - ppl_one) <= 1e-3 * ppl_one
