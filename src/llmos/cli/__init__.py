@@ -219,10 +219,8 @@ def import_(
 
         import_edge(path, name, tenant=tenant, chat_template=chat_template, base=base)
         return
-    if name is None:
-        from llmos.errors import InvalidInputError
-
-        raise InvalidInputError(f"--name is required to import {path} (only an edge bundle names itself)", param="name")
+    if name is None:  # a usage error (exit 2), like any other missing option
+        raise typer.BadParameter(f"--name is required to import {path} (only an edge bundle names itself)")
     parse_ref(name)  # reject a bad name before reading anything
     template = _read_template(chat_template) if chat_template else None
     from llmos.cli.tenancy import open_security

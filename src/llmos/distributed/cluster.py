@@ -197,6 +197,7 @@ def connect(address: str, ray_home: Path, *, allow_remote: bool = False) -> Any:
     for key, value in ray_environment(ray_home).items():
         if key != "HOME":  # this process keeps its own HOME; Ray's probe runs in the processes the head started
             os.environ[key] = value
+    os.environ["RAY_ADDRESS"] = address  # Ray's own helpers (Ray Train's) find this cluster, not another one
     try:
         import ray
     except ImportError as exc:
