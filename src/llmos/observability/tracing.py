@@ -43,9 +43,15 @@ def requested(environ: Mapping[str, str]) -> bool:
     return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
-def _epoch_ns(monotonic: float) -> int:
-    """A ``time.monotonic()`` instant as wall-clock nanoseconds (what span timestamps are)."""
-    return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
+def _epoch_ns(monotonic: float, offset_ns: int | None = None) -> int:
+    """A ``time.monotonic()`` instant as wall-clock nanoseconds (what span timestamps are). Pass one
+    :func:`_clock_offset_ns` for instants that must keep their order (two separate readings can differ by ~100 ns)."""
+    return (offset_ns if offset_ns is not None else _clock_offset_ns()) + int(monotonic * 1e9)
+
+
+def _clock_offset_ns() -> int:
+    """Wall-clock nanoseconds minus monotonic nanoseconds, read once."""
+    return time.time_ns() - int(time.monotonic() * 1e9)
 
 
 def _exporters(environ: Mapping[str, str]) -> list[tuple[Any, bool]]:
@@ -168,21 +174,22 @@ class Tracing:
         parent = set_span_in_context(context.span)
         attributes: dict[str, Any] = {**self._identity(context), "llmos.choice": choice}
         queued_until = admitted if admitted is not None else finished
+        offset = _clock_offset_ns()
         queue = self._tracer.start_span(
-            "llmos.scheduler.queue", context=parent, start_time=_epoch_ns(submitted), attributes=attributes
+            "llmos.scheduler.queue", context=parent, start_time=_epoch_ns(submitted, offset), attributes=attributes
         )
         queue.set_attribute("llmos.admitted", admitted is not None)
-        queue.end(end_time=_epoch_ns(queued_until))
+        queue.end(end_time=_epoch_ns(queued_until, offset))
         if admitted is None:
             return
         generate = self._tracer.start_span(
-            "llmos.backend.generate", context=parent, start_time=_epoch_ns(admitted), attributes=attributes
+            "llmos.backend.generate", context=parent, start_time=_epoch_ns(admitted, offset), attributes=attributes
         )
         generate.set_attribute("gen_ai.usage.input_tokens", prompt_tokens)
         generate.set_attribute("gen_ai.usage.output_tokens", completion_tokens)
         if finish_reason:
             generate.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
-        generate.end(end_time=_epoch_ns(finished))
+        generate.end(end_time=_epoch_ns(finished, offset))
 
     @staticmethod
     def _identity(context: RequestContext) -> dict[str, Any]:
