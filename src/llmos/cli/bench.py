@@ -90,26 +90,15 @@ def bench(
         for line in compression_bench.run(settings(), [m.strip() for m in model.split(",") if m.strip()]):
             out.print(line, highlight=False, markup=False)
         return
-    if suite == "security":
+    if suite in ("security", "ray"):
+        import importlib
         import tempfile
 
-        from llmos.bench import security as security_bench
-
+        suite_module = importlib.import_module(f"llmos.bench.{suite}")  # both own private stores under a work dir
         err.print(f"CPU: {_cpu_name()}")
         log_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=log_dir) as work_dir:
-            for line in security_bench.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
-                out.print(line, highlight=False)
-        return
-    if suite == "ray":
-        import tempfile
-
-        from llmos.bench import ray as ray_bench
-
-        err.print(f"CPU: {_cpu_name()}")
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=log_dir) as work_dir:
-            for line in ray_bench.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
+            for line in suite_module.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
                 out.print(line, highlight=False)
         return
     if suite == "observability":
