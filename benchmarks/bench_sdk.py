@@ -17,13 +17,16 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass
-
-from llama_cpp import Llama
+from typing import TYPE_CHECKING
 
 import llmos
 from llmos.config import Settings
 from llmos.engine.backends.llamacpp import system_info
+from llmos.engine.backends.llamacpp_path import chosen
 from llmos.registry.service import Registry
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 BASE_PROMPT = (
     "The history of the printing press begins in the fifteenth century, when craftsmen in Europe combined movable "
@@ -100,7 +103,9 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings()
-    model = llmos.load_model(args.model, settings=settings)
+    model = llmos.load_model(args.model, settings=settings)  # decides this machine's llama.cpp CPU path for both sides
+    from llama_cpp import Llama
+
     registry = Registry(settings)
     path = registry.resolve(args.model).primary_path
     registry.close()
@@ -116,6 +121,8 @@ def main() -> None:
 
     print(f"CPU: {cpu_name()}; threads: {settings.threads}")
     print(f"llama.cpp: {system_info()}")
+    verdict = chosen()
+    print(f"CPU path (both sides): {verdict.describe if verdict else 'unknown'}")
     print(f"model: {model.name} ({path.name[:12]}), {args.reps} reps x {args.max_tokens} tokens, greedy, raw prompt")
 
     runs: dict[str, list[Sample]] = {"llmos": [], "llama_cpp.Llama": []}

@@ -14,6 +14,19 @@ import pytest
 from llmos.config import Settings
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One llama.cpp fast-path verdict for the whole session: every test home and subprocess reads it.
+
+    The verdict is per machine and build, so homes need not probe one by one (tests of the probe itself set their
+    own ``LLMOS_PROBE_CACHE_DIR``).
+    """
+    path = tmp_path_factory.mktemp("probes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMOS_PROBE_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty llmos home for one test (also exported as LLMOS_HOME for subprocesses)."""

@@ -7,6 +7,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,14 +84,26 @@ def store_snapshot(home: Path) -> dict[str, Any]:
     return {"files": files, "rows": rows}
 
 
-def run_cli(home: Path, *args: str, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real `llmos` CLI in a subprocess against the store at ``home``."""
+def child_env(home: Path, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """This process's environment for a child working on the store at ``home``; ``extra`` sets (or, None, removes)."""
     env = {**os.environ, "LLMOS_HOME": str(home), "COLUMNS": "200"}
+    for name, value in (extra or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
+
+
+def run_cli(
+    home: Path, *args: str, timeout: float = 300, stdin: str | None = None, env: Mapping[str, str | None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `llmos` CLI in a subprocess against the store at ``home`` (``env`` as in :func:`child_env`)."""
     return subprocess.run(
         [sys.executable, "-m", "llmos", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=child_env(home, env),
         timeout=timeout,
         input=stdin,
         check=False,
@@ -108,14 +121,14 @@ def free_port() -> int:
 class ServerProcess:
     """A real `llmos serve` subprocess on a free loopback port."""
 
-    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, *args: str, env: Mapping[str, str | None] | None = None) -> None:
         import time
 
         import httpx
 
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "LLMOS_HOME": str(home), **(env or {})}
+        full_env = child_env(home, env)
         self.log = (home.parent / f"server-{self.port}.log").open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llmos", "serve", "--port", str(self.port), *args],

@@ -177,12 +177,27 @@ class Settings(BaseSettings):
             " addresses (off: such targets are refused before any connection, so transfers cannot be used for SSRF)."
         ),
     )
-    llamacpp_extra_buffers: bool = Field(
-        default=True,
+    llamacpp_extra_buffers: bool | None = Field(
+        default=None,
         description=(
-            "Let llama.cpp use its CPU 'extra buffer types' (weight repacking, AMX on Intel). Faster; turn off if a"
-            " CPU-specific kernel misbehaves (llama.cpp issue 20824)."
+            "Let llama.cpp use its CPU 'extra buffer types' (weight repacking, AMX on Intel): faster, and where a CPU"
+            " advertises features it cannot run, a crash. Unset: a child process checks the fast path once per"
+            " machine and llama.cpp build (see `llmos doctor`); 1 or 0 decides without that check."
         ),
+    )
+    llamacpp_variants_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Directory of alternative llama.cpp builds (one subdirectory of shared libraries each, e.g. `no-amx`)"
+            " the probe tries when the installed build's fast path fails. Default: <python prefix>/lib/llmos-llama-cpp."
+        ),
+    )
+    probe_cache_dir: Path | None = Field(
+        default=None,
+        description="Where the llama.cpp fast-path verdicts are kept (default: <home>/probes).",
+    )
+    probe_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="A fast-path probe child that runs longer than this counts as hung."
     )
 
     @field_validator("home", mode="after")

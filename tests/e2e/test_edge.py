@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -44,6 +46,39 @@ def flip_byte(path: Path, offset: int) -> None:
         byte = handle.read(1)
         handle.seek(offset)
         handle.write(bytes([byte[0] ^ 0x01]))
+
+
+@contextmanager
+def running_bundle(
+    bundle: Path, python: Path, tmp_path: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, Path]]:
+    """The bundle's runner serving on a free loopback port (its fast-path verdict cached under ``tmp_path``)."""
+    port = free_port()
+    log_path = tmp_path / "runner.log"
+    env = {**clean_env(), "XDG_CACHE_HOME": str(tmp_path / "cache"), **(extra_env or {})}
+    with log_path.open("wb") as log:
+        runner = subprocess.Popen(
+            [str(python), str(bundle / "run_edge.py"), "--port", str(port), "--threads", "2", "--ctx", "1024"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 120
+            while True:
+                assert runner.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                try:
+                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            yield base, log_path
+        finally:
+            runner.terminate()
+            runner.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +122,8 @@ def test_bundle_files_match_the_manifest(bundle: Path, pulled_settings: Settings
     manifest = json.loads((bundle / "manifest.json").read_text())
     listed = {entry["path"] for entry in manifest["files"]}
     assert {p.name for p in bundle.iterdir()} == listed | {"manifest.json"}
-    assert {"model.gguf", "chat_template.json", "run_edge.py", "README.txt", "requirements.txt"} <= listed
+    assert {"model.gguf", "chat_template.json", "run_edge.py", "llamacpp_probe.py", "README.txt"} <= listed
+    assert "requirements.txt" in listed
     for entry in manifest["files"]:
         data = (bundle / entry["path"]).read_bytes()
         assert len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"], entry["path"]
@@ -121,47 +157,44 @@ def test_the_bundle_answers_paris_from_a_venv_with_only_llama_cpp(
     )
     assert no_llmos.returncode != 0 and "No module named 'llmos'" in no_llmos.stderr
 
-    port = free_port()
-    log_path = tmp_path / "runner.log"
-    with log_path.open("wb") as log:
-        runner = subprocess.Popen(
-            [str(edge_python), str(bundle / "run_edge.py"), "--port", str(port), "--threads", "2", "--ctx", "1024"],
-            cwd=tmp_path,
-            env=clean_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
+    with running_bundle(bundle, edge_python, tmp_path) as (base, _log):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == ["smollm2:latest"]
+        answer = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=32)
+        content = answer.choices[0].message.content or ""
+        assert "Paris" in content, content
+        assert answer.usage is not None and answer.usage.prompt_tokens > 0 and answer.usage.completion_tokens > 0
+        stream = client.chat.completions.create(
+            model="smollm2:latest", messages=QUESTION, temperature=0, max_tokens=32, stream=True
         )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                assert runner.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                try:
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-            assert [m.id for m in client.models.list()] == ["smollm2:latest"]
-            answer = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=32)
-            content = answer.choices[0].message.content or ""
-            assert "Paris" in content, content
-            assert answer.usage is not None and answer.usage.prompt_tokens > 0 and answer.usage.completion_tokens > 0
-            stream = client.chat.completions.create(
-                model="smollm2:latest", messages=QUESTION, temperature=0, max_tokens=32, stream=True
-            )
-            streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-            assert streamed == content
-            with pytest.raises(openai.NotFoundError):
-                client.chat.completions.create(model="gpt-4o", messages=QUESTION)
-        finally:
-            runner.terminate()
-            runner.wait(30)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert streamed == content
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-4o", messages=QUESTION)
     import llmos
 
     with llmos.load_model("smollm2", settings=pulled_settings) as model:  # the same prompt, the same greedy answer
         assert model.chat(QUESTION, temperature=0, max_tokens=32) == content
+
+
+@pytest.mark.timeout(900)
+def test_the_runner_falls_back_to_the_safe_path_where_the_fast_one_dies(
+    bundle: Path, edge_python: Path, tmp_path: Path
+) -> None:
+    """On a CPU whose AMX faults, the bundle's first request must not crash: its own probe sees the fast path die."""
+    fault = {"LLMOS_TEST_PROBE_FAULT": "SIGILL"}
+    with running_bundle(bundle, edge_python, tmp_path, fault) as (base, log_path):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=32)
+        assert "Paris" in (answer.choices[0].message.content or "")
+    fallback = [line for line in log_path.read_text().splitlines() if "fast CPU path is off" in line]
+    assert len(fallback) == 1 and "SIGILL" in fallback[0], log_path.read_text()
+    verdicts = list((tmp_path / "cache" / "llmos-edge").glob("llamacpp-*.json"))
+    assert len(verdicts) == 1 and json.loads(verdicts[0].read_text())["extra_buffers"] is False
+    first = verdicts[0].stat().st_mtime_ns
+    with running_bundle(bundle, edge_python, tmp_path, fault):  # the verdict is reused, not probed again
+        pass
+    assert verdicts[0].stat().st_mtime_ns == first
 
 
 @pytest.mark.timeout(900)
@@ -171,7 +204,7 @@ def test_a_tampered_bundle_neither_runs_nor_imports(bundle: Path, edge_python: P
     flip_byte(copy / "model.gguf", (copy / "model.gguf").stat().st_size // 2)
     port = str(free_port())
     refused = subprocess.run(
-        [str(edge_python), str(copy / "run_edge.py"), "--port", port],
+        [str(edge_python), str(copy / "run_edge.py"), "--port", port, "--probe-cache", str(tmp_path / "cache")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -31,7 +31,9 @@ def hf_logits(model_dir: Path, ids: list[int]) -> np.ndarray[Any, Any]:
 
 
 def llamacpp(path: Path, *, vocab_only: bool = False) -> Any:
-    import llama_cpp
+    from llmos.engine.backends.llamacpp import load_library
+
+    llama_cpp = load_library()  # on the CPU path the probe chose: llama_cpp.Llama's defaults may fault elsewhere
 
     return llama_cpp.Llama(  # an f32 KV cache: llama.cpp then computes like transformers up to rounding
         model_path=str(path), n_ctx=64, logits_all=True, vocab_only=vocab_only, n_threads=1, verbose=False,

@@ -1,10 +1,11 @@
 """Admin routes: runtime state, tenants, keys, usage and the audit log.
 
 Contract: ``GET /admin/runtime`` lists every resident model with backend, measured memory, leases in flight,
-keep-alive expiry and engine activity, plus the budget and the process RSS; ``POST /admin/runtime/unload`` with
-``{"model": NAME}`` unloads it as soon as it is idle (404 if the name is unknown). Tenants, usage and audit are
-admin-only. Keys: admins manage every key; a developer may list, create (developer or consumer role) and revoke
-keys of its own tenant. Every change is audited; a new key is returned once and never again.
+keep-alive expiry and engine activity, plus the budget, the process RSS and the llama.cpp CPU path in use and why;
+``POST /admin/runtime/unload`` with ``{"model": NAME}`` unloads it as soon as it is idle (404 if the name is
+unknown). Tenants, usage and audit are admin-only. Keys: admins manage every key; a developer may list, create
+(developer or consumer role) and revoke keys of its own tenant. Every change is audited; a new key is returned
+once and never again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from llmos.api.auth import require_role
 from llmos.api.body import parse_body
 from llmos.api.openai.schemas import Strict
 from llmos.api.state import AppState
+from llmos.engine.backends import llamacpp_path
 from llmos.runtime.memory import process_rss
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.replicas import ReplicaSet
@@ -78,7 +80,18 @@ async def runtime(request: Request) -> dict[str, Any]:
                 }
             )
         models.append(item)
-    return {"budget": residency.budget, "used": residency.used(), "rss": process_rss(), "models": models}
+    verdict = llamacpp_path.chosen()
+    llamacpp = None
+    if verdict is not None:
+        llamacpp = {"path": verdict.describe, "extra_buffers": verdict.extra_buffers, "build": verdict.build}
+        llamacpp |= {"reason": verdict.reason, "source": verdict.source}
+    return {
+        "budget": residency.budget,
+        "used": residency.used(),
+        "rss": process_rss(),
+        "llamacpp": llamacpp,
+        "models": models,
+    }
 
 
 def _placement(replica: LoadedModel) -> dict[str, Any]:

@@ -209,10 +209,12 @@ def merge(runs: list[LevelResult]) -> LevelResult:
 
 def peer_command(gguf: Path, port: int, threads: int, context: int) -> list[str]:
     """llama_cpp.server in its best correct configuration: ChatML (the GGUF's template derails this model's answers)
-    and no interruption of running streams by new requests (its default cuts them off)."""
+    and no interruption of running streams by new requests (its default cuts them off), on the CPU path llmos
+    chose for this machine (:mod:`llmos.bench.peer_server`)."""
     return [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", str(context), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_batch", "512",
+        sys.executable, "-m", "llmos.bench.peer_server", "--model", str(gguf),
+        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context),
+        "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_batch", "512",
         "--chat_format", "chatml", "--interrupt_requests", "False",
     ]  # fmt: skip
 

@@ -551,6 +551,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API (and /health, /ready, /metrics, /admin/runtime)."""
+    import importlib.util
     import logging
 
     import uvicorn
@@ -588,6 +589,10 @@ def serve(
     replica_counts = parse_replicas(replicas or [])
     configure_logging(effective.log_level, json_flag(effective.log_format))  # JSON lines unless stderr is a TTY
     open_registry().close()  # apply migrations and surface store errors before binding the port
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from llmos.engine.backends.llamacpp import load_library
+
+        load_library(effective)  # the llama.cpp CPU path (probed once per machine) is known before the first request
     app = create_app(
         effective,
         preload=[*(model or []), *(pin or [])],
@@ -739,8 +744,19 @@ def version() -> None:
 
 
 # registers `llmos data|jobs|train|eval|quantize`, `llmos tenants|keys|usage|audit`, `llmos pipeline|history|rollback`,
-# `llmos prune|distill`, `llmos top`, `llmos push` and `llmos export`
-from llmos.cli import bench, cluster, compression, edge, lifecycle, pipelines, tenancy, top, transfer  # noqa: E402,F401
+# `llmos prune|distill`, `llmos top`, `llmos push`, `llmos export` and `llmos doctor`
+from llmos.cli import (  # noqa: E402,F401
+    bench,
+    cluster,
+    compression,
+    doctor,
+    edge,
+    lifecycle,
+    pipelines,
+    tenancy,
+    top,
+    transfer,
+)
 
 # --- entry point ----------------------------------------------------------------------------------------------------
 

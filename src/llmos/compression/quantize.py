@@ -66,7 +66,9 @@ def check_fits(key: str, model_format: str, model_name: str) -> None:
 
 def quantize_gguf(source: Path, target: Path, kind: str, threads: int | None = None) -> Path:
     """Write ``source`` quantized to ``kind`` at ``target``."""
-    import llama_cpp
+    from llmos.engine.backends.llamacpp import load_library
+
+    llama_cpp = load_library()
 
     key = check_type(kind)
     params = llama_cpp.llama_model_quantize_default_params()

@@ -11,10 +11,12 @@ import json
 from functools import lru_cache
 from typing import Any
 
+from llmos.engine.backends.llamacpp import load_library
 from llmos.errors import InvalidInputError
 
 
 def json_object_grammar() -> str:
+    load_library()  # the CPU path is decided before llama_cpp's library is loaded
     from llama_cpp.llama_grammar import JSON_GBNF
 
     return str(JSON_GBNF)
@@ -22,6 +24,7 @@ def json_object_grammar() -> str:
 
 @lru_cache(maxsize=128)
 def _compile_schema(schema_json: str) -> str:
+    load_library()
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:

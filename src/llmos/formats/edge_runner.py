@@ -10,8 +10,13 @@
 Contract:
 
 * It imports only the standard library and, once a model is served, ``llama_cpp`` (whose own dependency Jinja2
-  renders the chat template through ``llama_cpp.llama_chat_format.Jinja2ChatFormatter``). It never imports llmos,
-  so it runs in a virtual environment that has nothing but llama-cpp-python.
+  renders the chat template through ``llama_cpp.llama_chat_format.Jinja2ChatFormatter``), plus the bundle's
+  ``llamacpp_probe.py``. It never imports llmos, so it runs in a virtual environment that has nothing but
+  llama-cpp-python.
+* Before llama.cpp loads, ``--extra-buffers auto`` (the default) checks llama.cpp's fast CPU path once per machine
+  and build in a child process (``llamacpp_probe.py``; the verdict is kept under ``--probe-cache``) and runs the safe
+  path, saying why in one line, where the fast one crashes or computes wrong numbers (CPUs that advertise AMX
+  without running it). ``on`` / ``off`` (or ``LLMOS_LLAMACPP_EXTRA_BUFFERS=1`` / ``0``) decide without the check.
 * Before loading anything it checks every file the manifest lists (regular file, size, sha256) and refuses to start
   on any difference with one line on stderr and exit code 1 (``--no-verify`` skips the hashes; ``--verify-only``
   checks and exits). Manifest paths are plain relative names inside the bundle, never absolute or ``..``.
@@ -54,6 +59,7 @@ from typing import Any, Protocol
 
 BUNDLE_FORMAT = "llmos.edge.v1"
 MANIFEST_NAME = "manifest.json"
+PROBE_FILE = "llamacpp_probe.py"  # the fast-path probe (llmos.machine.llamacpp_probe), shipped beside this runner
 MAX_MANIFEST_BYTES = 1_000_000
 MAX_TEMPLATE_BYTES = 1_000_000
 MAX_FILES = 64
@@ -718,6 +724,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-verify", action="store_true", help="Skip the sha256 check of the files at start.")
     parser.add_argument("--verify-only", action="store_true", help="Check the files against the manifest and exit.")
     parser.add_argument("--quiet", action="store_true", help="Do not log each request.")
+    parser.add_argument(
+        "--extra-buffers",
+        choices=("auto", "on", "off"),
+        default={"1": "on", "0": "off"}.get(os.environ.get("LLMOS_LLAMACPP_EXTRA_BUFFERS", "").strip(), "auto"),
+        help=(
+            "llama.cpp's fast CPU path (AMX, weight repacking): auto checks it once on this machine in a child"
+            " process and falls back to the safe path where it crashes (default: auto, or"
+            " $LLMOS_LLAMACPP_EXTRA_BUFFERS=1/0)."
+        ),
+    )
+    parser.add_argument(
+        "--probe-cache",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmos-edge",
+        help="Where the fast-path check keeps its verdict (default: ~/.cache/llmos-edge).",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error("--port must be between 1 and 65535")
@@ -745,6 +767,42 @@ def context_size(requested: int, manifest: dict[str, Any]) -> int:
     return requested
 
 
+def load_probe() -> Any:
+    """The fast-path probe: the bundle's own ``llamacpp_probe.py``, else llmos's copy (when run from llmos)."""
+    import importlib.util
+
+    sibling = Path(__file__).resolve().with_name(PROBE_FILE)
+    if sibling.is_file():
+        spec = importlib.util.spec_from_file_location("llamacpp_probe", sibling)
+        if spec is not None and spec.loader is not None:
+            module = importlib.util.module_from_spec(spec)
+            sys.modules.setdefault("llamacpp_probe", module)  # dataclasses look their module up by name
+            spec.loader.exec_module(module)
+            return module
+    from llmos.machine import llamacpp_probe
+
+    return llamacpp_probe
+
+
+def choose_cpu_path(mode: str, cache: Path) -> None:
+    """Set llama.cpp up for this machine before it loads: the fast path where it works, else the safe one.
+
+    ``auto`` runs the probe once per machine and llama.cpp build (the verdict is kept in ``cache``) and says in one
+    line when it falls back; ``on`` / ``off`` decide without it. Raises ImportError without llama-cpp-python.
+    """
+    probe = load_probe()
+    native = probe.installed_lib_dir()
+    if native is None:
+        raise ImportError("llama_cpp")
+    if mode == "auto":
+        verdict = probe.cached_probe(cache, native, [])
+        if not verdict.extra_buffers:
+            report(f"llama.cpp's fast CPU path is off on this machine: {verdict.reason} (--extra-buffers on forces it)")
+    else:
+        verdict = probe.Verdict(mode == "on", None, "installed", f"--extra-buffers {mode}", source="explicit")
+    probe.apply(verdict)
+
+
 def report(message: str) -> int:
     """One line on stderr (why the runner stops, or that it serves); returns 1, the exit code of a refusal."""
     sys.stderr.write(f"run_edge: {message}\n")
@@ -766,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     if not is_loopback(args.host) and not args.api_key:
         return report(f"refusing to listen on {args.host} without --api-key (or bind 127.0.0.1)")
     try:
+        choose_cpu_path(args.extra_buffers, args.probe_cache)
         import llama_cpp  # noqa: F401 - fail early with the fix, not with a traceback
     except ImportError:
         return report("llama-cpp-python is not installed: pip install llama-cpp-python")

@@ -5,6 +5,7 @@ Contract:
 * :func:`export_bundle` writes a directory that serves the model on a small device with nothing but
   llama-cpp-python: ``model.gguf``, ``chat_template.json`` (the template llmos renders this version with, and the
   BOS/EOS token texts), ``run_edge.py`` (:mod:`llmos.formats.edge_runner`, standard library + ``llama_cpp``),
+  ``llamacpp_probe.py`` (:mod:`llmos.machine.llamacpp_probe`: the runner's check of llama.cpp's fast CPU path),
   ``requirements.txt``, ``README.txt`` and ``manifest.json`` (format marker, name, source version digest, the
   version's lineage chain as the registry reports it, and every other file's path, size and sha256).
 * The model file: a quantized GGUF version is copied as is (its bytes checked against the store on the way); a float
@@ -41,7 +42,14 @@ from typing import Any
 from llmos.engine.chat_template import template_for
 from llmos.errors import ConflictError, IntegrityError, InvalidInputError, ModelNotFoundError
 from llmos.formats import edge_runner
-from llmos.formats.edge_runner import BUNDLE_FORMAT, MANIFEST_NAME, BundleError, ChatTemplate, verify_bundle
+from llmos.formats.edge_runner import (
+    BUNDLE_FORMAT,
+    MANIFEST_NAME,
+    PROBE_FILE,
+    BundleError,
+    ChatTemplate,
+    verify_bundle,
+)
 from llmos.formats.gguf import inspect_gguf
 from llmos.formats.info import ModelFile, ModelInfo
 from llmos.registry.names import parse_ref
@@ -212,6 +220,8 @@ Run it on the device (Python 3.9+; llama-cpp-python is the only dependency):
     python run_edge.py --port 8080         # --host, --threads, --ctx, --api-key: see --help
 
 It checks every file against manifest.json (sha256) before it starts and refuses to run on any difference.
+The first start on a machine also checks llama.cpp's fast CPU path (AMX, weight repacking) in a child process
+(about a second) and uses the safe path, saying why, where the fast one crashes; --extra-buffers on|off skips that.
 `python run_edge.py --verify-only` checks without serving. Then talk to it with any OpenAI client:
 
     curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -270,6 +280,8 @@ def export_bundle(
         runner = importlib.resources.files("llmos.formats").joinpath("edge_runner.py").read_bytes()
         (staging / RUNNER_FILE).write_bytes(runner)
         (staging / RUNNER_FILE).chmod(0o755)
+        probe = importlib.resources.files("llmos.machine").joinpath("llamacpp_probe.py").read_bytes()
+        (staging / PROBE_FILE).write_bytes(probe)
         llama_version = _package_version("llama-cpp-python")
         (staging / REQUIREMENTS_FILE).write_text(f"llama-cpp-python>={llama_version or '0.3.36'}\n", "utf-8")
         manifest: dict[str, Any] = {
@@ -300,7 +312,7 @@ def export_bundle(
         (staging / README_FILE).write_text(_readme(manifest), "utf-8")
         manifest["files"] = [
             _entry(staging, relative)
-            for relative in (MODEL_FILE, TEMPLATE_FILE, RUNNER_FILE, REQUIREMENTS_FILE, README_FILE)
+            for relative in (MODEL_FILE, TEMPLATE_FILE, RUNNER_FILE, PROBE_FILE, REQUIREMENTS_FILE, README_FILE)
         ]
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
         _fsync_tree(staging)

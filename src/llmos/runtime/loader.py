@@ -79,8 +79,7 @@ class Loader:
     def backend_for(self, view: VersionView) -> str:
         return self.overrides.get(view.repository) or default_backend(view)
 
-    @staticmethod
-    def prepare(backend: str) -> None:
+    def prepare(self, backend: str) -> None:
         """Import the backend's libraries (a one-time cost shared by every model that uses them)."""
         if backend == "torch":
             import torch  # noqa: F401
@@ -91,7 +90,7 @@ class Loader:
         elif backend == "llama.cpp":
             from llmos.engine.backends.llamacpp import load_library
 
-            load_library()
+            load_library(self.settings)
 
     def estimate(self, view: VersionView, backend: str) -> int:
         """Expected RSS growth of loading ``view`` on ``backend`` (all replicas), before any measurement."""
@@ -135,15 +134,15 @@ class Loader:
                 raise BackendUnavailableError(
                     f"{view.name} is a {view.format} model; llama.cpp runs GGUF files (convert it with `llmos convert`)"
                 )
-            from llmos.engine.backends.llamacpp import LlamaCppModel
+            from llmos.engine.backends.llamacpp import LlamaCppModel, load_library
 
+            load_library(self.settings)  # decides the CPU path (probe or cached verdict) before the first model
             generator: Any = LlamaCppModel(
                 directory / next(iter(resolved.paths)),
                 n_ctx_seq=self.settings.context_length,
                 n_batch=self.settings.batch_size,
                 n_seq_max=self.max_running,
                 threads=self.settings.threads,
-                extra_buffers=self.settings.llamacpp_extra_buffers,
             )
         elif backend == "torch":
             if view.format != "hf":

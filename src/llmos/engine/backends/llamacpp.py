@@ -8,13 +8,15 @@ stays proportional to each sequence's own length. Not thread-safe: exactly one t
 model (the engine gives each model one decode thread). Native resources are freed by :meth:`close`.
 
 Build notes (see README, "llama.cpp build"): llmos installs llama-cpp-python compiled with ``GGML_OPENMP=OFF`` so
-decode runs at full speed off the main thread, and native CPU flags. ``Settings.llamacpp_extra_buffers`` turns off
-llama.cpp's CPU extra buffer types (weight repacking, AMX), the fallback for CPU-specific kernel bugs.
+decode runs at full speed off the main thread, and native CPU flags. Whether llama.cpp's CPU extra buffer types
+(weight repacking, AMX) are used, and from which build, is decided once per process by
+:mod:`llmos.engine.backends.llamacpp_path` (a probe in a child process, cached per machine).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import os
 import threading
@@ -25,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from llmos.config import Settings
+from llmos.engine.backends import llamacpp_path
 from llmos.engine.backends.base import BatchItem, TokenLogprob
 from llmos.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
 from llmos.types import SamplingParams
@@ -42,11 +46,17 @@ def _make_silent_log(lib: ModuleType) -> Any:
     return silent
 
 
-def load_library() -> ModuleType:
-    """Import llama_cpp once, initialise its backend and route its logging through Python's (quiet by default)."""
+def load_library(settings: Settings | None = None) -> ModuleType:
+    """Import llama_cpp once, initialise its backend and route its logging through Python's (quiet by default).
+
+    The first call decides the CPU path (:func:`llmos.engine.backends.llamacpp_path.choose`, with ``settings`` or
+    the environment's) before the shared library is loaded.
+    """
     global _lib
     with _init_lock:
         if _lib is None:
+            if importlib.util.find_spec("llama_cpp") is not None:
+                llamacpp_path.choose(settings)
             try:
                 import llama_cpp
                 import llama_cpp._logger as llama_logger
@@ -148,11 +158,14 @@ class LlamaCppModel:
         n_batch: int = 512,
         n_seq_max: int = 1,
         threads: int = 2,
-        extra_buffers: bool = True,
+        extra_buffers: bool | None = None,
     ) -> None:
         lib = load_library()
         self.lib = lib
         self.path = path
+        if extra_buffers is None:
+            verdict = llamacpp_path.chosen()
+            extra_buffers = verdict.extra_buffers if verdict is not None else False
         model_params = lib.llama_model_default_params()
         model_params.n_gpu_layers = 0
         model_params.use_extra_bufts = extra_buffers
