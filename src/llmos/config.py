@@ -53,6 +53,13 @@ class Settings(BaseSettings):
             " per model grows with context_length x max_running."
         ),
     )
+    kv_cache_type: Literal["f16", "f32"] = Field(
+        default="f16",
+        description=(
+            "Precision of llama.cpp's attention: f16 (a half-size KV cache, flash attention) or f32 (an f32 KV"
+            " cache without flash attention: float32 models then agree with PyTorch up to rounding)."
+        ),
+    )
     torch_context_length: int = Field(
         default=1024,
         ge=64,

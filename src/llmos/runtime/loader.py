@@ -143,6 +143,7 @@ class Loader:
                 n_batch=self.settings.batch_size,
                 n_seq_max=self.max_running,
                 threads=self.settings.threads,
+                kv_cache_type=self.settings.kv_cache_type,
             )
         elif backend == "torch":
             if view.format != "hf":

@@ -33,6 +33,7 @@ from llmos.engine.backends.base import BatchItem, TokenLogprob
 from llmos.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
 from llmos.types import SamplingParams
 
+KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type ids of the KV cache element types llmos offers
 _init_lock = threading.Lock()
 _lib: ModuleType | None = None
 _silent_log: Any = None
@@ -159,6 +160,7 @@ class LlamaCppModel:
         n_seq_max: int = 1,
         threads: int = 2,
         extra_buffers: bool | None = None,
+        kv_cache_type: str = "f16",
     ) -> None:
         lib = load_library()
         self.lib = lib
@@ -185,6 +187,9 @@ class LlamaCppModel:
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.no_perf = True
+        ctx_params.type_k = ctx_params.type_v = KV_TYPES[kv_cache_type]
+        if kv_cache_type == "f32":  # the CPU flash-attention kernel rounds through f16 even with an f32 cache
+            ctx_params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = lib.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             lib.llama_model_free(self._model)
