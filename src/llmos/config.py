@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     ray_scale_down_seconds: float = Field(
         default=60.0, gt=0, description="Idle time after which a Ray model above its minimum replicas drops one."
     )
+    ray_scale_check_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often a Ray model's queue is checked; two checks in a row with requests queued add a replica.",
+    )
     ray_replica_cpus: int = Field(
         default=1, ge=1, le=256, description="CPUs a Ray replica reserves (and compute threads it runs)."
     )

@@ -121,7 +121,12 @@ def test_replicas_scale_with_queue_depth_between_min_and_max(pulled_settings: Se
         ray_cluster.address,
         "--ray-replicas",
         "1:2",
-        env={"LLMOS_MAX_RUNNING": "1", "LLMOS_KEEP_ALIVE": "-1", "LLMOS_RAY_SCALE_DOWN_SECONDS": "4"},
+        env={
+            "LLMOS_MAX_RUNNING": "1",
+            "LLMOS_KEEP_ALIVE": "-1",
+            "LLMOS_RAY_SCALE_DOWN_SECONDS": "4",
+            "LLMOS_RAY_SCALE_CHECK_SECONDS": "0.5",  # decide within a second: the queue drains in about five
+        },
     )
     try:
         assert _runtime(server.base)["replicas"] == 1
@@ -135,7 +140,7 @@ def test_replicas_scale_with_queue_depth_between_min_and_max(pulled_settings: Se
                 max_tokens=60,
             )
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]  # 1 slot: 5 queue
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]  # 1 slot: 9 queue
         for thread in threads:
             thread.start()
         peak = 1

@@ -487,6 +487,7 @@ class RayLoader(Loader):
             factory,
             min_replicas=count,
             max_replicas=max(self.max_replicas, count),
+            check_seconds=self.settings.ray_scale_check_seconds,
             idle_seconds=self.settings.ray_scale_down_seconds,
         )
         holder.append(replica_set)
