@@ -11,8 +11,11 @@ import pytest
 from llmos.config import Settings
 from llmos.data.shipped import heldout_text_path
 from llmos.evaluation.perplexity import windows
+from llmos.registry.datasets import store_rows
 from llmos.registry.service import Registry
 from tests.helpers import run_cli
+
+PARAGRAPHS = 12
 
 
 def test_windows_score_every_token_once() -> None:
@@ -51,22 +54,28 @@ def test_perplexity_agrees_with_transformers_and_reports_are_stored(converted_se
     home = converted_settings.home  # the session's store: smollm2 and its float32 conversion smollm2:safetensors
     registry = Registry(converted_settings)
     model_dir = registry.model_dir(registry.resolve("smollm2:safetensors"))
+    # the held-out text as a dataset of paragraphs; the first PARAGRAPHS (about 1,300 tokens: five strided windows)
+    # are scored, which `--data ... --limit` joins back into the same text the reference scores
+    paragraphs = [p for p in heldout_text_path().read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    store_rows(registry, [{"text": p} for p in paragraphs], "heldout-prose", operation="import", report={})
     registry.close()
 
-    text = heldout_text_path().read_text(encoding="utf-8")
+    text = "\n\n".join(paragraphs[:PARAGRAPHS])
     reference = transformers_perplexity(model_dir, text, 512, 256)
-    result = run_cli(home, "eval", "smollm2:safetensors", "--window", "512", "--stride", "256", "--json", timeout=600)
+    scored = ("--data", "heldout-prose", "--limit", str(PARAGRAPHS), "--window", "512", "--stride", "256", "--json")
+    result = run_cli(home, "eval", "smollm2:safetensors", *scored, timeout=600)
     assert result.returncode == 0, result.stderr
     ours = json.loads(result.stdout)[0]
     assert ours["params"]["backend"] == "torch"
     assert abs(ours["metrics"]["perplexity"] - reference) <= 0.02 * reference, (ours["metrics"], reference)
 
-    gguf = run_cli(home, "eval", "smollm2", "--window", "512", "--stride", "256", "--json", timeout=600)
+    assert ours["metrics"]["tokens"] > 1024  # several windows, so the stride's bookkeeping counts
+    gguf = run_cli(home, "eval", "smollm2", *scored, timeout=600)
     assert gguf.returncode == 0, gguf.stderr
     quantized = json.loads(gguf.stdout)[0]["metrics"]["perplexity"]
     assert quantized > 1 and abs(quantized - reference) <= 0.25 * reference  # Q4_1 costs a little quality
-    print(f"\nheld-out text perplexity: transformers fp32 {reference:.3f}, llmos torch fp32"
-          f" {ours['metrics']['perplexity']:.3f}, llmos llama.cpp Q4_1 {quantized:.3f}")  # fmt: skip
+    print(f"\nheld-out text perplexity (first {PARAGRAPHS} paragraphs): transformers fp32 {reference:.3f},"
+          f" llmos torch fp32 {ours['metrics']['perplexity']:.3f}, llmos llama.cpp Q4_1 {quantized:.3f}")  # fmt: skip
 
     compared = run_cli(home, "eval", "compare", "smollm2", "smollm2:safetensors", "--json")
     rows = json.loads(compared.stdout)

@@ -10,14 +10,51 @@ dequantized values). Needs the ``torch`` extra; anything transformers cannot rea
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from llmos.errors import BackendUnavailableError, InvalidInputError, InvalidModelFileError
 
 DTYPES = ("float32", "bfloat16", "float16")
+_PARSING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parse_gguf_once() -> Iterator[None]:
+    """While transformers reads one GGUF: parse the file once and build gguf's tensor-name map once.
+
+    transformers opens the file three times (tokenizer, config, weights), each parse walking every vocabulary entry
+    in Python, and rebuilds gguf's TensorNameMap for each of the model's ~400 submodules; together that was about
+    half of converting SmolLM2. Both are looked up on the ``gguf`` module at call time, so they are swapped for
+    caching versions here and restored after (one conversion at a time per process holds the lock).
+    """
+    try:
+        import gguf
+    except ImportError:  # pragma: no cover - transformers reports the missing package itself
+        yield
+        return
+    with _PARSING:
+        reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[tuple[str, str], Any] = {}
+
+        def shared_reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+            key = (os.fspath(path), mode)
+            if key not in readers:
+                readers[key] = reader_class(path, mode)  # type: ignore[arg-type]
+            return readers[key]
+
+        gguf.GGUFReader = shared_reader  # type: ignore[assignment,misc]
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map  # type: ignore[misc]
 
 
 def gguf_to_hf(gguf_file: Path, out_dir: Path, dtype: str = "float32") -> None:
@@ -34,7 +71,7 @@ def gguf_to_hf(gguf_file: Path, out_dir: Path, dtype: str = "float32") -> None:
     torch_dtype = getattr(torch, dtype)
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), _parse_gguf_once():
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
