@@ -37,6 +37,21 @@ compiler=$(cc --version 2>/dev/null | head -n1 || echo unknown)
 has_flag() { [[ " $cpu_flags " == *" $1 "* ]]; }
 cache_key() { printf '%s\n' "$@" "$cpu_flags" "$compiler" | sha256sum | cut -c1-16; }
 
+# sets the caller's $work to a new build directory under the cache, removed on exit unless moved into place
+new_work_dir() {
+    mkdir -p "$CACHE_ROOT"
+    work=$(mktemp -d "$CACHE_ROOT/build.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+}
+
+# llama-cpp-python's source distribution (llama.cpp vendored in it), unpacked in $1/llama_cpp_python-$VERSION
+fetch_source() {
+    mkdir -p "$1"
+    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$1" >&2
+    tar -xzf "$1/llama_cpp_python-$VERSION.tar.gz" -C "$1"
+    rm -f "$1/llama_cpp_python-$VERSION.tar.gz"
+}
+
 build_wheel() {
     local dir work
     dir="$CACHE_ROOT/llama-cpp-python-$VERSION-$(cache_key "$VERSION" "$LLMOS_CMAKE_ARGS" "$BUILD_NOTE")"
@@ -44,12 +59,9 @@ build_wheel() {
         echo "$dir"
         return
     fi
-    mkdir -p "$CACHE_ROOT"
-    work=$(mktemp -d "$CACHE_ROOT/build.XXXXXX")
-    trap 'rm -rf "$work"' EXIT
-    echo "building llama-cpp-python $VERSION ($LLMOS_CMAKE_ARGS); this takes about 3 minutes once per machine" >&2
-    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work/sdist" >&2
-    tar -xzf "$work/sdist/llama_cpp_python-$VERSION.tar.gz" -C "$work/sdist"
+    new_work_dir
+    echo "building llama-cpp-python $VERSION ($LLMOS_CMAKE_ARGS); about 2 minutes on 2 cores, once per machine" >&2
+    fetch_source "$work/sdist"
     # llama.cpp's "common" library serves its command-line tools and the multimodal library, neither of which is
     # built here; llama-cpp-python forces it on, so turn it off in its CMakeLists (a fifth of the compile time)
     sed -i 's/set(LLAMA_BUILD_COMMON ON CACHE BOOL/set(LLAMA_BUILD_COMMON OFF CACHE BOOL/' \
@@ -88,12 +100,9 @@ build_no_amx_cpu_library() {
         echo "$dir"
         return
     fi
-    mkdir -p "$CACHE_ROOT"
-    work=$(mktemp -d "$CACHE_ROOT/build.XXXXXX")
-    trap 'rm -rf "$work"' EXIT
+    new_work_dir
     echo "building ggml's CPU library without AMX ($flags); about a minute, once per machine" >&2
-    "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work" >&2
-    tar -xzf "$work"/llama_cpp_python-"$VERSION".tar.gz -C "$work" "llama_cpp_python-$VERSION/vendor/llama.cpp"
+    fetch_source "$work"
     source="$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
     # shellcheck disable=SC2086  # $flags is a list of cmake arguments
     cmake -S "$source" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
