@@ -105,11 +105,13 @@ def test_run_sdk_and_serve_answer_on_the_safe_path_when_the_fast_path_dies(
 def test_a_variant_build_keeps_the_fast_path_when_only_the_installed_build_faults(
     fresh_home: Path, tmp_path: Path
 ) -> None:
-    """The no-AMX build is a copy of the installed libraries here; the hook faults only the installed one."""
+    """The hook faults only the installed build; the variant is the no-AMX build `make install` made where this CPU
+    needs one (on such a machine a copy of the installed libraries would fault too), else a copy of the installed."""
     installed = installed_lib_dir()
     assert installed is not None
+    built = Path(sys.prefix) / "lib" / "llmos-llama-cpp" / "no-amx"
     variant = tmp_path / "variants" / "no-amx"
-    shutil.copytree(installed, variant, symlinks=True)
+    shutil.copytree(built if built.is_dir() else installed, variant, symlinks=True)
     env: dict[str, str | None] = {
         "LLMOS_TEST_PROBE_FAULT": "SIGILL@lib",
         "LLMOS_LLAMACPP_VARIANTS_DIR": str(variant.parent),
