@@ -26,7 +26,9 @@ def test_gemma3_is_assembled_from_its_chunk_packages(home: Path) -> None:
         assert model.info.chat_template is None  # a base model: prompts are completed as given
         text = model.generate_text("The capital of France is", max_length=12)
         assert model.last_stats is not None and model.last_stats.completion_tokens > 0
-        assert "France" in text
+        # greedy continuations differ between llama.cpp's fast and safe kernels: "... Paris, the capital of France"
+        # on one, "... the capital of the French Republic" on the other; both stay on topic
+        assert any(word in text for word in ("Paris", "France", "French")), text
 
 
 def test_a_damaged_package_cannot_register_a_damaged_model(
