@@ -18,6 +18,8 @@ import httpx
 import openai
 import pytest
 
+from llmos.config import Settings
+from llmos.engine.backends import llamacpp_path
 from llmos.machine.llamacpp_probe import installed_lib_dir
 from tests.helpers import ServerProcess, child_env, run_cli
 
@@ -109,7 +111,7 @@ def test_a_variant_build_keeps_the_fast_path_when_only_the_installed_build_fault
     needs one (on such a machine a copy of the installed libraries would fault too), else a copy of the installed."""
     installed = installed_lib_dir()
     assert installed is not None
-    built = Path(sys.prefix) / "lib" / "llmos-llama-cpp" / "no-amx"
+    built = llamacpp_path.variants_root(Settings(home=fresh_home)) / "no-amx"
     variant = tmp_path / "variants" / "no-amx"
     shutil.copytree(built if built.is_dir() else installed, variant, symlinks=True)
     env: dict[str, str | None] = {

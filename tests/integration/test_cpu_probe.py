@@ -22,20 +22,26 @@ def native() -> Path:
 
 
 @pytest.fixture(scope="module")
-def fast_path_fault(native: Path, tmp_path_factory: pytest.TempPathFactory) -> str | None:
+def machine_child(native: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[probe.ChildOutcome, Path]:
+    """One hook-free probe child on both paths, and the directory it wrote its models to."""
+    directory = tmp_path_factory.mktemp("machine")
+    return probe.run_child(native, ("safe", "fast"), directory, timeout=120, build="lib"), directory
+
+
+@pytest.fixture(scope="module")
+def fast_path_fault(machine_child: tuple[probe.ChildOutcome, Path]) -> str | None:
     """How this machine's installed build fails on its fast path without any hook ("died by SIGILL" where AMX is
     advertised but faults), or None where it works."""
-    outcome = probe.run_child(native, ("safe", "fast"), tmp_path_factory.mktemp("machine"), timeout=120, build="lib")
-    return outcome.failure
+    return machine_child[0].failure
 
 
 def test_the_child_compares_every_quantization_type_on_both_paths(
-    native: Path, tmp_path: Path, fast_path_fault: str | None
+    machine_child: tuple[probe.ChildOutcome, Path], fast_path_fault: str | None
 ) -> None:
     if fast_path_fault is not None:
         assert fast_path_fault.startswith("died by"), fast_path_fault  # a fault of the machine, not of the probe
         pytest.skip(f"this machine's fast path {fast_path_fault}: there is no fast result to compare")
-    outcome = probe.run_child(native, ("safe", "fast"), tmp_path, timeout=120, build="lib")
+    outcome, directory = machine_child
     assert outcome.failure is None and outcome.returncode == 0
     assert {name for _, name in outcome.results} == set(probe.FTYPES)
     for name in probe.FTYPES:
@@ -43,7 +49,7 @@ def test_the_child_compares_every_quantization_type_on_both_paths(
         assert [len(tokens) for tokens in safe["tokens"]] == [probe.STEPS + 1] * len(probe.PROMPTS)
         fast = outcome.results[("fast", name)]
         assert 0.0 <= fast["error"] <= probe.LOGIT_TOLERANCE, (name, fast)
-    assert {p.name for p in tmp_path.glob("probe-*.gguf")} == {f"probe-{n}.gguf" for n in ["f32", *probe.FTYPES]}
+    assert {p.name for p in directory.glob("probe-*.gguf")} == {f"probe-{n}.gguf" for n in ["f32", *probe.FTYPES]}
 
 
 @pytest.mark.parametrize(
