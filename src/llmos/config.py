@@ -158,10 +158,44 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted (larger gets 413)."
     )
     max_header_bytes: int = Field(
-        default=16 * 1024, ge=1024, description="Largest total size of a request's headers (larger gets 431)."
+        default=16 * 1024,
+        ge=1024,
+        description=(
+            "Largest request head (request line and headers), counted as the bytes arrive: larger gets 431 and the"
+            " connection is closed without reading the rest."
+        ),
+    )
+    request_head_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Deadline for a client to send a request's line and headers, from connecting (or from the request's first"
+            " byte on a kept-alive connection): slower gets 408 and the connection is closed."
+        ),
     )
     request_read_seconds: float = Field(
-        default=30.0, gt=0, description="Deadline for a client to send its whole request body (slower gets 408)."
+        default=30.0,
+        gt=0,
+        description=(
+            "Deadline for a client to send its whole request body (slower gets 408); the connection is closed a"
+            " second later even where the handler does not read the body."
+        ),
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description=(
+            "Open HTTP connections `llmos serve` holds at once; one more gets 503 and is closed. Lowered at start to"
+            " fit the open-file limit (RLIMIT_NOFILE, raised toward its hard limit first), keeping 256 for the server."
+        ),
+    )
+    max_connections_per_client: int = Field(
+        default=512,
+        ge=1,
+        description=(
+            "Open HTTP connections from one client address; one more gets 503 and is closed. Behind a reverse proxy"
+            " every client has the proxy's address: set it to max_connections there."
+        ),
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed to call the API from a browser (CORS); none by default."

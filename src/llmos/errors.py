@@ -208,3 +208,23 @@ class ModelLoadError(LlmosError):
     code = "model_load_failed"
     type = "server_error"
     status = 500
+
+
+class RecordsUnavailableError(LlmosError):
+    """A record that must be kept (audit event, usage) cannot be written, so the action is refused: nothing changed."""
+
+    code = "records_unavailable"
+    type = "server_error"
+    status = 503
+
+
+class AuditUnavailableError(RecordsUnavailableError):
+    """The audit event of a security-relevant change cannot be written; the change was not made."""
+
+    code = "audit_unavailable"
+
+
+class UsageUnrecordedError(RecordsUnavailableError):
+    """Earlier usage of this key is not recorded yet; its requests are refused until it is (never served unmetered)."""
+
+    code = "usage_unrecorded"

@@ -14,8 +14,9 @@ Contract::
   ``raw=True`` completes the prompt text exactly as given, which is the default for models without a template.
 * Decoding is greedy unless ``temperature`` is given (as in transformers' ``generate``). ``max_length`` is the most
   tokens to generate (``max_tokens`` is accepted as an alias).
-* Errors are :mod:`llmos.errors` exceptions. A ``Model`` holds native memory and a thread until
-  :meth:`Model.close` (or the end of a ``with`` block). Abandoning a stream cancels its request.
+* Errors are :mod:`llmos.errors` exceptions. Every load re-hashes the model's files first: a damaged file raises
+  :class:`~llmos.errors.ModelUnavailableError` naming it, and nothing is generated. A ``Model`` holds native memory
+  and a thread until :meth:`Model.close` (or the end of a ``with`` block). Abandoning a stream cancels its request.
 """
 
 from __future__ import annotations
@@ -202,13 +203,13 @@ def load_model(
     registry = Registry(settings)
     try:
         try:
-            resolved = registry.resolve(name)
+            resolved = registry.resolve(name, verify=True)  # re-hashed: a damaged file is refused, not run
         except ModelNotFoundError:
             ref = parse_ref(name)
             if not (pull and ref.namespace == "library" and ref.name in sources.BUNDLED and not ref.digest):
                 raise
             sources.pull(registry, name)
-            resolved = registry.resolve(name)
+            resolved = registry.resolve(name, verify=True)
         overrides = {resolved.view.repository: backend} if backend else {}
         loader = Loader(settings, registry, max_running=SDK_SLOTS, overrides=overrides)
         instance = loader(resolved, loader.backend_for(resolved.view))

@@ -26,6 +26,7 @@ from sqlalchemy import create_engine
 from llmos.config import Settings
 from llmos.registry import sources
 from llmos.registry.service import Registry
+from llmos.security.service import SecurityService
 from tests.helpers import ServerProcess, run_cli
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -223,7 +224,13 @@ def test_health_is_alive_and_ready_reports_each_check(server: ServerProcess) -> 
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
-        "checks": {"preload": {"ok": True}, "database": {"ok": True}, "disk": {"ok": True}},
+        "checks": {
+            "preload": {"ok": True},
+            "database": {"ok": True},
+            "disk": {"ok": True},
+            "audit": {"ok": True},
+            "usage": {"ok": True},
+        },
     }
 
 
@@ -235,8 +242,14 @@ def test_ready_fails_with_the_reason_while_preloading_without_disk_or_database(t
 
     settings = Settings(home=tmp_path / "home", ready_min_free_bytes=2**62)
     registry = Registry(settings)
+    security = SecurityService(settings)
     state = SimpleNamespace(
-        settings=settings, registry=registry, ready=threading.Event(), preload=["smollm2"], preload_error=None
+        settings=settings,
+        registry=registry,
+        security=security,
+        ready=threading.Event(),
+        preload=["smollm2"],
+        preload_error=None,
     )
     app = FastAPI()
     app.include_router(router)
@@ -261,4 +274,5 @@ def test_ready_fails_with_the_reason_while_preloading_without_disk_or_database(t
         state.registry = registry
         assert http.get("/ready").status_code == 200
     finally:
+        security.close()
         registry.close()

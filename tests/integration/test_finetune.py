@@ -10,8 +10,11 @@ from typing import Any
 import pytest
 
 from llmos.errors import InvalidInputError, StorageError
+from llmos.store.crypto import MAGIC, BlobCipher
+from llmos.training import checkpoints as checkpoints_module
 from llmos.training import finetune as finetune_module
-from llmos.training.finetune import FinetuneConfig, TrainingStopped, finetune, load_latest_checkpoint
+from llmos.training.checkpoints import Checkpoints, load_latest_checkpoint
+from llmos.training.finetune import FinetuneConfig, TrainingStopped, finetune
 from llmos.training.optim import OptimizerConfig
 from tests.helpers import make_tiny_base, toy_qa_rows
 
@@ -30,9 +33,12 @@ def config(**overrides: Any) -> FinetuneConfig:
     return FinetuneConfig(**values)
 
 
-def run(base: Path, work: Path, cfg: FinetuneConfig, **kwargs: Any) -> finetune_module.FinetuneResult:
+def run(
+    base: Path, work: Path, cfg: FinetuneConfig, checkpoints: Checkpoints | None = None, **kwargs: Any
+) -> finetune_module.FinetuneResult:
     rows = toy_qa_rows()
-    return finetune(base, rows[:40], rows[40:], work / "out", work / "checkpoints", cfg, log=lambda _: None, **kwargs)
+    store = checkpoints or work / "checkpoints"
+    return finetune(base, rows[:40], rows[40:], work / "out", store, cfg, log=lambda _: None, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -47,16 +53,24 @@ def test_training_lowers_validation_loss(base: Path, tmp_path: Path, method: str
     assert (tmp_path / "out" / expected).is_file()
 
 
-def test_stopped_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(base: Path, tmp_path: Path) -> None:
+def test_stopped_run_resumes_from_its_encrypted_checkpoint_and_ends_like_an_uninterrupted_one(
+    base: Path, tmp_path: Path
+) -> None:
     straight = run(base, tmp_path / "straight", config())
 
     def stop_at_ten(step: int, total: int, metrics: dict[str, float]) -> bool:
         return step == 10
 
+    directory = tmp_path / "resumed" / "checkpoints"
+    key = bytes(range(32))
     with pytest.raises(TrainingStopped):
-        run(base, tmp_path / "resumed", config(), on_step=stop_at_ten)
-    assert load_latest_checkpoint(tmp_path / "resumed" / "checkpoints")["step"] == 10  # type: ignore[index]
-    resumed = run(base, tmp_path / "resumed", config())
+        run(base, tmp_path / "resumed", config(), Checkpoints(directory, BlobCipher(key)), on_step=stop_at_ten)
+    state_files = sorted(directory.glob("step-*/state.pt"))
+    assert state_files and all(path.read_bytes().startswith(MAGIC) for path in state_files)  # ciphertext only
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in state_files)
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert Checkpoints(directory, BlobCipher(key)).load_latest()["step"] == 10  # type: ignore[index]
+    resumed = run(base, tmp_path / "resumed", config(), Checkpoints(directory, BlobCipher(key)))
     assert resumed.resumed_from == 10 and resumed.steps == 16
     assert straight.validation_loss is not None and resumed.validation_loss is not None
     assert abs(resumed.validation_loss - straight.validation_loss) <= 0.02 * straight.validation_loss
@@ -65,19 +79,17 @@ def test_stopped_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_
 def test_a_full_disk_during_a_checkpoint_fails_cleanly_and_keeps_the_earlier_one(
     base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import torch
-
-    real_save = torch.save
+    real_write = checkpoints_module.write_private
     calls = {"n": 0}
 
-    def save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+    def write(path: Path, chunks: Any) -> None:
         calls["n"] += 1
         if calls["n"] >= 2:
-            Path(path).write_bytes(b"partial")
+            path.write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, path, *args, **kwargs)
+        real_write(path, chunks)
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(checkpoints_module, "write_private", write)
     with pytest.raises(StorageError, match="No space left"):
         run(base, tmp_path, config())
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

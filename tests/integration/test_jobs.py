@@ -16,6 +16,7 @@ from llmos.errors import ConflictError, NotFoundError
 from llmos.jobs.service import JobService, JobView
 from llmos.registry.datasets import store_rows
 from llmos.registry.service import Registry
+from llmos.store.crypto import MAGIC
 from tests.helpers import ServerProcess, make_tiny_base, run_cli, toy_qa_rows
 
 TRAIN = {
@@ -83,7 +84,10 @@ def test_one_training_job_at_a_time_the_next_starts_when_the_first_ends(world: S
     assert jobs.get(second.id).started_at >= jobs.get(first.id).finished_at  # type: ignore[operator]
 
 
-def test_kill_9_at_half_way_then_resume_continues_from_the_checkpoint(world: Settings) -> None:
+def test_kill_9_at_half_way_then_resume_continues_from_the_checkpoint(
+    world: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMOS_ENCRYPTION_KEY", "b" * 64)  # the workers encrypt their checkpoints with it
     jobs = JobService(world)
     steps = 200
     straight = jobs.create("train", {**TRAIN, "name": "straight", "max_steps": steps}, resource="train")
@@ -100,10 +104,16 @@ def test_kill_9_at_half_way_then_resume_continues_from_the_checkpoint(world: Set
     assert interrupted.state == "interrupted" and "resume" in (interrupted.error or "")
     with pytest.raises(ConflictError):
         jobs.cancel(job.id)
+    saved = list(jobs.checkpoint_dir(job.id).glob("step-*/state.pt"))
+    assert saved and all(path.read_bytes().startswith(MAGIC) for path in saved)  # resume reads them decrypted
 
     jobs.resume(job.id)
     resumed = wait_for(jobs, job.id, final)
     assert resumed.state == "succeeded", jobs.log_path(job.id).read_text()
+    deadline = time.monotonic() + 10  # the worker removes them right after recording success
+    while jobs.checkpoint_dir(job.id).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not jobs.checkpoint_dir(job.id).exists()
     metrics, expected = resumed.result["metrics"], reference.result["metrics"]
     assert metrics["resumed_from"] >= steps // 2 - 10 and metrics["resumed_from"] > 0  # not from step 0
     assert resumed.attempts == 2
@@ -180,7 +190,7 @@ def test_server_kill_9_while_a_job_runs_never_leaves_it_stuck_running(world: Set
     assert created.status_code == 200, created.text
     job_id = created.json()["id"]
     jobs = JobService(world)
-    running = wait_for(jobs, job_id, lambda v: v.progress.get("step", 0) >= 20)
+    running = wait_for(jobs, job_id, lambda v: v.progress.get("step", 0) > 20)  # past 20: step 20 is saved
     server.process.kill()  # kill -9 of the server: the worker lives in its own session and keeps going
     server.process.wait(10)
     assert running.pid is not None

@@ -5,7 +5,7 @@ keep-alive expiry and engine activity, plus the budget, the process RSS and the 
 ``POST /admin/runtime/unload`` with ``{"model": NAME}`` unloads it as soon as it is idle (404 if the name is
 unknown). Tenants, usage and audit are admin-only. Keys: admins manage every key; a developer may list, create
 (developer or consumer role) and revoke keys of its own tenant. Every change is audited; a new key is returned
-once and never again.
+once and never again. Bodies are strict: an unknown field is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from llmos.api.auth import require_role
-from llmos.api.body import parse_body
-from llmos.api.openai.schemas import Strict
+from llmos.api.body import AdminBody, parse_body
 from llmos.api.state import AppState
 from llmos.engine.backends import llamacpp_path
 from llmos.runtime.memory import process_rss
@@ -31,7 +30,7 @@ from llmos.security.principal import Limits
 router = APIRouter(prefix="/admin")
 
 
-class UnloadRequest(Strict):
+class UnloadRequest(AdminBody):
     model: str = Field(min_length=1, max_length=300)
 
 
@@ -105,8 +104,13 @@ async def unload(request: Request) -> dict[str, Any]:
     caller = require_role(request, "admin")
     state: AppState = request.app.state.llmos
     body = await parse_body(request, UnloadRequest, state.settings.max_request_bytes)
-    was_resident = await to_thread.run_sync(state.residency.unload, body.model)
-    state.security.audit(caller.actor, caller.tenant, "model.unload", body.model, "ok")
+    await to_thread.run_sync(state.registry.show, body.model)  # an unknown name is a 404 before anything is audited
+
+    def audited_unload() -> bool:  # the event first: no audit, no unload
+        state.security.require_audit(caller.actor, caller.tenant, "model.unload", body.model)
+        return state.residency.unload(body.model)
+
+    was_resident = await to_thread.run_sync(audited_unload)
     return {"model": body.model, "unloaded": was_resident}
 
 
@@ -114,7 +118,7 @@ LIMIT_MAX = 10**15
 """Largest rate or budget accepted (the database stores 64-bit integers)."""
 
 
-class TenantRequest(Strict):
+class TenantRequest(AdminBody):
     name: str = Field(min_length=1, max_length=64)
     requests_per_minute: int | None = Field(default=None, ge=1, le=LIMIT_MAX)
     tokens_per_minute: int | None = Field(default=None, ge=1, le=LIMIT_MAX)
@@ -122,7 +126,7 @@ class TenantRequest(Strict):
     budget_period: str = "month"
 
 
-class KeyRequest(Strict):
+class KeyRequest(AdminBody):
     tenant: str = Field(min_length=1, max_length=64)
     role: str
     models: list[str] | None = None

@@ -126,7 +126,8 @@ def create_app(
     )
     holder["residency"] = residency
     security = SecurityService(settings)
-    quotas = QuotaManager(security.scope_usage_since)
+    quotas = QuotaManager(security.scope_usage_since, security.unrecorded)
+    metrics.watch_records(security.record_counts)
     state = AppState(settings, registry, loader, residency, metrics, security, quotas, preload=list(preload))
 
     def load_preloads() -> None:

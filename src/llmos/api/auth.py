@@ -5,8 +5,11 @@ static files under ``/console``, it requires a
 valid ``Authorization: Bearer <key>`` whenever authentication is on (a key exists, or ``Settings.auth``), and stores
 the :class:`~llmos.security.principal.Principal` in ``scope["state"]["principal"]``; with authentication off, the
 caller is the local admin. It fails closed: an unexpected error while authenticating denies the request (401 for a
-bad key, 503 when the key store cannot be read) and is audited without the key. Routes then call
-:func:`principal`, :func:`require_role` and :func:`visible_view`.
+bad key, 503 when the key store cannot be read) and is audited without the key. A state-changing request (any
+method but GET, HEAD and OPTIONS, other than generation and embeddings) is refused with 503 before it runs unless
+the audit log can be written. The usage records a request makes are committed before the rest of its response is
+sent (see :mod:`llmos.security.usage`). Routes then call :func:`principal`, :func:`require_role` and
+:func:`visible_view`.
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ from __future__ import annotations
 import json
 import logging
 
+from anyio import to_thread
 from fastapi import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmos.api.errors import error_body
 from llmos.errors import AuthenticationError, LlmosError, ModelNotFoundError, PermissionDeniedError
 from llmos.registry.views import VersionView
+from llmos.security import usage
 from llmos.security.principal import LOCAL_ADMIN, Principal
 from llmos.security.service import SecurityService
 
 log = logging.getLogger("llmos.api")
 OPEN_PATHS = {"/health", "/ready"}
+READ_METHODS = {"GET", "HEAD", "OPTIONS"}
+METERED_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+"""Requests that change nothing but usage (recorded, not audited)."""
 CONSOLE_PREFIX = "/console"
 """The web console's static shell (HTML, scripts, styles; no data) is served without a key."""
 
@@ -60,8 +68,21 @@ class AuthMiddleware:
             )
             await _reply(send, 503, body, {})
             return
+        if scope["method"] not in READ_METHODS and scope["path"] not in METERED_PATHS:
+            try:  # fail closed: nothing changes unless its audit event can be written
+                await to_thread.run_sync(self.security.check_audit, "this request")
+            except LlmosError as exc:
+                await _reply(send, exc.status, error_body(exc.message, exc.type, exc.code), {})
+                return
         scope.setdefault("state", {})["principal"] = principal
-        await self.app(scope, receive, send)
+        with usage.collecting() as commits:
+
+            async def send_when_recorded(message: Message) -> None:
+                if commits:  # the request's usage is committed before the rest of its answer goes out
+                    await usage.committed(commits)
+                await send(message)
+
+            await self.app(scope, receive, send_when_recorded)
 
 
 async def _reply(send: Send, status: int, body: dict[str, object], headers: dict[str, str]) -> None:

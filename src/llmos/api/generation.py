@@ -1,15 +1,21 @@
 """Running a set of generation requests for one HTTP call: submit, merge streams, observe, cancel.
 
-Contract: :func:`acquire` resolves the requested name to a resident generation model (through the residency
-manager: loading and evicting as needed) and, for a LoRA adapter, to its resident base with the adapter loaded; the
-returned :class:`Target` holds a lease until released. :func:`submit_all` queues every choice of a call on the
+Contract: :func:`acquire` resolves the requested name once, to one version (``repository@digest``), checks that the
+caller may use it, and leases that very version from the residency manager (loading and evicting as needed); for a
+LoRA adapter it leases the adapter's base by digest and loads the adapter's own digest. A tag moved meanwhile changes
+nothing for the request: what was authorised is what answers. The returned :class:`Target` holds a lease until
+released; its :attr:`~Target.name` is the name the caller asked for (normalised, ``smollm2`` -> ``smollm2:latest``),
+whichever name loaded the model first. :func:`submit_all` queues every choice of a call on the
 model's engine before any response byte is sent, so admission errors (503 with ``Retry-After``) are proper HTTP
 errors; if one choice is refused the others are aborted and the lease released. :class:`Call` then yields
 ``(choice_index, output)`` pairs as the engine produces them, records queue wait, time to first token, inter-token
 latency, tokens (per model and tenant) and finish reasons in the metrics, and the queue and generation spans when
 tracing is on; it aborts every unfinished choice if the consumer goes away (client disconnect) or fails, records the
 request's final status for the request counter, and releases the lease (applying the request's keep-alive) when it
-ends. The resolved model's registry name becomes the request's ``model`` for logs, metrics and traces.
+ends. Usage counts what the engine generated, finished or not: after an abort the call waits (briefly, shielded from
+the cancellation that ended it) for the engine's final count of each aborted choice, and settles the quota and the
+usage record with every token the engine produced for the request, read by the client or not. The caller's name
+becomes the request's ``model`` for logs, metrics and traces.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import anyio
 from anyio import to_thread
 from fastapi import Request
 
@@ -30,11 +37,16 @@ from llmos.errors import InvalidInputError, LlmosError, OverloadedError
 from llmos.observability.context import current_request, set_model, set_outcome
 from llmos.observability.metrics import Metrics
 from llmos.registry.names import parse_ref
+from llmos.registry.views import VersionView
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.replicas import ReplicaSet
 from llmos.runtime.residency import Lease, parse_keep_alive
 from llmos.security.principal import Principal
 from llmos.security.quotas import Reservation
+
+ABORT_GRACE_S = 10.0
+"""How long a call that ends early waits for the engine's final token count of its aborted choices (the engine
+sends it within one step); past it, the tokens seen so far are charged."""
 
 
 @dataclass
@@ -82,37 +94,44 @@ class Target:
     lease: Lease
     model: LoadedModel
     adapter: str | None
-    """The backend's key for the adapter: its name and digest, so an alias moved to a new version loads that one."""
+    """The backend's key for the adapter: its repository and digest, so an alias moved to a new version loads that
+    one (and two names of one version share it)."""
     keep_alive: float | None
-    adapter_name: str | None = None
-    digest: str | None = None
-    """The registry version that answers (the adapter's when one was asked for)."""
+    name: str
+    """The name responses, metrics and usage report: the one the caller asked for, resolved (``repository:tag``)."""
+    digest: str
+    """The registry version that answers (the adapter's when one was asked for): the one the caller was authorised
+    for."""
 
     @property
-    def fingerprint(self) -> str | None:
+    def fingerprint(self) -> str:
         """OpenAI's ``system_fingerprint``: which stored version produced the answer (``llmos-`` + 12 hex digits)."""
-        return f"llmos-{self.digest.removeprefix('sha256:')[:12]}" if self.digest else None
-
-    @property
-    def name(self) -> str:
-        """The name responses report: the adapter when one was asked for, else the model."""
-        return self.adapter_name or self.model.name
+        return f"llmos-{self.digest.removeprefix('sha256:')[:12]}"
 
     def release(self) -> None:
         self.lease.release(self.keep_alive)
 
 
-async def acquire(state: AppState, caller: Principal, name: str, keep_alive_value: object = None) -> Target:
-    keep_alive = parse_keep_alive(keep_alive_value)  # type: ignore[arg-type]
+async def authorised_view(state: AppState, caller: Principal, name: str) -> VersionView:
+    """The one resolution of a request's model name: the version it names now, if the caller may use it (else 404).
+
+    Everything after this (leasing, loading an adapter, reporting) goes by the returned view's digest.
+    """
     view = visible_view(caller, await to_thread.run_sync(state.registry.show, name), name)
     set_model(view.name)
+    return view
+
+
+async def acquire(state: AppState, caller: Principal, name: str, keep_alive_value: object = None) -> Target:
+    keep_alive = parse_keep_alive(keep_alive_value)  # type: ignore[arg-type]
+    view = await authorised_view(state, caller, name)
     adapter: str | None = None
-    lease_name = name
+    leased: VersionView | str = view
     if view.format == "lora":
-        adapter = f"{view.name}@{view.digest}"
+        adapter = f"{view.repository}@{view.digest}"
         base_repository = parse_ref(str(view.details.get("base_name", ""))).repository
-        lease_name = f"{base_repository}@{view.details.get('base_digest')}"
-    lease = await to_thread.run_sync(state.residency.lease, lease_name, keep_alive)
+        leased = f"{base_repository}@{view.details.get('base_digest')}"  # pinned by the adapter's own record
+    lease = await to_thread.run_sync(state.residency.lease, leased, keep_alive)
     model = lease.instance
     try:
         if isinstance(model, ReplicaSet):
@@ -124,17 +143,18 @@ async def acquire(state: AppState, caller: Principal, name: str, keep_alive_valu
             if not hasattr(backend, "add_adapter"):
                 raise InvalidInputError(f"adapter {view.name} needs its base on the PyTorch backend", param="model")
             if adapter not in getattr(backend, "adapters", {}):
+                pinned = adapter
 
                 def load_adapter() -> None:
-                    pinned = state.registry.resolve(f"{view.repository}@{view.digest}", verify=True)
-                    with state.registry.loadable_dir(pinned) as adapter_dir:
-                        backend.add_adapter(adapter, adapter_dir)
+                    resolved = state.registry.resolve(pinned, verify=True)
+                    with state.registry.loadable_dir(resolved) as adapter_dir:
+                        backend.add_adapter(pinned, adapter_dir)
 
                 await to_thread.run_sync(load_adapter)
     except BaseException:
         lease.release(keep_alive)
         raise
-    return Target(lease, model, adapter, keep_alive, view.name if adapter else None, view.digest)
+    return Target(lease, model, adapter, keep_alive, view.name, view.digest)
 
 
 @dataclass
@@ -164,7 +184,7 @@ class Call:
         context = current_request()
         last_token_at: dict[int, float] = {}
         admitted: dict[int, float] = {}
-        completion_tokens = 0
+        counted = 0  # completion tokens already added to the token counter (at each choice's finish)
         status = 200
         try:
             async for index, output in self._merged():
@@ -180,7 +200,7 @@ class Call:
                     last_token_at[index] = output.time
                 if output.finished:
                     self.finished.add(index)
-                    completion_tokens += output.completion_tokens
+                    counted += output.completion_tokens
                     metrics.finished.labels(label, output.finish_reason or "unknown").inc()
                     metrics.count_tokens(label, self.tenant, completion=output.completion_tokens)
                     if context is not None and context.tracing is not None:
@@ -201,9 +221,29 @@ class Call:
         finally:
             set_outcome(status)
             self.abort_unfinished()
-            self.target.release()
-            if self.metering is not None:
-                self.metering.finish(self.target.name, self.prompt_tokens, completion_tokens, status)
+            try:
+                await self.engine_done()
+            finally:
+                self.target.release()
+                produced = self.produced
+                if produced > counted:  # tokens of aborted choices: generated, so counted and charged
+                    metrics.count_tokens(label, self.tenant, completion=produced - counted)
+                if self.metering is not None:
+                    self.metering.finish(self.target.name, self.prompt_tokens, produced, status)
+
+    @property
+    def produced(self) -> int:
+        """Completion tokens the engine generated for this call so far, whether the client read them or not."""
+        return sum(stream.produced for stream in self.streams)
+
+    async def engine_done(self, timeout: float = ABORT_GRACE_S) -> None:
+        """Wait until the engine has sent every choice's final count (at most ``timeout``), even in a cancelled task."""
+        pending = [stream for stream in self.streams if not stream.finished]
+        if not pending:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+            for stream in pending:
+                await stream.ended()
 
     def abort_unfinished(self) -> None:
         for index, request in enumerate(self.requests):

@@ -8,7 +8,8 @@ Contract: both are open (no API key) and cheap.
   ``"status": "not_ready"`` and each check's ``ok`` and, for a failed one, ``reason``. Checks: ``preload`` (the
   models named with ``--model`` / ``--pin`` are loaded: ``loading`` while they load, the load error's message if one
   failed), ``database`` (a ``SELECT 1`` on the registry database), ``disk`` (free space where ``LLMOS_HOME`` lives
-  is at least ``ready_min_free_bytes``). Bodies name no paths and no sizes (the probes need no key).
+  is at least ``ready_min_free_bytes``), ``audit`` (the last audit write succeeded, or a trial write does now) and
+  ``usage`` (no usage record waits to be written). Bodies name no paths and no sizes (the probes need no key).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _preload(state: AppState) -> dict[str, Any]:
 
 
 def readiness(state: AppState) -> dict[str, dict[str, Any]]:
-    return {"preload": _preload(state), "database": _database(state), "disk": _disk(state)}
+    return {"preload": _preload(state), "database": _database(state), "disk": _disk(state),
+            **state.security.records_health()}  # fmt: skip
 
 
 @router.get("/ready")

@@ -24,8 +24,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import Field, RootModel
 
 from llmos.api.auth import require_role
-from llmos.api.body import parse_body, parse_json, read_body, validate
-from llmos.api.openai.schemas import Strict
+from llmos.api.body import AdminBody, no_body, parse_body, parse_json, read_body, validate
 from llmos.api.state import AppState
 from llmos.errors import InvalidInputError, NotFoundError
 from llmos.evaluation.reports import comparison, reports
@@ -40,12 +39,12 @@ from llmos.security.principal import Principal
 router = APIRouter(prefix="/admin")
 
 
-class DatasetRequest(Strict):
+class DatasetRequest(AdminBody):
     name: str = Field(min_length=1, max_length=300)
     rows: list[dict[str, Any]] = Field(min_length=1)
 
 
-class TrainRequest(Strict):
+class TrainRequest(AdminBody):
     kind: Literal["train"] = "train"
     base: str = Field(min_length=1, max_length=300)
     data: str = Field(min_length=1, max_length=300)
@@ -64,9 +63,12 @@ class TrainRequest(Strict):
     eval_every: int = Field(default=0, ge=0, le=10**9)
     patience: int | None = Field(default=None, ge=1, le=10**6)
     auto_resume: bool = False
+    keep_checkpoints: bool = Field(
+        default=False, description="Keep the job's (encrypted) checkpoints after it succeeds instead of removing them."
+    )
 
 
-class EvalRequest(Strict):
+class EvalRequest(AdminBody):
     """An evaluation job: the same options as ``llmos eval`` (one model)."""
 
     kind: Literal["eval"] = "eval"
@@ -253,6 +255,7 @@ async def job_logs(request: Request, job_id: str) -> PlainTextResponse:
 @router.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
+    await no_body(request, _state(request).settings.max_request_bytes)
     jobs = _jobs(request)
     view = await to_thread.run_sync(lambda: jobs.cancel(job_id, tenant_id=_scope(caller)))
     _state(request).security.audit(caller.actor, caller.tenant, "jobs.cancel", job_id, "ok")
@@ -262,6 +265,7 @@ async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
 @router.post("/jobs/{job_id}/resume")
 async def resume_job(request: Request, job_id: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
+    await no_body(request, _state(request).settings.max_request_bytes)
     jobs = _jobs(request)
     view = await to_thread.run_sync(lambda: jobs.resume(job_id, tenant_id=_scope(caller)))
     _state(request).security.audit(caller.actor, caller.tenant, "jobs.resume", job_id, "ok")

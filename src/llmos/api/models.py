@@ -15,11 +15,10 @@ from typing import Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Request
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from llmos.api.auth import principal, require_role, visible_view
-from llmos.api.body import parse_body
-from llmos.api.openai.schemas import Strict
+from llmos.api.body import AdminBody, parse_body
 from llmos.api.state import AppState
 from llmos.errors import LlmosError
 from llmos.evaluation.compression import latest_report
@@ -32,8 +31,7 @@ LINEAGE_DEPTH = 12
 """How many generations of parents a model's graph shows."""
 
 
-class TagRequest(Strict):
-    model_config = ConfigDict(strict=True, extra="forbid")  # a typo in an admin request is an error, not ignored
+class TagRequest(AdminBody):
     source: str = Field(min_length=1, max_length=300, description="The version to tag (name:tag or name@digest).")
     target: str = Field(min_length=1, max_length=300, description="The new tag, as name:tag.")
 

@@ -85,8 +85,10 @@ def standard(app: FastAPI) -> None:
     """The request and response shapes of llmos's own routes."""
     from llmos.api.admin import KeyRequest, TenantRequest, UnloadRequest
     from llmos.api.lifecycle import DatasetRequest, EvalRequest, JobRequest
+    from llmos.api.models import TagRequest
     from llmos.api.openai.embeddings import EmbeddingRequest
     from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest
+    from llmos.api.pipelines import PipelineRequest, RollbackRequest
 
     install(
         app,
@@ -100,6 +102,9 @@ def standard(app: FastAPI) -> None:
             ("POST", "/admin/datasets"): DatasetRequest,
             ("POST", "/admin/jobs"): JobRequest,
             ("POST", "/admin/evaluations"): EvalRequest,
+            ("POST", "/admin/models/tag"): TagRequest,
+            ("POST", "/admin/pipelines"): PipelineRequest,
+            ("POST", "/admin/rollback"): RollbackRequest,
         },
         successes={
             ("POST", "/v1/chat/completions"): _object("id", "object", "created", "model", "choices", "usage"),

@@ -19,9 +19,8 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from llmos.api.auth import require_role
-from llmos.api.body import parse_body
+from llmos.api.body import AdminBody, no_body, parse_body
 from llmos.api.lifecycle import _jobs, _scope, _state
-from llmos.api.openai.schemas import Strict
 from llmos.errors import InvalidInputError, ModelNotFoundError, NotFoundError, PermissionDeniedError
 from llmos.jobs import pipeline as pipelines
 from llmos.registry import aliases
@@ -30,13 +29,13 @@ from llmos.security.principal import Principal
 router = APIRouter(prefix="/admin")
 
 
-class PipelineRequest(Strict):
+class PipelineRequest(AdminBody):
     recipe: dict[str, Any] | None = None
     yaml: str | None = Field(default=None, max_length=100_000)
     run: bool = True
 
 
-class RollbackRequest(Strict):
+class RollbackRequest(AdminBody):
     alias: str = Field(min_length=1, max_length=300)
     to: str | None = Field(default=None, max_length=80)
 
@@ -92,6 +91,7 @@ async def get_pipeline(request: Request, name: str) -> dict[str, Any]:
 @router.post("/pipelines/{name}/runs")
 async def run_pipeline(request: Request, name: str) -> JSONResponse:
     caller = require_role(request, "developer")
+    await no_body(request, _state(request).settings.max_request_bytes)
     stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(_state(request).registry, name, _scope(caller)))
     recipe = pipelines.recipe_from_stored(stored.recipe)
     job = await _queue(request, caller, recipe)

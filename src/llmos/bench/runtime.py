@@ -97,7 +97,7 @@ def run(settings: Settings, *, gguf: str = "smollm2", hf: str = "smollm2:safeten
     loader = Loader(settings, registry, max_running=16)
 
     for label, texts in (("16 long stories", PROMPTS), ("8 stories + 8 short answers", MIXED)):
-        torch_model = loader(registry.resolve(hf), "torch")
+        torch_model = loader(registry.resolve(hf, verify=True), "torch")
         prompts = [torch_model.chat_tokens([ChatMessage("user", p)]) for p in texts]
         ours, ttft = engine_throughput(torch_model, prompts, max_tokens)
         model_dir = registry.model_dir(registry.resolve(hf))
@@ -105,7 +105,7 @@ def run(settings: Settings, *, gguf: str = "smollm2", hf: str = "smollm2:safeten
         torch_model.close()
         release_freed_memory()
         theirs = hf_static_batch(model_dir, prompts, max_tokens, eos)
-        llama = loader(registry.resolve(gguf), "llama.cpp")
+        llama = loader(registry.resolve(gguf, verify=True), "llama.cpp")
         llama_prompts = [llama.chat_tokens([ChatMessage("user", p)]) for p in texts]
         llama_tps, llama_ttft = engine_throughput(llama, llama_prompts, max_tokens)
         llama.close()
@@ -136,7 +136,7 @@ def run(settings: Settings, *, gguf: str = "smollm2", hf: str = "smollm2:safeten
     for name, backend in ((gguf, "llama.cpp"), (hf, "torch"), (embed, "sentence-transformers")):
         release_freed_memory()
         before = process_rss()
-        instance = loader(registry.resolve(name), backend)
+        instance = loader(registry.resolve(name, verify=True), backend)
         delta = process_rss() - before
         size = registry.show(name).size
         instance.close()

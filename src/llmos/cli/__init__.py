@@ -554,8 +554,7 @@ def serve(
     import importlib.util
     import logging
 
-    import uvicorn
-
+    from llmos.api import http_server
     from llmos.api.app import create_app
     from llmos.observability.logs import configure_logging, json_flag
     from llmos.registry.names import parse_ref
@@ -603,8 +602,7 @@ def serve(
     logging.getLogger("llmos.serve").info(  # a log record, so JSON logs stay one object per line
         "llmos serving on http://%s:%d (OpenAI API under /v1)", effective.host, effective.port
     )
-    # log_config=None: uvicorn's own records go through the handler configure_logging installed
-    uvicorn.run(app, host=effective.host, port=effective.port, log_level="warning", access_log=False, log_config=None)
+    http_server.run(app, effective)  # uvicorn, with the head/body deadlines and connection caps in its parser
 
 
 def _is_loopback(host: str) -> bool:

@@ -107,7 +107,7 @@ def bench(
         from llmos.bench import observability as observability_bench
 
         registry = open_registry()
-        resolved = registry.resolve(model)
+        resolved = registry.resolve(model, verify=True)
         err.print(f"CPU: {_cpu_name()}; model {resolved.view.name}")
         log_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=log_dir) as work_dir, registry.loadable_dir(resolved) as model_dir:
@@ -128,7 +128,7 @@ def bench(
     except ValueError as exc:
         raise InvalidInputError(f"--levels must be comma-separated integers, got {levels!r}") from exc
     registry = open_registry()
-    resolved = registry.resolve(model)
+    resolved = registry.resolve(model, verify=True)
     registry.close()
     log_dir.mkdir(parents=True, exist_ok=True)
     effective = settings()

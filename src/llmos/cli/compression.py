@@ -184,6 +184,9 @@ def distill(
     schedule: Annotated[str, typer.Option("--schedule", help="cosine, linear or constant.")] = "cosine",
     eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validations (0: each epoch).")] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 50,
+    keep_checkpoints: Annotated[
+        bool, typer.Option("--keep-checkpoints", help="Keep the (encrypted) checkpoints after the job succeeds.")
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed (data order, new student's initialisation).")] = 0,
     name: Annotated[str | None, typer.Option("--name", help="Name of the result (default STUDENT:distilled).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it ends.")] = False,
@@ -208,6 +211,8 @@ def distill(
         "max_length": max_length, "warmup_steps": warmup_steps, "schedule": schedule, "eval_every": eval_every,
         "checkpoint_every": checkpoint_every, "seed": seed,
     }  # fmt: skip
+    if keep_checkpoints:
+        params["keep_checkpoints"] = True
     config_from_params(params)  # bad hyperparameters fail here, before anything is queued
     if student == NEW_STUDENT:
         from llmos.training.distill import student_shape

@@ -392,6 +392,9 @@ def train(
     lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha.")] = 32,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validations (0: each epoch).")] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 20,
+    keep_checkpoints: Annotated[
+        bool, typer.Option("--keep-checkpoints", help="Keep the (encrypted) checkpoints after the job succeeds.")
+    ] = False,
     patience: Annotated[int | None, typer.Option("--patience", help="Early stop after N evals w/o gain.")] = None,
     precision: Annotated[str, typer.Option("--precision", help="auto, fp32 or bf16.")] = "auto",
     auto_resume: Annotated[
@@ -419,6 +422,8 @@ def train(
         raise InvalidInputError("--workers needs --ray (data-parallel training runs on a Ray cluster)")
     if ray and from_scratch is not None:
         raise InvalidInputError("--ray trains --base models; --from-scratch runs in one process")
+    if keep_checkpoints and from_scratch is not None:
+        raise InvalidInputError("--keep-checkpoints applies to --base training; --from-scratch writes no checkpoints")
     if from_scratch is not None:
         params: dict[str, Any] = _scratch_params(from_scratch)
         kind = "scratch"
@@ -434,6 +439,8 @@ def train(
             "eval_every": eval_every, "checkpoint_every": checkpoint_every, "patience": patience,
             "precision": precision,
         }  # fmt: skip
+        if keep_checkpoints:
+            params["keep_checkpoints"] = True
         if ray:
             from llmos.distributed.training import check_workers, resolve_address
 

@@ -12,11 +12,13 @@ CPU each (one GPU each when the cluster has enough; backend ``gloo`` on CPU, ``n
   optimizer and the schedule then run identically on every rank. A rank whose share of a batch is empty runs one
   row at weight 0 (DDP needs every rank in every backward). Validation loss is sharded the same way and summed
   with an all-reduce.
-* **Checkpoints**: rank 0 writes them with :func:`~llmos.training.finetune.save_checkpoint` into ``checkpoint_dir``
-  (the job's llmos checkpoint directory, the source of truth; Ray's own storage under ``work_dir`` holds nothing
-  llmos needs). When a worker dies, Ray Train (``FailureConfig(max_failures)``) restarts the worker group and every
-  rank continues from the newest checkpoint that loads, so the run ends where an uninterrupted one would. The
-  checkpoint format is the local trainer's (trainable weights by parameter name, optimizer, schedule, step).
+* **Checkpoints**: rank 0 writes them with :class:`~llmos.training.checkpoints.Checkpoints` (``checkpoints``: the
+  job's llmos checkpoints, the source of truth, private and encrypted when they hold a cipher; they travel to the
+  workers by pickling, which rebuilds the cipher there through their ``reopen``; Ray's own storage under ``work_dir``
+  holds nothing llmos needs). When a worker dies, Ray Train (``FailureConfig(max_failures)``) restarts the worker
+  group and every rank continues from the newest checkpoint that loads, so the run ends where an uninterrupted one
+  would. The checkpoint format is the local trainer's (trainable weights by parameter name, optimizer, schedule,
+  step).
 * **Reporting**: ``on_step`` and ``log`` run in the rank-0 worker, so they must be picklable (the jobs layer passes
   an object that opens its own job service there). ``on_step`` returning True (cancellation) is broadcast to all
   ranks: a checkpoint is written and :class:`~llmos.training.finetune.TrainingStopped` is raised in the caller.
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.errors import BackendUnavailableError, InvalidInputError, JobFailedError
+from llmos.training.checkpoints import Checkpoints, make_private_dir
 from llmos.training.finetune import (
     Example,
     FinetuneConfig,
@@ -54,8 +57,6 @@ from llmos.training.finetune import (
     collate,
     encode_rows,
     load_base,
-    load_latest_checkpoint,
-    save_checkpoint,
     token_loss,
 )
 from llmos.training.optim import build_optimizer, build_schedule
@@ -94,7 +95,7 @@ def ray_finetune(
     train_rows: Sequence[dict[str, Any]],
     validation_rows: Sequence[dict[str, Any]],
     output_dir: Path,
-    checkpoint_dir: Path,
+    checkpoints: Checkpoints | Path,
     config: FinetuneConfig,
     *,
     address: str,
@@ -136,7 +137,7 @@ def ray_finetune(
         "train": list(train_rows),
         "validation": list(validation_rows),
         "output_dir": str(output_dir),
-        "checkpoint_dir": str(checkpoint_dir),
+        "checkpoints": Checkpoints.of(checkpoints),
         "work_dir": str(work_dir),
         "config": config,
         "chat_template": chat_template,
@@ -252,7 +253,8 @@ def _worker_loop(loop: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config: FinetuneConfig = loop["config"]
-    work_dir, checkpoint_dir = Path(loop["work_dir"]), Path(loop["checkpoint_dir"])
+    work_dir = Path(loop["work_dir"])
+    store: Checkpoints = loop["checkpoints"]
     log: Callable[[str], None] = loop["log"] if rank == 0 else (lambda _message: None)
     on_step: StepCallback | None = loop["on_step"] if rank == 0 else None
     starts = 0
@@ -298,7 +300,7 @@ def _worker_loop(loop: dict[str, Any]) -> None:
     step, best, bad_evals, tokens_done = 0, math.inf, 0, 0
     initial: float | None = None
     resumed_from: int | None = None
-    state = load_latest_checkpoint(checkpoint_dir)
+    state = store.load_latest()
     if state is not None:
         model.load_state_dict(state["weights"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -322,8 +324,7 @@ def _worker_loop(loop: dict[str, Any]) -> None:
 
     def checkpoint() -> None:
         if rank == 0:
-            save_checkpoint(
-                checkpoint_dir,
+            store.save(
                 step,
                 {
                     "weights": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
@@ -397,8 +398,7 @@ def _worker_loop(loop: dict[str, Any]) -> None:
     if validation and validation_loss is None:
         validation_loss = _sharded_loss(model, validation, config.batch_size, pad_id, rank, comm)
     if rank == 0:
-        output_dir = Path(loop["output_dir"])
-        output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = make_private_dir(Path(loop["output_dir"]))
         if config.method == "lora":
             model.save_pretrained(output_dir)
         else:

@@ -4,7 +4,10 @@ Contract: the engine hands events over with :func:`deliver` (or :meth:`OutputStr
 never blocks doing so. An :class:`AsyncOutputStream` delivers events to an asyncio task (``async for``); a
 :class:`SyncOutputStream` to a plain thread (``for``). :func:`deliver` wakes each event loop once for a whole step's
 events rather than once per event. Iteration ends after the event with ``finished=True``; an event carrying an
-error raises it in the consumer after any text already delivered.
+error raises it in the consumer after any text already delivered. An :class:`AsyncOutputStream` also keeps, as events
+arrive and whether or not anyone reads them, the completion tokens the engine reports having produced
+(:attr:`~AsyncOutputStream.produced`), so a consumer that stopped reading can still wait for the final count
+(:meth:`~AsyncOutputStream.ended`) and charge for it.
 """
 
 from __future__ import annotations
@@ -43,10 +46,29 @@ class AsyncOutputStream(OutputStream):
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop or asyncio.get_running_loop()
         self.queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+        self.produced = 0
+        """Completion tokens the engine produced for the request so far (its final count once :meth:`ended`)."""
+        self._ended = asyncio.Event()
 
     def push(self, output: GenerationOutput) -> None:
         with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody is listening any more
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+            self.loop.call_soon_threadsafe(self._put, output)
+
+    def _put(self, output: GenerationOutput) -> None:
+        """On the consumer's loop: count the tokens, then queue the event."""
+        self.produced = max(self.produced, output.completion_tokens)  # the engine reports a running total
+        if output.finished:
+            self._ended.set()
+        self.queue.put_nowait(output)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the final event arrived (read or not)."""
+        return self._ended.is_set()
+
+    async def ended(self) -> None:
+        """Wait for the final event (after an abort, the engine sends it within a step)."""
+        await self._ended.wait()
 
     async def __aiter__(self) -> AsyncIterator[GenerationOutput]:
         while True:
@@ -60,7 +82,7 @@ class AsyncOutputStream(OutputStream):
 
 def _put_all(items: list[tuple[AsyncOutputStream, GenerationOutput]]) -> None:
     for stream, output in items:
-        stream.queue.put_nowait(output)
+        stream._put(output)
 
 
 def deliver(items: list[tuple[OutputStream, GenerationOutput]]) -> None:

@@ -5,17 +5,18 @@ a validated :class:`~llmos.formats.info.ModelInfo`. Pickle checkpoints (``.bin``
 ``.pkl``, or any file that looks like a pickle or a ``torch.save`` zip) are refused with
 :class:`~llmos.errors.UnsafeFormatError`, because loading them can run arbitrary code. Anything else raises
 :class:`~llmos.errors.InvalidModelFileError`. From a directory only an allow-list of files is taken (config,
-tokenizer, safetensors weights), never anything executable.
+tokenizer, safetensors weights), never anything executable. Its JSON files are read through
+:mod:`llmos.formats.safe_json` (size and nesting bounded).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from llmos.errors import InvalidModelFileError, UnsafeFormatError
+from llmos.formats import safe_json
 from llmos.formats.gguf import GGUF_MAGIC, inspect_gguf
 from llmos.formats.info import ModelFile, ModelInfo
 from llmos.formats.safetensors import inspect_safetensors, read_safetensors_header
@@ -87,12 +88,7 @@ def inspect_path(path: Path) -> ModelInfo:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise InvalidModelFileError(f"{path.name}: larger than {MAX_JSON_BYTES} bytes")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidModelFileError(f"{path.name}: not valid JSON ({type(exc).__name__})") from exc
+    return safe_json.read(path, MAX_JSON_BYTES)
 
 
 def inspect_hf_dir(directory: Path) -> ModelInfo:

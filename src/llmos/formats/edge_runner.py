@@ -19,7 +19,9 @@ Contract:
   without running it). ``on`` / ``off`` (or ``LLMOS_LLAMACPP_EXTRA_BUFFERS=1`` / ``0``) decide without the check.
 * Before loading anything it checks every file the manifest lists (regular file, size, sha256) and refuses to start
   on any difference with one line on stderr and exit code 1 (``--no-verify`` skips the hashes; ``--verify-only``
-  checks and exits). Manifest paths are plain relative names inside the bundle, never absolute or ``..``.
+  checks and exits). Manifest paths are plain relative names inside the bundle, never absolute or ``..``, and are
+  followed one component at a time: a symbolic link anywhere on the way (a directory pointing out of the bundle) is
+  refused. JSON (the manifest, the template, request bodies) nested deeper than ``MAX_JSON_DEPTH`` is refused.
 * Prompts are built the way llmos builds them: the bundle's chat template (the one llmos used for this version) with
   the model's BOS/EOS token texts, then tokenized with special tokens parsed and a BOS added unless the text already
   starts with it; ``developer`` messages count as ``system``. Sampling follows the OpenAI defaults
@@ -54,6 +56,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,8 +72,12 @@ MAX_MESSAGES = 10_000
 DEFAULT_PORT = 8080
 DEFAULT_CTX = 4096
 CHUNK = 1 << 20
+MAX_JSON_DEPTH = 64  # as llmos.formats.safe_json.MAX_DEPTH
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_JSON_STEP = [1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256)]
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -119,14 +126,41 @@ def safe_relative(value: object) -> str:
     raise BundleError(f"manifest file path {value!r} is not a plain relative path")
 
 
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text, found without recursion (brackets in strings do not
+    count). The same as ``llmos.formats.safe_json.depth``; this file imports nothing from llmos."""
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_JSON_STEP.__getitem__, brackets)), default=0)
+
+
+def parse_json(data: bytes) -> Any:
+    """JSON text -> value; ValueError (also for invalid UTF-8 and nesting deeper than ``MAX_JSON_DEPTH``)."""
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and json_depth(data) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError as exc:  # not reached after the depth check
+        raise ValueError("JSON nested too deeply") from exc
+
+
+def bundle_file(root: Path, relative: str) -> Path:
+    """``root/relative``, followed one component at a time: any symbolic link on the way raises BundleError."""
+    path = root
+    for part in safe_relative(relative).split("/"):
+        path = path / part
+        if path.is_symlink():
+            raise BundleError(f"{relative} is missing (or not a regular file): {part} on its path is a symbolic link")
+    return path
+
+
 def read_json(path: Path, limit: int) -> Any:
     try:
         if path.is_symlink() or not path.is_file():
             raise BundleError(f"{path.name} is missing (or not a regular file)")
         if path.stat().st_size > limit:
             raise BundleError(f"{path.name} is larger than {limit} bytes")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return parse_json(path.read_bytes())
+    except (OSError, ValueError) as exc:
         raise BundleError(f"{path.name} cannot be read: {exc}") from exc
 
 
@@ -163,7 +197,11 @@ def bundle_problems(root: Path, manifest: dict[str, Any], *, hashes: bool = True
     """Every difference between the files on disk and the manifest, one short sentence each (empty: all match)."""
     problems: list[str] = []
     for entry in manifest["files"]:
-        path = root / entry["path"]
+        try:
+            path = bundle_file(root, entry["path"])
+        except BundleError as exc:
+            problems.append(str(exc))
+            continue
         if path.is_symlink() or not path.is_file():
             problems.append(f"{entry['path']} is missing (or not a regular file)")
             continue
@@ -185,11 +223,20 @@ def verify_bundle(root: Path, *, hashes: bool = True) -> dict[str, Any]:
 
 
 def is_bundle(path: Path) -> bool:
-    """Whether ``path`` is a directory whose manifest carries the edge bundle marker (contents not yet checked)."""
+    """Whether ``path`` is a directory whose manifest carries the edge bundle marker (contents not yet checked).
+
+    A manifest that names the marker but cannot be parsed (malformed, nested too deeply) counts as a bundle, so that
+    importing it is refused by :func:`verify_bundle` with the reason rather than taken for another kind of directory.
+    """
     try:
         data = read_json(path / MANIFEST_NAME, MAX_MANIFEST_BYTES) if path.is_dir() else None
     except BundleError:
-        return False
+        try:
+            manifest = path / MANIFEST_NAME
+            small = manifest.is_file() and not manifest.is_symlink() and manifest.stat().st_size <= MAX_MANIFEST_BYTES
+            return small and f'"{BUNDLE_FORMAT}"'.encode() in manifest.read_bytes()
+        except OSError:
+            return False
     return isinstance(data, dict) and data.get("format") == BUNDLE_FORMAT
 
 
@@ -634,8 +681,8 @@ class EdgeHandler(BaseHTTPRequestHandler):
         raw = self.rfile.read(int(length))
         self._body_read = True
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+            return parse_json(raw)
+        except ValueError as exc:  # UnicodeDecodeError is one
             raise RequestError(f"the body is not valid JSON: {exc}") from exc
 
     def _chat(self) -> None:

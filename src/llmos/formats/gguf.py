@@ -1,7 +1,8 @@
 """GGUF header reader that trusts nothing.
 
 Contract: :func:`read_gguf` parses the header of a GGUF (v2/v3) file through a read-only memory map, checking every
-count, length and offset against the file's real size before using it, and returns the metadata key/values and the
+count, length and offset against the file's real size before using it (and arrays nested at most
+:data:`MAX_NESTING` deep, so no header can exhaust the stack), and returns the metadata key/values and the
 tensor table. Weights are never read. Any malformed, truncated or absurd header raises
 :class:`~llmos.errors.InvalidModelFileError` with a message that says what is wrong. :func:`inspect_gguf` turns the
 result into a :class:`~llmos.formats.info.ModelInfo`.
@@ -24,6 +25,7 @@ MAX_TENSORS = 1_000_000
 MAX_KV = 1_000_000
 MAX_DIMS = 4
 DEFAULT_ALIGNMENT = 32
+MAX_NESTING = 64  # arrays of arrays: real files nest at most one level
 KEEP_ARRAY_LEN = 64  # arrays longer than this are summarised by their length in the returned metadata
 
 # GGML tensor types: id -> (name, elements per block, bytes per block). Checked against gguf-py in the tests.
@@ -180,12 +182,14 @@ class _Reader:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, what: str, keep_all: bool) -> Any:
+    def value(self, vtype: int, what: str, keep_all: bool, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype], what)
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise self.fail(f"{what} nests arrays more than {MAX_NESTING} deep")
             item_type = self.u32(f"item type of {what}")
             count = self.u64(f"length of {what}")
             min_item = struct.calcsize(_SCALARS[item_type]) if item_type in _SCALARS else 8
@@ -203,7 +207,7 @@ class _Reader:
                     self.need(count * min_item, what)
                     self.pos += count * min_item
                 return _ArrayLength(count)
-            items = [self.value(item_type, what, keep_all) for _ in range(count)]
+            items = [self.value(item_type, what, keep_all, depth + 1) for _ in range(count)]
             return items if keep_all or count <= KEEP_ARRAY_LEN else _ArrayLength(count)
         raise self.fail(f"{what} has unknown value type {vtype}")
 

@@ -25,13 +25,13 @@ Unigram / SentencePiece tokenizer, an unknown pre-tokenizer, rope scaling, biase
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmos.errors import BackendUnavailableError, InvalidInputError, InvalidModelFileError
+from llmos.formats import safe_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -88,9 +88,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidModelFileError(f"{path.name} is not valid JSON: {exc}") from exc
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InvalidModelFileError(f"{path.name} cannot be read: {exc.strerror or exc}") from exc
+    data = safe_json.loads(raw, path.name)
     return data if isinstance(data, dict) else {}
 
 

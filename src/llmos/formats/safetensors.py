@@ -1,13 +1,15 @@
 """safetensors header reader that trusts nothing.
 
 Contract: :func:`read_safetensors_header` reads the 8-byte header length and the JSON header of a ``.safetensors``
-file, refusing a length beyond the file or beyond a sane cap, and checks every tensor's dtype, shape and byte range
-against the data section. Tensor bytes are never read. Errors raise :class:`~llmos.errors.InvalidModelFileError`.
+file, refusing a length beyond the file or beyond a sane cap and JSON nested deeper than
+:data:`~llmos.formats.safe_json.MAX_DEPTH`, and checks every tensor's dtype, shape and byte range against the data
+section. As the safetensors library itself requires, the ranges, sorted, must tile the data section exactly: no
+overlap (two tensors on the same bytes), no gap, nothing past its end, and each range the size of its dtype times its
+shape. Tensor bytes are never read. Errors raise :class:`~llmos.errors.InvalidModelFileError`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.errors import InvalidModelFileError
+from llmos.formats import safe_json
 from llmos.formats.info import ModelFile, ModelInfo
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -80,9 +83,9 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     if len(raw) != header_len:
         raise fail("header truncated")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise fail(f"header is not valid JSON ({type(exc).__name__})") from exc
+        header = safe_json.loads(raw, "header")
+    except InvalidModelFileError as exc:
+        raise fail(exc.message) from exc
     if not isinstance(header, dict):
         raise fail("header is not a JSON object")
 
@@ -91,8 +94,11 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     if not isinstance(metadata_raw, dict):
         raise fail("__metadata__ is not an object")
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    ranges: list[tuple[int, int, str]] = []
     for tensor_name, entry in header.items():
         tensors[tensor_name] = _check_tensor(tensor_name, entry, data_size, fail)
+        ranges.append((entry["data_offsets"][0], entry["data_offsets"][1], tensor_name))
+    _check_tiling(ranges, data_size, fail)
     metadata = {str(k): str(v) for k, v in metadata_raw.items()}
     return SafetensorsHeader(tensors, metadata, file_size)
 
@@ -115,6 +121,19 @@ def _check_tensor(name: str, entry: Any, data_size: int, fail: Any) -> tuple[str
     if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_SIZES[dtype]:
         raise fail(f"tensor {name!r}: byte range does not match its shape and dtype")
     return dtype, tuple(shape)
+
+
+def _check_tiling(ranges: list[tuple[int, int, str]], data_size: int, fail: Any) -> None:
+    """The byte ranges, sorted, must follow each other exactly from 0 to the end of the data section."""
+    position, previous = 0, None
+    for start, end, name in sorted(ranges):
+        if start < position:
+            raise fail(f"tensor {name!r} (bytes {start}..{end}) overlaps tensor {previous!r}")
+        if start > position:
+            raise fail(f"a gap of {start - position} bytes lies before tensor {name!r} (bytes {start}..{end})")
+        position, previous = end, name
+    if position != data_size:
+        raise fail(f"the tensors cover {position} bytes of the {data_size}-byte data section")
 
 
 def inspect_safetensors(path: Path, model_path: str = "model.safetensors") -> ModelInfo:

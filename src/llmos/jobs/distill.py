@@ -6,7 +6,8 @@ tokenizer), ``data`` (a dataset name), optional ``validation`` (a dataset name; 
 split when its rows carry splits, else a deterministic 10% held out), ``name`` (the output name) and the
 :class:`~llmos.training.distill.DistillConfig` fields (``temperature``, ``alpha``, ``lr``, ``epochs``,
 ``max_steps``, ...). A GGUF teacher or student is first given a Hugging Face copy (``llmos convert``; reused when
-it exists). Teacher and student must share a tokenizer. The job checkpoints into its own directory, so
+it exists). Teacher and student must share a tokenizer. The job checkpoints into its own directory (private,
+encrypted with the store's key when one is set; removed on success unless ``keep_checkpoints``), so
 ``llmos jobs resume`` continues where it stopped; every step's loss, KL and CE go to the job's loss curve. The
 result is registered with a ``distill`` lineage record per parent: the teacher, the student (when it was a
 registered model) and the dataset(s).
@@ -21,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from llmos.data.split import split as split_rows
 from llmos.errors import InvalidInputError, ModelNotFoundError, NotFoundError
-from llmos.formats.detect import inspect_path
 from llmos.jobs.train import hf_base
 from llmos.registry.datasets import load_rows, parent_of, rows_of_split, show_dataset
+from llmos.registry.derive import register_derived
 from llmos.registry.service import ParentRef, Registry
 from llmos.registry.views import VersionView
 from llmos.training.distill import DistillConfig, DistillResult, build_student, check_same_tokenizer, distill
@@ -94,8 +95,8 @@ def check_inputs(registry: Registry, params: dict[str, Any], may_see: Any = None
         )
     if teacher.format == "hf" and student.format == "hf":
         with (
-            registry.loadable_dir(registry.resolve(teacher.name)) as teacher_dir,
-            registry.loadable_dir(registry.resolve(student.name)) as student_dir,
+            registry.loadable_dir(registry.resolve(teacher.name, verify=True)) as teacher_dir,
+            registry.loadable_dir(registry.resolve(student.name, verify=True)) as student_dir,
         ):
             check_same_tokenizer(teacher_dir, student_dir)
 
@@ -164,18 +165,17 @@ def run_distill(context: JobContext) -> dict[str, Any]:
             "hyperparameters": config.to_dict(),
             "metrics": metrics,
         }
-        info = inspect_path(output)
-        info.chat_template = (student.chat_template if student else None) or teacher.chat_template or info.chat_template
-        parents = [ParentRef(teacher.digest, teacher.name)]
-        if student is not None:
-            parents.append(ParentRef(student.digest, student.name))
-        view = registry.import_info(
-            info,
+        models = [teacher] if student is None else [teacher, student]
+        view = register_derived(  # the teacher's, student's and data's tenant and encryption carry over
+            registry,
+            models,
+            output,
             str(params["name"]),
             operation="distill",
             params=lineage_params,
-            parents=[*parents, *data_parents],
+            lineage=[*(ParentRef(m.digest, m.name) for m in models), *data_parents],
             tenant_id=context.job.tenant_id,
+            chat_template=(student.chat_template if student else None) or teacher.chat_template,
         )
         shutil.rmtree(output, ignore_errors=True)
         shutil.rmtree(context.directory / "student-init", ignore_errors=True)
@@ -202,7 +202,7 @@ def _distill(
         train,
         validation,
         output,
-        context.checkpoint_dir,
+        context.checkpoints,
         config,
         chat_template=template_source.chat_template,
         on_step=context.progress,

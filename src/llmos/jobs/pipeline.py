@@ -189,6 +189,13 @@ def check_recipe(registry: Registry, recipe: Recipe, may_see: Any = None) -> Non
     else:
         params["data"] = recipe.data
     check_inputs(registry, params, may_see)
+    scored = recipe.evaluate.get("data")
+    if scored and scored != recipe.data:  # the evaluation reads it too: hidden like the others
+        from llmos.registry.datasets import show_dataset
+
+        view = show_dataset(registry, str(scored))
+        if may_see is not None and not may_see(view.tenant_id):
+            raise NotFoundError(f"dataset {scored!r} not found")
 
 
 # --- stored recipes ---------------------------------------------------------------------------------------------

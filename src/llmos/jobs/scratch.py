@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from llmos.errors import InvalidInputError
 from llmos.registry.datasets import load_rows, parent_of, rows_of_split
+from llmos.registry.derive import register_derived
 from llmos.registry.service import Registry
+from llmos.training.checkpoints import make_private_dir
 from llmos.training.scratch import create_model, row_text
 
 if TYPE_CHECKING:
@@ -60,17 +62,19 @@ def run_scratch(context: JobContext) -> dict[str, Any]:
         history = model.fit(train, validation_data=validation, callback=callback, **fit_args)
         output = context.directory / "output"
         shutil.rmtree(output, ignore_errors=True)
-        output.mkdir(parents=True)
+        make_private_dir(output)  # the trained weights, until they are registered (encrypted when the data is)
         model.save_pretrained(output)
         final = {"loss": history["loss"][-1], "steps": len(history["loss"])}
         if history.get("val_loss"):
             final["val_loss"] = history["val_loss"][-1]
-        view = registry.import_path(
+        view = register_derived(  # the dataset's tenant and encryption carry over
+            registry,
+            [data_view],
             output,
             str(params["name"]),
             operation="train",
             params={"job": context.id, "config": params, "metrics": final, "dataset_digest": data_view.digest},
-            parents=[parent_of(data_view)],
+            lineage=[parent_of(data_view)],
             tenant_id=context.job.tenant_id,
         )
         shutil.rmtree(output, ignore_errors=True)

@@ -4,7 +4,7 @@ Contract:
 
 * A job is a row in the ``jobs`` table plus a directory ``<home>/jobs/<id>/`` holding ``job.log`` (the worker's
   output), ``metrics.jsonl`` (one JSON object per reported step: the loss curve) and ``checkpoints/``. Paths are
-  derived from the id, which is generated here (never taken from input).
+  derived from the id, which is generated here (never taken from input). The directory is 0700, its files 0600.
 * :meth:`JobService.dispatch` first *reconciles* (a ``running`` job whose worker process is gone becomes
   ``interrupted``; with ``auto_resume`` it is queued again), then starts queued jobs oldest first while their
   resource has a free slot (``train``: ``LLMOS_TRAIN_JOB_SLOTS``, default 1; anything else: 2). It runs under a file
@@ -182,7 +182,7 @@ class JobService:
             created_at=now,
             updated_at=now,
         )
-        self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
+        self.job_dir(job_id).mkdir(mode=0o700, parents=True, exist_ok=True)  # its files are the tenant's
         with self.session() as session, session.begin():
             session.add(job)
         return _view(job)
@@ -246,7 +246,8 @@ class JobService:
 
     def record_metrics(self, job_id: str, record: dict[str, Any]) -> None:
         """Append one step's metrics to the job's loss curve."""
-        with self.metrics_path(job_id).open("a", encoding="utf-8") as handle:
+        fd = os.open(self.metrics_path(job_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
     def report(self, job_id: str, progress: dict[str, Any]) -> bool:
@@ -371,7 +372,7 @@ class JobService:
             job.updated_at = utcnow()
             job.pid = None
             job.pid_started = None
-        log = self.log_path(job_id).open("ab")
+        log = os.fdopen(os.open(self.log_path(job_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
         env = {**os.environ, "LLMOS_HOME": str(self.settings.home)}
         try:
             process = subprocess.Popen(

@@ -4,7 +4,8 @@ Contract: ``params`` hold ``base`` (a registry name), ``data`` (a dataset name),
 name; default: the dataset's ``validation`` split when its rows carry splits, else a deterministic 10% held out),
 ``name`` (the output name), ``method`` and the :class:`~llmos.training.finetune.FinetuneConfig` fields. A GGUF base
 is first given a Hugging Face copy (``llmos convert``; reused when it exists). The job checkpoints into its own
-directory, so ``llmos jobs resume`` continues where it stopped. The result is registered with lineage to the base
+directory (private, encrypted with the store's key when one is set; removed on success unless ``keep_checkpoints``),
+so ``llmos jobs resume`` continues where it stopped. The result is registered with lineage to the base
 and the dataset (digests, hyperparameters, metrics, job id): a LoRA adapter bound to its base, or a full model.
 
 With ``ray`` (a Ray address, or ``auto`` for this home's ``llmos cluster``) the same training runs data-parallel on
@@ -22,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from llmos.data.split import split as split_rows
 from llmos.errors import InvalidInputError, ModelNotFoundError
-from llmos.formats.detect import inspect_path
 from llmos.registry.convert import convert
 from llmos.registry.datasets import load_rows, parent_of, rows_of_split
+from llmos.registry.derive import register_derived
 from llmos.registry.service import ParentRef, Registry
 from llmos.registry.views import VersionView
 from llmos.training.finetune import FinetuneConfig, FinetuneResult, TrainingStopped, finetune
@@ -171,7 +172,7 @@ def run_train(context: JobContext) -> dict[str, Any]:
                         train,
                         validation,
                         output,
-                        context.checkpoint_dir,
+                        context.checkpoints,
                         config,
                         chat_template=base.chat_template,
                         on_step=context.progress,
@@ -192,27 +193,19 @@ def run_train(context: JobContext) -> dict[str, Any]:
         }
         if params.get("ray"):
             lineage_params["distributed"] = {"backend": "ray", "workers": int(params.get("workers") or 2)}
-        if config.method == "lora":
-            view = registry.import_path(
-                output,
-                str(params["name"]),
-                base=base.name,
-                operation="fine-tune",
-                params=lineage_params,
-                parents=parents,
-                tenant_id=context.job.tenant_id,
-            )
-        else:
-            info = inspect_path(output)
-            info.chat_template = base.chat_template or info.chat_template  # talk the way it was trained
-            view = registry.import_info(
-                info,
-                str(params["name"]),
-                operation="fine-tune",
-                params=lineage_params,
-                parents=[ParentRef(base.digest, base.name), *parents],
-                tenant_id=context.job.tenant_id,
-            )
+        lora = config.method == "lora"
+        view = register_derived(  # the base's and the data's tenant and encryption carry over
+            registry,
+            [base],
+            output,
+            str(params["name"]),
+            operation="fine-tune",
+            params=lineage_params,
+            lineage=parents if lora else [ParentRef(base.digest, base.name), *parents],  # an adapter: base first
+            tenant_id=context.job.tenant_id,
+            chat_template=None if lora else base.chat_template,  # talk the way it was trained
+            base=base.name if lora else None,
+        )
         shutil.rmtree(output, ignore_errors=True)
         return {"model": view.name, "digest": view.digest, "metrics": lineage_params["metrics"]}
     finally:
@@ -237,7 +230,7 @@ def _train_on_ray(
         train,
         validation,
         output,
-        context.checkpoint_dir,
+        context.checkpoints,
         config,
         address=resolve_address(settings.home, str(context.params["ray"]), allow_remote=settings.ray_allow_remote),
         ray_home=settings.home / "ray" / "home",

@@ -6,10 +6,15 @@ state: ``succeeded`` with the handler's result, ``cancelled`` when a cancellatio
 one-line message otherwise (the traceback goes to the log only). SIGTERM asks the handler to stop at its next
 progress report. When it ends it dispatches the queue, so the next queued job starts without a server. Log records
 (warnings and up) go to the job's log as text lines carrying the job id.
+
+Intermediate files stay private: the worker process runs with umask 077 (what it writes is 0600 / 0700), and a
+handler's :attr:`JobContext.checkpoints` are encrypted with the store's key when one is configured. When the job
+succeeds its checkpoints are removed, unless its params say ``keep_checkpoints`` (kept ones stay encrypted).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -22,10 +27,29 @@ from typing import Any
 from llmos.config import Settings
 from llmos.errors import LlmosError
 from llmos.jobs.service import JobService, JobView
+from llmos.store.crypto import BlobCipher
+from llmos.training.checkpoints import Checkpoints
 
 
 class JobCancelled(Exception):
     pass
+
+
+class StoreCipher:
+    """The registry's cipher for a home, rebuilt on call; picklable (it carries the settings, as a Ray worker's
+    :class:`~llmos.jobs.train.RemoteJobReporter` does), so encrypted checkpoints can be reopened in another process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def __call__(self) -> BlobCipher | None:
+        from llmos.registry.service import Registry
+
+        registry = Registry(self.settings, maintain=False)
+        try:
+            return registry.blobs.cipher
+        finally:
+            registry.close()
 
 
 @dataclass
@@ -55,6 +79,13 @@ class JobContext:
     @property
     def checkpoint_dir(self) -> Path:
         return self.jobs.checkpoint_dir(self.job.id)
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        """The job's checkpoints: private files, encrypted with the store's key whenever one is configured."""
+        source = StoreCipher(self.settings)
+        cipher = source()
+        return Checkpoints(self.checkpoint_dir, cipher, reopen=source if cipher is not None else None)
 
     def log(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
@@ -117,6 +148,8 @@ def run(job_id: str, settings: Settings | None = None) -> int:
             return 1
         context.log(f"succeeded: {result}")
         jobs.finish(job_id, "succeeded", result=result)
+        if not job.params.get("keep_checkpoints"):  # after finishing: a crash in between leaves them (encrypted)
+            Checkpoints(context.checkpoint_dir).remove()
         return 0
     finally:
         try:
@@ -131,6 +164,7 @@ if __name__ == "__main__":
     from llmos.observability.context import bind_process
     from llmos.observability.logs import configure_logging
 
+    os.umask(0o077)  # everything the job writes (outputs, logs of its libraries) is private to this user
     bind_process(job_id=sys.argv[1])  # log records in the job's log name their job
     configure_logging("warning", json=False)  # job.log is read by people (CLI, console): text, warnings and up
     sys.exit(worker.run(sys.argv[1]))

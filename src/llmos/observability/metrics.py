@@ -6,7 +6,8 @@ share counters) and follows Prometheus conventions: the ``llmos_`` prefix, base 
 read at scrape time through callables, so the code that owns it stays free of metrics code: engine gauges (queue
 depth, running sequences, KV cache use) through ``engine_stats``, memory through ``memory``, job states and the
 last training loss of running jobs through ``jobs`` (one cheap query of the jobs table), free disk of the store
-through ``home``. :meth:`Metrics.render` returns the text exposition format.
+through ``home``, audit and usage write failures through :meth:`Metrics.watch_records`. :meth:`Metrics.render`
+returns the text exposition format.
 
 Label cardinality is bounded by construction; callers must keep it so:
 
@@ -244,5 +245,27 @@ class Metrics:
         if completion:
             self.completion_tokens.labels(model, tenant or NO_TENANT).inc(completion)
 
+    def watch_records(self, counts: Callable[[], tuple[int, int, int]]) -> None:
+        """Report ``counts() = (audit write failures, usage write failures, usage records pending)`` when scraped."""
+        self.registry.register(_RecordsCollector(counts))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RecordsCollector(Collector):
+    def __init__(self, counts: Callable[[], tuple[int, int, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Any]:
+        audit, usage, pending = self._counts()
+        yield CounterMetricFamily(
+            "llmos_audit_write_failures", "Audit events that could not be written (the actions were refused)",
+            value=audit,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "llmos_usage_write_failures", "Failed commits of usage records (retries included)", value=usage
+        )
+        yield GaugeMetricFamily(
+            "llmos_usage_records_pending", "Usage records not written yet (their keys are refused)", value=pending
+        )

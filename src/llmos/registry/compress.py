@@ -1,28 +1,28 @@
 """``llmos prune``: a pruned child version of a registered Hugging Face (safetensors) model, with lineage.
 
 Contract: :func:`prune` checks the arguments (method, sparsity in (0, 1)) and the parent (a registered ``hf`` model
-of a Llama-family architecture; a GGUF model is refused with the ``llmos convert`` command that makes a copy that can
-be pruned) before loading anything, prunes it in a temporary directory inside the store (same filesystem, removed
-afterwards whatever happens) with :func:`llmos.compression.prune.prune_hf_dir`, and imports the result under the
-target name (default ``REPOSITORY:pruned-METHOD-PERCENT``) with a ``prune`` lineage record whose params hold the
-method, the requested and achieved sparsity, the parameter counts before and after, the intermediate sizes and
-the parent's size. The parent's chat template is kept. Structured pruning measures channel importance on
-calibration text: llmos's own (:data:`llmos.compression.calibration.CALIBRATION_TEXTS`) unless ``calibration``
-names a registered dataset (its first :data:`CALIBRATION_ROWS` rows, grouped :data:`ROWS_PER_TEXT` to a text).
+of a Llama-family architecture; a GGUF model is refused with the ``llmos convert`` command that makes a copy that
+can be pruned) before loading anything, prunes it with :func:`llmos.compression.prune.prune_hf_dir` and registers
+the result through :func:`llmos.registry.derive.derive` (a private scratch directory; the parent's tenant and
+encryption carry over) under the target name (default ``REPOSITORY:pruned-METHOD-PERCENT``) with a ``prune`` lineage
+record whose params hold the method, the requested and achieved sparsity, the parameter counts before and after, the
+intermediate sizes and the parent's size. The parent's chat template is kept. Structured pruning measures channel
+importance on calibration text: llmos's own (:data:`llmos.compression.calibration.CALIBRATION_TEXTS`) unless
+``calibration`` names a registered dataset (its first :data:`CALIBRATION_ROWS` rows, grouped :data:`ROWS_PER_TEXT`
+to a text; the dataset is then a parent too, for lineage, owner and encryption).
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from llmos.compression.calibration import CALIBRATION_TEXTS
 from llmos.compression.prune import check_method, check_model_type, check_sparsity, prune_hf_dir
 from llmos.errors import InvalidInputError
-from llmos.formats.detect import inspect_path
+from llmos.registry.derive import derive
 from llmos.registry.names import parse_ref
-from llmos.registry.service import ParentRef, ProgressFactory, Registry
+from llmos.registry.service import ProgressFactory, Registry, ResolvedModel
 from llmos.registry.views import VersionView
 
 CALIBRATION_ROWS = 256
@@ -77,6 +77,7 @@ def prune(
         parse_ref(target)
     texts: tuple[str, ...] = CALIBRATION_TEXTS
     extra: dict[str, object] = {"calibration": "llmos" if method == "structured" else None}
+    parents: list[VersionView | ResolvedModel] = []
     if calibration is not None:
         from llmos.registry.datasets import load_rows
 
@@ -86,25 +87,31 @@ def prune(
         lines = [text for row in rows[:CALIBRATION_ROWS] if (text := row_text(row)).strip()]
         texts = tuple("\n\n".join(lines[i : i + ROWS_PER_TEXT]) for i in range(0, len(lines), ROWS_PER_TEXT))
         extra = {"calibration": data_view.name, "calibration_digest": data_view.digest}
+        parents.append(data_view)  # its text chose the channels: a parent (owner, encryption, lineage)
     resolved = registry.resolve(name, verify=True)
     source = resolved.view
     check_prunable(source)
     target_name = target or default_prune_name(source.repository, method, sparsity)
     parse_ref(target_name)
-    scratch = registry.settings.home / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="prune-", dir=scratch) as tmp:
-        output = Path(tmp) / "out"
+    params: dict[str, Any] = {}
+
+    def work(scratch: Path) -> Path:
         with registry.loadable_dir(resolved) as source_dir:
-            result = prune_hf_dir(source_dir, output, method=method, sparsity=sparsity, calibration_texts=texts)
-        info = inspect_path(output)
-        info.chat_template = source.chat_template or info.chat_template
-        return registry.import_info(
-            info,
-            target_name,
-            progress=progress,
-            operation="prune",
-            parents=[ParentRef(source.digest, source.name)],
-            params={**result.to_dict(), **extra, "parent_size": source.size},
-            tenant_id=tenant_id,
-        )
+            result = prune_hf_dir(
+                source_dir, scratch / "out", method=method, sparsity=sparsity, calibration_texts=texts
+            )
+        params.update({**result.to_dict(), **extra, "parent_size": source.size})
+        return scratch / "out"
+
+    return derive(
+        registry,
+        [resolved, *parents],
+        work,
+        target_name,
+        operation="prune",
+        params=params,  # filled in by the work
+        tenant_id=tenant_id,
+        chat_template=source.chat_template,
+        progress=progress,
+        prefix="prune-",
+    )

@@ -1,42 +1,31 @@
 """``llmos convert`` and ``llmos quantize``: new registry versions in another format, with lineage to their source.
 
-Contract: :func:`convert` reads a registered version, converts it in a temporary directory inside the store (same
-filesystem, removed afterwards whatever happens), imports the result under the target name with a ``convert``
-lineage record (parent digest and name, target format and type) and keeps the source's chat template, so both
-copies of a model talk the same way. Directions: GGUF -> safetensors (``to="safetensors"``, transformers' GGUF
-reader) and safetensors -> GGUF (``to="gguf"``, :mod:`llmos.formats.gguf_write`, llama family, ``out_type`` f16 /
-f32 / q8_0). A LoRA adapter converted to GGUF is first merged into its base (the base is a second parent), so the
-file is self-contained and llama.cpp serves the fine-tuned model on its own.
+Contract: :func:`convert` reads a registered version (an encrypted one through a private plaintext copy that is
+removed afterwards, never by linking its blob), converts it and registers the result through
+:func:`llmos.registry.derive.derive` under the target name with a ``convert`` lineage record (parent digest and
+name, target format and type) and keeps the source's chat template, so both copies of a model talk the same way.
+Directions: GGUF -> safetensors (``to="safetensors"``, transformers' GGUF reader) and safetensors -> GGUF
+(``to="gguf"``, :mod:`llmos.formats.gguf_write`, llama family, ``out_type`` f16 / f32 / q8_0). A LoRA adapter
+converted to GGUF is first merged into its base (the base is a second parent), so the file is self-contained and
+llama.cpp serves the fine-tuned model on its own.
 
 :func:`quantize` makes a quantized child: llama.cpp types for GGUF parents, ``int8`` (dynamic int8 for the PyTorch
 backend, :mod:`llmos.compression.int8`) for safetensors parents; a type that does not fit the parent's format is
-refused with the types that do. Versions derived from encrypted blobs (a fine-tuned model in a store with a key)
-are stored encrypted too.
+refused with the types that do. Children belong to their parent's tenant and are encrypted when the parent is
+(:mod:`llmos.registry.derive`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from llmos.errors import InvalidInputError
-from llmos.formats.detect import inspect_path
+from llmos.registry.derive import derive
 from llmos.registry.names import DEFAULT_TAG, parse_ref
 from llmos.registry.service import ParentRef, ProgressFactory, Registry, ResolvedModel
 from llmos.registry.views import VersionView
 
 TARGETS = ("safetensors", "gguf")
-
-
-@contextmanager
-def _scratch(registry: Registry, prefix: str) -> Iterator[Path]:
-    root = registry.settings.home / "tmp"
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=prefix, dir=root) as tmp:
-        yield Path(tmp)
 
 
 def derived_name(source: str, suffix: str) -> str:
@@ -47,10 +36,6 @@ def derived_name(source: str, suffix: str) -> str:
     if ref.tag in (None, DEFAULT_TAG, "safetensors", suffix) or ref.tag.startswith("gguf-"):
         return f"{ref.repository}:{suffix}"
     return f"{ref.repository}:{ref.tag}-{suffix}"
-
-
-def _encrypted(registry: Registry, *sources: ResolvedModel) -> bool:
-    return any(registry.blobs.is_encrypted(f.digest) for source in sources for f in source.view.files)
 
 
 def convert(
@@ -69,7 +54,7 @@ def convert(
         return _to_gguf(registry, name, out_type or "f16", target, progress)
     if out_type is not None:
         raise InvalidInputError("--type applies to --to gguf; safetensors takes --dtype", param="type")
-    resolved = registry.resolve(name)
+    resolved = registry.resolve(name, verify=True)
     source = resolved.view
     if source.format != "gguf":
         raise InvalidInputError(
@@ -79,20 +64,23 @@ def convert(
 
     target_name = target or f"{source.repository}:{to}"
     parse_ref(target_name)
-    with _scratch(registry, "convert-") as work:
-        (work / "src").mkdir()
-        os.symlink(resolved.primary_path, work / "src" / "model.gguf")
-        gguf_to_hf(work / "src" / "model.gguf", work / "out", dtype)
-        info = inspect_path(work / "out")
-        info.chat_template = source.chat_template or info.chat_template
-        return registry.import_info(
-            info,
-            target_name,
-            progress=progress,
-            operation="convert",
-            parents=[ParentRef(source.digest, source.name)],
-            params={"to": to, "dtype": dtype},
-        )
+
+    def work(scratch: Path) -> Path:
+        with registry.loadable_dir(resolved) as source_dir:  # an encrypted GGUF is read from a private plaintext copy
+            gguf_to_hf(source_dir / source.files[0].path, scratch / "out", dtype)
+        return scratch / "out"
+
+    return derive(
+        registry,
+        [resolved],
+        work,
+        target_name,
+        operation="convert",
+        params={"to": to, "dtype": dtype},
+        chat_template=source.chat_template,
+        progress=progress,
+        prefix="convert-",
+    )
 
 
 def _to_gguf(
@@ -113,39 +101,43 @@ def _to_gguf(
         )
     target_name = target or derived_name(source.name, f"gguf-{out_type}")
     parse_ref(target_name)
-    parents = [ParentRef(source.digest, source.name)]
+    parents: list[ResolvedModel] = [resolved]
+    lineage = [ParentRef(source.digest, source.name)]
     params: dict[str, object] = {"to": "gguf", "type": out_type}
-    with _scratch(registry, "convert-") as work:
-        output = work / "model.gguf"
-        if source.format == "lora":
-            base_name = str(source.details.get("base_name", ""))
-            base = registry.resolve(
-                f"{parse_ref(base_name).repository}@{source.details.get('base_digest')}", verify=True
-            )
-            encrypted = _encrypted(registry, resolved, base)
+    template = source.chat_template
+    base: ResolvedModel | None = None
+    if source.format == "lora":
+        base_name = str(source.details.get("base_name", ""))
+        base = registry.resolve(f"{parse_ref(base_name).repository}@{source.details.get('base_digest')}", verify=True)
+        parents.append(base)
+        lineage.append(ParentRef(base.view.digest, base_name or base.view.name))
+        params.update({"merged_adapter": True, "base": base_name or base.view.name})
+        template = source.chat_template or base.view.chat_template
+
+    def work(scratch: Path) -> Path:
+        output = scratch / "model.gguf"
+        if base is not None:
             with registry.loadable_dir(base) as base_dir, registry.loadable_dir(resolved) as adapter_dir:
                 merged = merge_lora(base_dir, adapter_dir)
-                template = source.chat_template or base.view.chat_template
                 hf_to_gguf(base_dir, output, out_type, name=source.name, chat_template=template, tensors=merged)
             del merged
-            parents.append(ParentRef(base.view.digest, base_name or base.view.name))
-            params.update({"merged_adapter": True, "base": base_name or base.view.name})
         else:
-            encrypted = _encrypted(registry, resolved)
-            template = source.chat_template
             with registry.loadable_dir(resolved) as source_dir:
                 hf_to_gguf(source_dir, output, out_type, name=source.name, chat_template=template)
-        info = inspect_path(output)
-        info.chat_template = template or info.chat_template
-        return registry.import_info(
-            info,
-            target_name,
-            progress=progress,
-            operation="convert",
-            parents=parents,
-            params=params,
-            encrypt=encrypted,
-        )
+        return output
+
+    return derive(
+        registry,
+        parents,
+        work,
+        target_name,
+        operation="convert",
+        params=params,
+        lineage=lineage,
+        chat_template=template,
+        progress=progress,
+        prefix="convert-",
+    )
 
 
 def quantize(
@@ -165,22 +157,23 @@ def quantize(
     check_fits(key, source.format, source.name)
     target_name = target or derived_name(source.name, key)
     parse_ref(target_name)
-    with _scratch(registry, "quantize-") as work:
+
+    def work(scratch: Path) -> Path:
         with registry.loadable_dir(resolved) as source_dir:
             if key == "int8":
                 from llmos.compression.int8 import quantize_int8
 
-                output = quantize_int8(source_dir, work / "out")
-            else:
-                output = quantize_gguf(source_dir / source.files[0].path, work / "model.gguf", key)
-        info = inspect_path(output)
-        info.chat_template = source.chat_template or info.chat_template
-        return registry.import_info(
-            info,
-            target_name,
-            progress=progress,
-            operation="quantize",
-            parents=[ParentRef(source.digest, source.name)],
-            params={"type": key, "parent_quantization": source.quantization, "parent_size": source.size},
-            encrypt=_encrypted(registry, resolved),
-        )
+                return quantize_int8(source_dir, scratch / "out")
+            return quantize_gguf(source_dir / source.files[0].path, scratch / "model.gguf", key)
+
+    return derive(
+        registry,
+        [resolved],
+        work,
+        target_name,
+        operation="quantize",
+        params={"type": key, "parent_quantization": source.quantization, "parent_size": source.size},
+        chat_template=source.chat_template,
+        progress=progress,
+        prefix="quantize-",
+    )

@@ -17,11 +17,14 @@ Contract:
   ``out`` holds a complete bundle or what it held before. A non-empty ``out`` is refused, unless ``force`` is given
   and it holds an earlier edge bundle (never any other directory: ``--force`` cannot delete a home directory).
 * The store is only read: nothing is registered by an export.
-* :func:`import_bundle` verifies every listed file against the manifest before it writes anything (any difference:
+* :func:`import_bundle` verifies every listed file (reached one path component at a time, never through a symbolic
+  link) against the manifest before it writes anything (any difference, or a manifest nested too deeply:
   :class:`~llmos.errors.IntegrityError`, nothing registered), stores the GGUF under the expected digest and registers
   it under ``name`` (default: the manifest's) with the bundle's chat template, so an unmodified export comes back as
   the very version it was exported from (same digest). Lineage: ``import`` from the exported version when that
-  version is in this store (and is not the same version).
+  version is in this store (and is not the same version). Owner: the tenant the importer names; without one, the
+  owner of the version the bundle came from when it is in this store (else public). The blob is encrypted when that
+  version's is (:func:`llmos.registry.derive.child_policy`).
 """
 
 from __future__ import annotations
@@ -45,13 +48,17 @@ from llmos.formats import edge_runner
 from llmos.formats.edge_runner import (
     BUNDLE_FORMAT,
     MANIFEST_NAME,
+    MAX_TEMPLATE_BYTES,
     PROBE_FILE,
     BundleError,
     ChatTemplate,
+    bundle_file,
+    read_json,
     verify_bundle,
 )
 from llmos.formats.gguf import inspect_gguf
 from llmos.formats.info import ModelFile, ModelInfo
+from llmos.registry.derive import child_policy
 from llmos.registry.names import parse_ref
 from llmos.registry.service import MANIFEST_SCHEMA, ParentRef, ProgressFactory, Registry, ResolvedModel
 from llmos.registry.views import VersionView, canonical_json
@@ -380,15 +387,15 @@ def import_bundle(
     """Verify the bundle at ``path`` and register its model under ``name`` (default: the name it was exported as)."""
     root = path.expanduser().absolute()
     try:
-        manifest = verify_bundle(root)
-        template = ChatTemplate.load(root / manifest["model"]["chat_template"])
+        manifest = verify_bundle(root)  # every listed path followed component by component: no symlink on the way
+        template = ChatTemplate.load(bundle_file(root, manifest["model"]["chat_template"]))
+        model_path = bundle_file(root, manifest["model"]["file"])
     except BundleError as exc:
         raise IntegrityError(f"edge bundle {path} rejected, nothing was imported: {exc}") from exc
     ref = parse_ref(name or manifest["name"])
     if ref.digest:
         raise InvalidInputError("cannot import under a digest; give a name with an optional :tag", param="name")
     entry = next(e for e in manifest["files"] if e["path"] == manifest["model"]["file"])
-    model_path = root / entry["path"]
     inspected = inspect_gguf(model_path)
     info = ModelInfo(
         format=inspected.format,
@@ -418,11 +425,18 @@ def import_bundle(
         "exported_at": manifest.get("created_at"),
         "export": manifest.get("export"),
     }
+    # The importer chooses the owner; a bundle of a version of this store otherwise comes back as that version's
+    # (its tenant, encrypted like it): re-importing an export never publishes a tenant's model.
+    origin = exported or identical
+    policy = child_policy(registry, [origin] if origin is not None else [], tenant_id=tenant_id)
+    owner = tenant_id if tenant_id is not None else policy.tenant_id
     with registry.blobs.writing():
         callback = progress(entry["path"], entry["size"]) if progress else None
-        blob = registry.blobs.write_file(model_path, expected_digest=expected, progress=callback)
+        blob = registry.blobs.write_file(
+            model_path, expected_digest=expected, progress=callback, encrypt=policy.encrypt
+        )
         view = registry.add_version(
-            ref, info, [blob], operation="import", parents=parents, params=params, tenant_id=tenant_id
+            ref, info, [blob], operation="import", parents=parents, params=params, tenant_id=owner
         )
     same = identical.name if identical is not None and identical.repository != view.repository else None
     return ImportResult(view, parents[0].name if parents else None, same, present)
@@ -431,7 +445,7 @@ def import_bundle(
 def _template_is_own(root: Path, manifest: dict[str, Any]) -> bool:
     """Whether the bundle's template was the model's own (not llmos's default for its architecture)."""
     try:
-        data = json.loads((root / manifest["model"]["chat_template"]).read_text("utf-8"))
-    except (OSError, ValueError):
+        data = read_json(bundle_file(root, manifest["model"]["chat_template"]), MAX_TEMPLATE_BYTES)
+    except BundleError:
         return False
     return isinstance(data, dict) and data.get("origin") == "model"

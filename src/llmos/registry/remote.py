@@ -30,6 +30,7 @@ from llmos.errors import (
     ConflictError,
     DiskFullError,
     InvalidInputError,
+    InvalidModelFileError,
     LlmosError,
     ModelNotFoundError,
     NotFoundError,
@@ -37,6 +38,7 @@ from llmos.errors import (
     PermissionDeniedError,
     StorageError,
 )
+from llmos.formats import safe_json
 from llmos.registry.names import parse_ref
 from llmos.registry.netguard import Resolver, Target, check_target
 from llmos.registry.service import ProgressFactory, Registry
@@ -138,6 +140,16 @@ class Remote:
     def _unreachable(self, exc: httpx.HTTPError) -> BackendUnavailableError:
         return BackendUnavailableError(f"no llmos server answers at {self.target.url} ({type(exc).__name__})")
 
+    def parse(self, response: httpx.Response) -> dict[str, Any]:
+        """The JSON object ``response`` carries, its nesting bounded (:mod:`llmos.formats.safe_json`)."""
+        try:
+            data = safe_json.loads(response.content, f"the answer of {self.target.host}")
+        except InvalidModelFileError as exc:
+            raise BackendUnavailableError(exc.message) from exc
+        if not isinstance(data, dict):
+            raise BackendUnavailableError(f"the answer of {self.target.host} is not a JSON object")
+        return data
+
     def check(self, response: httpx.Response, *ok: int) -> httpx.Response:
         """``response`` if its status is one of ``ok`` (default 200), else the matching llmos error."""
         if response.status_code in (ok or (200,)):
@@ -200,7 +212,7 @@ def push(
         report.total_bytes += blob.size
         _push_blob(registry, remote, blob, report, progress, chunk_size, chunk_filter)
     response = remote.check(remote.request("POST", f"/v1/registry/{collection}", json=document))
-    registered = response.json()
+    registered = remote.parse(response)
     if registered.get("digest") != view.digest:
         raise StorageError(f"{remote.target.host} registered {registered.get('digest')} instead of {view.digest}")
     return report
@@ -216,7 +228,7 @@ def _push_blob(
     chunk_filter: ChunkFilter | None,
 ) -> None:
     path = f"/v1/registry/uploads/{blob.digest}"
-    status = remote.check(remote.request("GET", path)).json()
+    status = remote.parse(remote.check(remote.request("GET", path)))
     if status.get("complete"):
         report.skipped += 1
         return
@@ -233,9 +245,9 @@ def _push_blob(
     pieces = _rechunk(rest, chunk_size) if offset < blob.size else rest  # b"": one request completes and verifies
     for piece in pieces:
         data = chunk_filter(blob.digest, offset, piece) if chunk_filter else piece
-        answer = remote.check(
-            remote.request("PATCH", path, params={"offset": offset, "size": blob.size}, content=data)
-        ).json()
+        answer = remote.parse(
+            remote.check(remote.request("PATCH", path, params={"offset": offset, "size": blob.size}, content=data))
+        )
         if int(answer.get("offset", -1)) != offset + len(data):
             raise StorageError(f"{remote.target.host} acknowledged {answer.get('offset')} bytes of {blob.digest}")
         offset += len(data)
@@ -255,10 +267,7 @@ def fetch_document(remote: Remote, name: str) -> dict[str, Any]:
         response = remote.request("GET", f"/v1/registry/{collection}/{quoted}/manifest")
         if response.status_code == 404:
             continue
-        data = remote.check(response).json()
-        if not isinstance(data, dict):
-            raise InvalidInputError(f"{remote.target.host} sent a malformed transfer document")
-        return data
+        return remote.parse(remote.check(response))
     raise ModelNotFoundError(f"{name!r} was not found on {remote.target.url} (or this key may not see it)")
 
 

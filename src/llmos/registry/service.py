@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, selectinload
 from llmos.config import Settings
 from llmos.errors import (
     ConflictError,
+    IntegrityError,
     InvalidInputError,
     InvalidModelFileError,
     ModelNotFoundError,
@@ -44,6 +45,7 @@ from llmos.store.blobs import BlobInfo, BlobStore, ProgressCallback
 from llmos.store.crypto import BlobCipher, derive_key
 from llmos.store.db import open_database, session_factory
 from llmos.store.schema import Lineage, Model, ModelVersion, Tag, TagHistory, VersionFile, utcnow
+from llmos.store.scratch import clean_private, private_dir
 
 MANIFEST_SCHEMA = "llmos.model.v1"
 ENCRYPTED_OPERATIONS = {"fine-tune", "train", "distill"}
@@ -147,7 +149,6 @@ class Registry:
             settings.effective_database_url(), settings.home, settings.db_busy_timeout_ms
         )
         self._sessions = session_factory(self.engine)
-        self._verified: set[tuple[str, int, int, int]] = set()
         if maintain:
             self.maintain()
 
@@ -165,8 +166,11 @@ class Registry:
     def maintain(self, wait_s: float = 0.0) -> tuple[int, int]:
         """Remove temp files of interrupted writes and blobs no version references (crash leftovers).
 
-        Skipped (returns ``(0, 0)``) while another process is writing. Returns (temp files, blobs) removed.
+        Private scratch directories left by a killed process (decrypted weights, a half-made child) go first,
+        whatever else runs: their locks say which are abandoned. The rest is skipped (returns ``(0, 0)``) while
+        another process is writing. Returns (temp files, blobs) removed.
         """
+        clean_private(self.scratch_dir)
         with self.blobs.maintenance(wait_s) as acquired:
             if not acquired:
                 return 0, 0
@@ -188,6 +192,11 @@ class Registry:
         """Where multi-file versions are laid out under their own file names (see ResolvedModel.materialize)."""
         return self.settings.home / "models"
 
+    @property
+    def scratch_dir(self) -> Path:
+        """Where private temporary directories (decrypted parents, children being derived) are made."""
+        return self.settings.home / "tmp"
+
     def model_dir(self, resolved: ResolvedModel) -> Path:
         return resolved.materialize(self.materialized_dir)
 
@@ -196,15 +205,13 @@ class Registry:
         """A directory with the version's files under their own names, for the time it takes to load them.
 
         Plaintext versions use their materialised directory of links. Encrypted versions are decrypted into a
-        private (0700) temporary directory that is removed on exit, so plaintext never stays on disk.
+        private (0700) temporary directory under :attr:`scratch_dir` that is removed on exit (and by the next start
+        after a crash, see :mod:`llmos.store.scratch`), so plaintext never stays on disk.
         """
         if not any(self.blobs.is_encrypted(f.digest) for f in resolved.view.files):
             yield self.model_dir(resolved)
             return
-        scratch = self.settings.home / "tmp"
-        scratch.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix="decrypted-", dir=scratch))
-        try:
+        with private_dir(self.scratch_dir, "decrypted-") as private:
             for file in resolved.view.files:
                 target = private / file.path
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -213,8 +220,6 @@ class Registry:
                     for chunk in self.blobs.read_chunks(file.digest):
                         out.write(chunk)
             yield private
-        finally:
-            shutil.rmtree(private, ignore_errors=True)
 
     # --- writing ----------------------------------------------------------------------------------------------------
 
@@ -239,7 +244,7 @@ class Registry:
         info = inspect_path(source)
         all_parents: list[ParentRef] = []
         if info.format == "lora":
-            all_parents.append(self._bind_adapter(info, base))
+            all_parents.append(self.bind_adapter(info, base))
         elif base is not None:
             raise InvalidInputError("--base applies only to LoRA adapters", param="base")
         return self.import_info(
@@ -252,7 +257,7 @@ class Registry:
             tenant_id=tenant_id,
         )
 
-    def _bind_adapter(self, info: ModelInfo, base: str | None) -> ParentRef:
+    def bind_adapter(self, info: ModelInfo, base: str | None) -> ParentRef:
         """Check that a LoRA adapter fits its base model and record the base in the adapter's metadata."""
         if base is None:
             raise InvalidInputError("a LoRA adapter needs --base NAME: the registered model it was trained on")
@@ -452,7 +457,9 @@ class Registry:
     def tag(self, source: str, target: str, *, reason: str = "tag") -> VersionView:
         """Point ``target`` (a name with optional tag) at the version ``source`` resolves to.
 
-        ``reason`` goes into the tag's history (``llmos history``): who or what moved it.
+        ``reason`` goes into the tag's history (``llmos history``): who or what moved it. A new target model belongs
+        to the source's tenant, and a tenant's version is never tagged into a model of another owner (public
+        included): tagging under a new name does not publish it.
         """
         src_ref = parse_ref(source)
         dst_ref = parse_ref(target)
@@ -462,12 +469,20 @@ class Registry:
             )
         with self.session() as session, session.begin():
             src_version = self._resolve_version(session, src_ref)
-            model = self._get_or_create_model(session, dst_ref)
+            owner = src_version.model.tenant_id
+            model = self._get_or_create_model(session, dst_ref, owner)
+            if owner is not None and model.tenant_id != owner:
+                raise ConflictError(
+                    f"{src_ref.repository} belongs to a tenant and {dst_ref.repository} does not belong to the same"
+                    " one; choose another name",
+                    param="target",
+                )
             version = session.scalar(
                 select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.digest == src_version.digest)
             )
             if version is None:
-                version = _copy_version(src_version, model)
+                with session.no_autoflush:  # a half-built copy is never flushed
+                    version = _copy_version(src_version, model)
                 session.add(version)
                 session.flush()
             self._set_tag(session, model, dst_ref.tag or DEFAULT_TAG, version, reason)
@@ -581,32 +596,58 @@ class Registry:
     def resolve(self, name: str, *, verify: bool = False) -> ResolvedModel:
         """Find a version and the blob paths of its files, checking that they are present.
 
-        With ``verify``, also check that each file's bytes still hash to its digest (re-hashed only when the file's
-        size or modification time changed since this process last checked it). Missing or damaged files raise
-        :class:`~llmos.errors.ModelUnavailableError` naming the model.
+        With ``verify``, also check that each file's bytes still hash to its digest (:meth:`check_integrity`: always
+        re-hashed, never taken from a cache). Missing or damaged files raise
+        :class:`~llmos.errors.ModelUnavailableError` naming the model and the file.
         """
         view = self.show(name)
         paths: dict[str, Path] = {}
         for file in view.files:
             path = self.blobs.path(file.digest)
-            try:
-                stat = path.stat()
-            except FileNotFoundError as exc:
+            if not path.is_file():
                 raise ModelUnavailableError(
                     f"{view.name} cannot be loaded: its file {file.path} is missing from the store (run `llmos verify`)"
-                ) from exc
-            if verify:
-                key = (file.digest, stat.st_size, stat.st_mtime_ns, stat.st_ino)
-                if key not in self._verified:
-                    wrong_size = stat.st_size != file.size and not self.blobs.is_encrypted(file.digest)
-                    if wrong_size or self.blobs.rehash(file.digest) != file.digest:
-                        raise ModelUnavailableError(
-                            f"{view.name} cannot be loaded: its file {file.path} is damaged on disk"
-                            " (its bytes no longer match their digest; run `llmos verify`)"
-                        )
-                    self._verified.add(key)
+                )
             paths[file.path] = path
-        return ResolvedModel(view, paths)
+        resolved = ResolvedModel(view, paths)
+        if verify:
+            self.check_integrity(resolved)
+        return resolved
+
+    def check_integrity(self, resolved: ResolvedModel) -> None:
+        """Re-hash every file of ``resolved`` against its digest; call it before loading the files.
+
+        Every call reads the bytes again (about 0.1 s for 100 MB): a cache keyed on size, mtime or inode would miss
+        a byte changed in place with its mtime put back. Encrypted blobs are decrypted to hash them, so their AEAD
+        tags authenticate them as well. A difference raises :class:`~llmos.errors.ModelUnavailableError` naming the
+        model and the damaged file.
+        """
+        view = resolved.view
+        for file in view.files:
+            prefix = f"{view.name} cannot be loaded: its file {file.path}"
+            hasher = hashlib.sha256()
+            try:
+                encrypted = self.blobs.is_encrypted(file.digest)
+                if not encrypted and self.blobs.size(file.digest) != file.size:
+                    raise ModelUnavailableError(f"{prefix} is damaged on disk (its size changed; run `llmos verify`)")
+                if encrypted and self.blobs.cipher is None:
+                    raise ModelUnavailableError(f"{prefix} is encrypted; set LLMOS_ENCRYPTION_KEY to load it")
+                for chunk in self.blobs.read_chunks(file.digest):
+                    hasher.update(chunk)
+            except IntegrityError as exc:  # missing, or failed decryption (damaged, or another key)
+                missing = not self.blobs.exists(file.digest)
+                raise ModelUnavailableError(
+                    f"{prefix} is missing from the store (run `llmos verify`)"
+                    if missing
+                    else f"{prefix} is damaged on disk (it fails decryption: damaged, or encrypted with another key;"
+                    " run `llmos verify`)"
+                ) from exc
+            except OSError as exc:
+                raise ModelUnavailableError(f"{prefix} cannot be read: {exc.strerror or exc}") from exc
+            if f"sha256:{hasher.hexdigest()}" != file.digest:
+                raise ModelUnavailableError(
+                    f"{prefix} is damaged on disk (its bytes no longer match their digest; run `llmos verify`)"
+                )
 
     def verify(self, progress: ProgressFactory | None = None) -> VerifyReport:
         """Re-hash every blob and every manifest; report corruption and missing blobs."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -37,7 +36,8 @@ from typing import Any, BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from llmos.errors import ConflictError, InvalidInputError, LlmosError, StorageError
+from llmos.errors import ConflictError, InvalidInputError, InvalidModelFileError, LlmosError, StorageError
+from llmos.formats import safe_json
 from llmos.formats.detect import inspect_path
 from llmos.formats.info import ModelFile, ModelFormat, ModelInfo
 from llmos.registry.names import ModelRef, parse_ref
@@ -154,9 +154,9 @@ def safe_path(path: Any) -> str:
 
 def _manifest_files(manifest: str) -> list[TransferFile]:
     try:
-        parsed = json.loads(manifest)
-    except ValueError as exc:
-        raise _bad("the manifest is not JSON", "manifest") from exc
+        parsed = safe_json.loads(manifest, "the manifest")
+    except InvalidModelFileError as exc:
+        raise _bad(exc.message, "manifest") from exc
     raw = parsed.get("files") if isinstance(parsed, dict) else None
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_FILES:
         raise _bad(f"the manifest must list 1 to {MAX_FILES} files", "manifest")

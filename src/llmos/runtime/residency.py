@@ -3,7 +3,10 @@
 Contract:
 
 * :meth:`Residency.lease` returns a :class:`Lease` on a loaded instance of the version a name resolves to, loading
-  it on first use. Concurrent first requests for the same version (and backend) cause exactly one load.
+  it on first use. Given a :class:`~llmos.registry.views.VersionView` (a name the caller already resolved and
+  authorised), it leases exactly that version, by its digest: a tag moved since is not followed. Instances are keyed
+  by digest and backend, so concurrent first requests for the same version cause exactly one load, whatever name
+  they used.
 * Every resident model is accounted at the larger of its estimate (from its metadata) and its *measured* cost
   (RSS growth of the load, after one-time library imports); a measurement above the estimate also raises later
   estimates of the same version. Lazily mapped weights make a load's RSS growth an underestimate, hence the max.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from llmos.config import Settings
@@ -182,11 +185,19 @@ class Residency:
 
     # --- leasing ----------------------------------------------------------------------------------------------------
 
-    def lease(self, name: str, keep_alive: float | None = None) -> Lease:
-        """A lease on the loaded model ``name`` resolves to (loading it, and evicting idle ones, if needed)."""
+    def lease(self, name: str | VersionView, keep_alive: float | None = None) -> Lease:
+        """A lease on the loaded model ``name`` resolves to (loading it, and evicting idle ones, if needed).
+
+        ``name`` may be a resolved view: then the lease is on that very version (``repository@digest``), never on
+        whatever its tag names by now.
+        """
         if self._closed:
             raise EngineStoppedError("the server is shutting down")
-        resolved = self.registry.resolve(name, verify=True)
+        # present; its bytes are re-hashed when it is loaded (_load)
+        if isinstance(name, VersionView):  # by digest; the view keeps the caller's name (logs, /admin/runtime)
+            resolved = replace(self.registry.resolve(f"{name.repository}@{name.digest}"), view=name)
+        else:
+            resolved = self.registry.resolve(name)
         view = resolved.view
         backend = self.backend_for(view)
         key = f"{view.digest}/{backend}"
@@ -209,7 +220,7 @@ class Residency:
                     )
                 victims = self._make_room(estimate)
                 if victims is not None:
-                    entry = Entry(key, view, backend, estimate, pinned=self._is_pinned(view, name))
+                    entry = Entry(key, view, backend, estimate, pinned=self._is_pinned(view, view.name))
                     self._entries[key] = entry
                     break
                 self._wait(deadline, view, "models in use hold the memory it needs")
@@ -251,6 +262,7 @@ class Residency:
 
     def _load(self, entry: Entry, resolved: ResolvedModel, keep_alive: float | None) -> Lease:
         try:
+            self.registry.check_integrity(resolved)  # every load re-hashes the files: no stat cache to fool
             with self._load_lock:
                 if self.prepare is not None:
                     self.prepare(entry.backend)

@@ -7,6 +7,11 @@ running). A request reserves its worst case (prompt + max_tokens); :meth:`QuotaM
 part when it ends. So concurrent requests can never spend beyond a budget. Refusals raise
 :class:`~llmos.errors.RateLimitError` (with the seconds until enough capacity returns) or
 :class:`~llmos.errors.InsufficientQuotaError`. ``x-ratelimit-*`` headers describe the tightest limits.
+
+Spending is authoritative in memory once loaded: what :meth:`QuotaManager.settle` adds is counted at once, whether
+or not its usage record is written yet. A caller whose usage could not be recorded (``unrecorded`` names the
+reason) is refused with :class:`~llmos.errors.UsageUnrecordedError` (503) until it is, so nothing is ever spent
+unmetered; after a restart the spending is loaded again from the usage records.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from llmos.errors import InsufficientQuotaError, RateLimitError
+from llmos.errors import InsufficientQuotaError, RateLimitError, UsageUnrecordedError
 from llmos.security.principal import Limits, Principal
 from llmos.security.service import period_start
 
@@ -48,9 +53,15 @@ class Reservation:
 
 
 class QuotaManager:
-    def __init__(self, usage_since: Callable[[str, datetime], int]) -> None:
-        """``usage_since(scope, start)`` returns tokens recorded for ``scope`` ("key:P" / "tenant:T") since start."""
+    def __init__(
+        self,
+        usage_since: Callable[[str, datetime], int],
+        unrecorded: Callable[[str | None], str | None] = lambda _prefix: None,
+    ) -> None:
+        """``usage_since(scope, start)`` returns tokens recorded for ``scope`` ("key:P" / "tenant:T") since start;
+        ``unrecorded(key_prefix)`` why that caller's requests must be refused now (its usage is not recorded)."""
         self._usage_since = usage_since
+        self._unrecorded = unrecorded
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], Bucket] = {}
         self._spent: dict[tuple[str, datetime], int] = {}
@@ -81,6 +92,9 @@ class QuotaManager:
         return self._spent[key]
 
     def reserve(self, principal: Principal, tokens: int) -> Reservation:
+        reason = self._unrecorded(principal.key_prefix)
+        if reason is not None:
+            raise UsageUnrecordedError(reason)
         now = time.monotonic()
         headers: dict[str, str] = {}
         with self._lock:

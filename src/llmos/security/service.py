@@ -8,9 +8,16 @@ Contract:
   revoked and expired keys alike with :class:`~llmos.errors.AuthenticationError`, whose message never contains the
   key.
 * Authentication is required as soon as one key exists (or when forced by ``Settings.auth``).
-* :meth:`SecurityService.audit` appends to the audit log (the database refuses updates and deletes of it);
-  :meth:`SecurityService.record_usage` queues usage records that a background thread writes in batches, off the
-  request path.
+* The audit log fails closed (the database refuses updates and deletes of it). A security-relevant change (tenant
+  creation, key creation and revocation) commits in one transaction with its audit event: if the event cannot be
+  written, the change is rolled back and :class:`~llmos.errors.AuditUnavailableError` (503) raised.
+  :meth:`SecurityService.check_audit` (a trial insert, rolled back) lets the HTTP layer refuse any other
+  state-changing request before it runs; :meth:`SecurityService.audit` appends an event describing what already
+  happened or was refused, counting (never raising) a failure. Failures are counted (``audit_failures``) and, until
+  a write succeeds again, reported by :meth:`SecurityService.records_health`.
+* :meth:`SecurityService.record_usage` hands usage records to :class:`~llmos.security.usage.UsageLog`: group
+  commits before the response completes, nothing dropped, callers with unwritten records refused
+  (:meth:`SecurityService.unrecorded`).
 """
 
 from __future__ import annotations
@@ -18,21 +25,31 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import queue
 import re
 import secrets
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from llmos.config import Settings
-from llmos.errors import AuthenticationError, ConflictError, InvalidInputError, NotFoundError, PermissionDeniedError
+from llmos.errors import (
+    AuditUnavailableError,
+    AuthenticationError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from llmos.security.principal import RANK, ROLES, Limits, Principal, can_create_role
+from llmos.security.usage import UsageLog
 from llmos.store.db import open_database, session_factory
 from llmos.store.schema import ApiKey, AuditEvent, Tenant, UsageRecord
 
@@ -96,9 +113,11 @@ class SecurityService:
         settings.home.mkdir(parents=True, exist_ok=True)
         self.engine = open_database(settings.effective_database_url(), settings.home, settings.db_busy_timeout_ms)
         self._sessions = session_factory(self.engine)
-        self._usage: queue.SimpleQueue[UsageRecord | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._writer_lock = threading.Lock()
+        self.usage = UsageLog(self._sessions, settings.home)
+        self.audit_failures = 0
+        self._audit_lock = threading.Lock()
+        self._audit_error: str | None = None
+        """Set when an audit write failed, cleared when one succeeds again."""
 
     def session(self) -> Session:
         return self._sessions()
@@ -111,7 +130,7 @@ class SecurityService:
         limits = limits or Limits()
         if limits.budget_period not in PERIODS:
             raise InvalidInputError(f"budget period must be one of {', '.join(PERIODS)}")
-        with self.session() as session, session.begin():
+        with self._audited(actor, None, "tenant.create", name) as session:
             if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
                 raise ConflictError(f"tenant {name!r} already exists")
             tenant = Tenant(
@@ -122,7 +141,6 @@ class SecurityService:
                 budget_period=limits.budget_period,
             )
             session.add(tenant)
-        self.audit(actor, None, "tenant.create", name, "ok")
         return tenant
 
     def tenants(self) -> list[Tenant]:
@@ -162,7 +180,7 @@ class SecurityService:
             raise InvalidInputError("a key's lifetime must be positive", param="expires")
         prefix = secrets.token_hex(6)
         key = f"llmos_{prefix}_{secrets.token_urlsafe(32)}"
-        with self.session() as session, session.begin():
+        with self._audited(creator.actor, creator.tenant, "key.create", f"{tenant}/{role}/{prefix}") as session:
             owner = session.scalar(select(Tenant).where(Tenant.name == tenant))
             if owner is None:
                 raise NotFoundError(f"tenant {tenant!r} not found; create it with `llmos tenants create {tenant}`")
@@ -182,7 +200,6 @@ class SecurityService:
             session.add(row)
             session.flush()
             info = self._key_info(row, tenant)
-        self.audit(creator.actor, creator.tenant, "key.create", f"{tenant}/{role}/{prefix}", "ok")
         return key, info
 
     @staticmethod
@@ -207,7 +224,7 @@ class SecurityService:
 
     def revoke_key(self, prefix: str, *, actor: Principal | None = None) -> KeyInfo:
         actor = actor or Principal(tenant="default", tenant_id=None, role="admin")
-        with self.session() as session, session.begin():
+        with self._audited(actor.actor, actor.tenant, "key.revoke", prefix) as session:
             row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
             if row is None or not (actor.is_admin or row.tenant_id == actor.tenant_id):
                 raise NotFoundError(f"no key with prefix {prefix!r}")
@@ -215,7 +232,6 @@ class SecurityService:
                 raise PermissionDeniedError("a key cannot revoke a key of a higher role")
             row.revoked_at = row.revoked_at or datetime.now(UTC)
             info = self._key_info(row, row.tenant.name)
-        self.audit(actor.actor, actor.tenant, "key.revoke", prefix, "ok")
         return info
 
     def auth_required(self) -> bool:
@@ -257,9 +273,48 @@ class SecurityService:
 
     # --- audit and usage --------------------------------------------------------------------------------------------
 
+    @contextmanager
+    def _audited(self, actor: str, tenant: str | None, action: str, target: str) -> Iterator[Session]:
+        """A transaction for a security-relevant change that commits only together with its audit event.
+
+        The body's own errors roll it back and pass through; if the event (or the commit) cannot be written, the
+        change is rolled back too and AuditUnavailableError raised.
+        """
+        with self.session() as session:
+            transaction = session.begin()
+            try:
+                yield session
+                session.flush()
+            except BaseException:
+                transaction.rollback()
+                raise
+            try:
+                session.add(AuditEvent(actor=actor, tenant=tenant, action=action, target=target, outcome="ok",
+                                       details={}))  # fmt: skip
+                session.flush()
+                transaction.commit()
+            except SQLAlchemyError as exc:
+                transaction.rollback()
+                raise self._audit_failed(action, type(exc).__name__) from exc
+        self._audit_error = None
+
+    def _audit_failed(self, action: str, error: str, *, refused: bool = True) -> AuditUnavailableError:
+        """Count and log a failed audit write; the error to raise where the action is refused (the caller reports
+        that one, so it is logged at INFO: the CLI prints one line, not two)."""
+        with self._audit_lock:
+            self.audit_failures += 1
+        self._audit_error = error
+        log.log(logging.INFO if refused else logging.ERROR, "could not write an audit event for %s (%s)", action, error)
+        return AuditUnavailableError(
+            f"the audit log cannot be written ({error}), so {action} was refused and nothing changed;"
+            " retry when /ready reports the audit log healthy"
+        )
+
     def audit(
         self, actor: str, tenant: str | None, action: str, target: str | None, outcome: str, **details: Any
-    ) -> None:
+    ) -> bool:
+        """Append an event about something that already happened or was refused; a failure is counted and logged,
+        never raised (whatever it records cannot be undone here). False if it was not written."""
         try:
             with self.session() as session, session.begin():
                 session.add(
@@ -267,8 +322,49 @@ class SecurityService:
                         actor=actor, tenant=tenant, action=action, target=target, outcome=outcome, details=details
                     )
                 )
-        except Exception:  # the audit log must never break the operation it records; the failure is logged
-            log.exception("could not write an audit event for %s", action)
+        except Exception as exc:
+            self._audit_failed(action, type(exc).__name__, refused=False)
+            return False
+        self._audit_error = None
+        return True
+
+    def require_audit(
+        self, actor: str, tenant: str | None, action: str, target: str | None, outcome: str = "ok", **details: Any
+    ) -> None:
+        """Append an event before the action it records: AuditUnavailableError (503) if it cannot be written, so
+        the caller refuses the action."""
+        try:
+            with self.session() as session, session.begin():
+                session.add(
+                    AuditEvent(
+                        actor=actor, tenant=tenant, action=action, target=target, outcome=outcome, details=details
+                    )
+                )
+        except SQLAlchemyError as exc:
+            raise self._audit_failed(action, type(exc).__name__) from exc
+        self._audit_error = None
+
+    def audit_writable(self) -> bool:
+        """Whether an audit event can be written now: a trial insert, rolled back (nothing is recorded)."""
+        try:
+            with self.session() as session:
+                transaction = session.begin()
+                try:
+                    session.add(AuditEvent(actor="probe", tenant=None, action="probe", target=None, outcome="probe",
+                                           details={}))  # fmt: skip
+                    session.flush()
+                finally:
+                    transaction.rollback()
+        except SQLAlchemyError as exc:
+            self._audit_error = type(exc).__name__
+            return False
+        self._audit_error = None
+        return True
+
+    def check_audit(self, action: str) -> None:
+        """Refuse ``action`` (AuditUnavailableError, counted) unless the audit log can be written now."""
+        if not self.audit_writable():
+            raise self._audit_failed(action, self._audit_error or "unknown error")
 
     def audit_events(self, limit: int = 100, tenant: str | None = None) -> list[AuditEvent]:
         with self.session() as session:
@@ -277,47 +373,40 @@ class SecurityService:
                 query = query.where(AuditEvent.tenant == tenant)
             return list(session.scalars(query))
 
-    def record_usage(self, **fields: Any) -> None:
-        self._ensure_writer()
-        self._usage.put(UsageRecord(**fields))
+    def record_usage(self, **fields: Any) -> Future[bool]:
+        """Hand one usage record to the writer; the future resolves once it is committed (True) or failed (False)."""
+        return self.usage.record(**fields)
 
-    def _ensure_writer(self) -> None:
-        with self._writer_lock:
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_usage, name="llmos-usage-writer", daemon=True)
-                self._writer.start()
-
-    def _write_usage(self) -> None:
-        while True:
-            first = self._usage.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < 500:
-                try:
-                    item = self._usage.get(timeout=0.2)
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._flush(batch)
-                    return
-                batch.append(item)
-            self._flush(batch)
-
-    def _flush(self, batch: list[UsageRecord]) -> None:
-        try:
-            with self.session() as session, session.begin():
-                session.add_all(batch)
-        except Exception:
-            log.exception("could not write %d usage records", len(batch))
+    def unrecorded(self, key_prefix: str | None) -> str | None:
+        """Why requests of this key (None: the keyless local caller) must be refused now, or None."""
+        if not self.usage.unrecorded(key_prefix):
+            return None
+        who = f"key {key_prefix}" if key_prefix else "this server's local caller"
+        return (
+            f"earlier usage of {who} could not be recorded yet, so its requests are refused until it is (the server"
+            " retries every second; /ready shows why)"
+        )
 
     def flush_usage(self, timeout: float = 10.0) -> None:
-        """Stop the writer after it has written everything queued (shutdown, tests)."""
-        with self._writer_lock:
-            writer, self._writer = self._writer, None
-        if writer is not None:
-            self._usage.put(None)
-            writer.join(timeout)
+        """Stop the usage writer after it has tried to write everything queued (shutdown, tests)."""
+        self.usage.flush(timeout)
+
+    def record_counts(self) -> tuple[int, int, int]:
+        """``(audit write failures, usage write failures, usage records pending)`` for /metrics."""
+        return self.audit_failures, self.usage.failures, self.usage.pending()
+
+    def records_health(self) -> dict[str, dict[str, Any]]:
+        """The ``audit`` and ``usage`` checks of /ready: ok, or not with the reason (no paths, no keys)."""
+        audit: dict[str, Any] = {"ok": True}
+        if self._audit_error is not None and not self.audit_writable():  # re-tested only while it is failing
+            audit = {"ok": False, "reason": f"audit events cannot be written ({self._audit_error}); "
+                     "security-relevant and state-changing requests are refused"}  # fmt: skip
+        usage: dict[str, Any] = {"ok": True}
+        pending = self.usage.pending()
+        if pending:
+            usage = {"ok": False, "reason": f"{pending} usage records could not be written ({self.usage.last_error});"
+                     " requests of their keys are refused until the retries succeed"}  # fmt: skip
+        return {"audit": audit, "usage": usage}
 
     def scope_usage_since(self, scope: str, start: datetime) -> int:
         """Tokens used since ``start`` by a quota scope (``key:<prefix>`` or ``tenant:<name>``)."""
@@ -371,5 +460,5 @@ class SecurityService:
         return rows
 
     def close(self) -> None:
-        self.flush_usage()
+        self.usage.close()
         self.engine.dispose()

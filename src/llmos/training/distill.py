@@ -15,10 +15,12 @@ Contract:
 * :func:`distill` trains a Hugging Face student directory (full fine-tune, AdamW by default, schedule from
   :mod:`llmos.training.optim`), reusing the fine-tuning machinery: row encoding with the chat template, length-
   grouped seeded batches, atomic checkpoints (``checkpoint_every`` steps and when stopped) and resume from the newest
-  checkpoint that loads. ``on_step(step, total, metrics)`` gets ``loss``, ``kl``, ``ce``, ``lr``, ``epoch``,
-  ``tokens_per_second`` (training time only; validation excluded) and ``val_*`` after each validation; it returns
-  True to stop (a checkpoint is written and :class:`~llmos.training.finetune.TrainingStopped` raised). The result
-  directory is a full Hugging Face checkpoint with the student's tokenizer files.
+  checkpoint that loads, through :class:`~llmos.training.checkpoints.Checkpoints` (``checkpoints``: one, or a
+  directory for plaintext ones; private files, encrypted when it holds a cipher). ``on_step(step, total, metrics)``
+  gets ``loss``, ``kl``, ``ce``, ``lr``, ``epoch``, ``tokens_per_second`` (training time only; validation excluded)
+  and ``val_*`` after each validation; it returns True to stop (a checkpoint is written and
+  :class:`~llmos.training.finetune.TrainingStopped` raised). The result directory is a full Hugging Face checkpoint
+  with the student's tokenizer files.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.errors import InvalidInputError, InvalidModelFileError
+from llmos.training.checkpoints import Checkpoints, make_private_dir
 from llmos.training.finetune import (
     PRECISIONS,
     Example,
@@ -42,8 +45,6 @@ from llmos.training.finetune import (
     bf16_is_fast,
     collate,
     encode_rows,
-    load_latest_checkpoint,
-    save_checkpoint,
 )
 from llmos.training.optim import OptimizerConfig, build_optimizer, build_schedule
 
@@ -291,7 +292,7 @@ def build_student(teacher_dir: Path, target: Path, *, layers: int | None, hidden
         torch.manual_seed(seed)
         model: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
+    make_private_dir(target)
     model.save_pretrained(target, safe_serialization=True)
     copy_tokenizer(teacher_dir, target)
     return target
@@ -322,7 +323,7 @@ def distill(
     train_rows: Sequence[dict[str, Any]],
     validation_rows: Sequence[dict[str, Any]],
     output_dir: Path,
-    checkpoint_dir: Path,
+    checkpoints: Checkpoints | Path,
     config: DistillConfig,
     *,
     chat_template: str | None = None,
@@ -373,7 +374,8 @@ def distill(
     step, tokens_done = 0, 0
     initial: dict[str, float] | None = None
     resumed_from: int | None = None
-    state = load_latest_checkpoint(checkpoint_dir)
+    store = Checkpoints.of(checkpoints)
+    state = store.load_latest()
     if state is not None:
         student.load_state_dict(state["weights"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -390,8 +392,7 @@ def distill(
 
     def checkpoint() -> None:
         weights = {name: p.detach().clone() for name, p in student.named_parameters()}
-        save_checkpoint(
-            checkpoint_dir,
+        store.save(
             step,
             {
                 "weights": weights,
@@ -452,7 +453,7 @@ def distill(
         measured = evaluate(student, teacher, validation, config, pad_id)
     if measured is not None:
         log(f"after distillation: {_shown(measured)}")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(output_dir)
     student.save_pretrained(output_dir, safe_serialization=True)
     copy_tokenizer(student_dir, output_dir)
     return DistillResult(

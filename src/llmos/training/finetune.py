@@ -11,10 +11,12 @@ and perplexity, tokens trained on and tokens per second.
   depends only on the seed and the epoch.
 * Optimizer and schedule come from :mod:`llmos.training.optim`; ``grad_accum`` micro-batches make one step.
 * Every ``checkpoint_every`` steps (and when stopped), the trainable weights, optimizer, schedule, step and best
-  validation loss are written to ``checkpoint_dir/step-NNNNNNN`` through a temporary directory and an atomic rename;
-  the two newest are kept. A run started with the same arguments and an existing checkpoint continues from the
-  newest one that loads, so an interrupted job ends where an uninterrupted one would. A failed write (disk full)
-  raises :class:`~llmos.errors.StorageError` and leaves earlier checkpoints intact.
+  validation loss are written as ``step-NNNNNNN`` by :class:`~llmos.training.checkpoints.Checkpoints` (``checkpoints``:
+  one, or a directory for plaintext ones): atomic, private (0600 files in 0700 directories), encrypted when it
+  holds a cipher; the two newest are kept. A run started with the same arguments and an existing checkpoint
+  continues from the newest one that loads, so an interrupted job ends where an uninterrupted one would. A failed
+  write (disk full) raises :class:`~llmos.errors.StorageError` and leaves earlier checkpoints intact. The output
+  directory is created private (0700).
 * Validation loss runs every ``eval_every`` steps and at the end; with ``patience``, training stops early after that
   many evaluations without improvement.
 * ``on_step(step, total, metrics)`` is called after every optimizer step; it returns True to stop (cancellation):
@@ -24,8 +26,6 @@ and perplexity, tokens trained on and tokens per second.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +34,8 @@ from typing import Any
 
 from llmos.data.rows import dataset_shape
 from llmos.engine.chat_template import render_chat
-from llmos.errors import InvalidInputError, StorageError
+from llmos.errors import InvalidInputError
+from llmos.training.checkpoints import Checkpoints, make_private_dir
 from llmos.training.optim import OptimizerConfig, build_optimizer, build_schedule
 from llmos.types import ChatMessage
 
@@ -246,50 +247,6 @@ def _trainable_state(model: Any) -> dict[str, Any]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``state`` as ``step-NNNNNNN`` atomically; on any OSError the partial copy is removed, older ones stay."""
-    import torch
-
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step:07d}"
-    partial = directory / f".step-{step:07d}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir()
-        path = partial / "state.pt"
-        torch.save(state, path)
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(partial, final)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except (OSError, RuntimeError) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise StorageError(f"could not write the checkpoint of step {step}: {exc}") from exc
-    for old in sorted(directory.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_latest_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """The newest checkpoint that loads (a damaged newest one falls back to the one before)."""
-    import torch
-
-    if not directory.is_dir():
-        return None
-    for candidate in sorted(directory.glob("step-*"), reverse=True):
-        try:
-            state: dict[str, Any] = torch.load(candidate / "state.pt", map_location="cpu", weights_only=True)
-            return state
-        except (OSError, RuntimeError, EOFError, ValueError):
-            continue
-    return None
-
-
 # --- training ----------------------------------------------------------------------------------------------------
 
 
@@ -320,7 +277,7 @@ def finetune(
     train_rows: Sequence[dict[str, Any]],
     validation_rows: Sequence[dict[str, Any]],
     output_dir: Path,
-    checkpoint_dir: Path,
+    checkpoints: Checkpoints | Path,
     config: FinetuneConfig,
     *,
     chat_template: str | None = None,
@@ -366,7 +323,8 @@ def finetune(
     step, best, bad_evals, tokens_done = 0, math.inf, 0, 0
     initial: float | None = None
     resumed_from: int | None = None
-    state = load_latest_checkpoint(checkpoint_dir)
+    store = Checkpoints.of(checkpoints)
+    state = store.load_latest()
     if state is not None:
         model.load_state_dict(state["weights"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -381,8 +339,7 @@ def finetune(
         log(f"validation loss before training: {initial:.4f} (perplexity {math.exp(initial):.2f})")
 
     def checkpoint() -> None:
-        save_checkpoint(
-            checkpoint_dir,
+        store.save(
             step,
             {
                 "weights": _trainable_state(model),
@@ -445,7 +402,7 @@ def finetune(
     elapsed = time.perf_counter() - started
     if validation and validation_loss is None:
         validation_loss = evaluate_loss(model, validation, config.batch_size, pad_id)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(output_dir)
     if config.method == "lora":
         model.save_pretrained(output_dir)
     else:

@@ -3,7 +3,8 @@
 Contract: ``input`` is a string, a list of strings, or token ids (a list, or a list of lists) as the OpenAI API
 allows; at most :data:`MAX_INPUTS` inputs, each within the model's token limit (400 otherwise, never silent
 truncation). ``encoding_format`` ``float`` gives lists of floats, ``base64`` the little-endian float32 bytes.
-The model is leased from the residency manager like any other; usage counts the input tokens.
+The model name is resolved and authorised once and that version is leased from the residency manager by digest,
+like any other; the response names the model as the caller did; usage counts the input tokens.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from llmos.api.auth import principal, visible_view
+from llmos.api.auth import principal
 from llmos.api.body import parse_body
-from llmos.api.generation import meter
+from llmos.api.generation import authorised_view, meter
 from llmos.api.openai.schemas import Strict
 from llmos.api.state import AppState
 from llmos.errors import InvalidInputError, LlmosError
-from llmos.observability.context import set_model
 from llmos.runtime.embedding import EmbeddingModel
 from llmos.runtime.residency import parse_keep_alive
 
@@ -63,31 +63,30 @@ async def embeddings(request: Request) -> dict[str, Any]:
     if isinstance(body.input, list) and len(body.input) > MAX_INPUTS:
         raise InvalidInputError(f"at most {MAX_INPUTS} inputs per request, got {len(body.input)}", param="input")
     caller = principal(request)
-    view = visible_view(caller, await to_thread.run_sync(state.registry.show, body.model), body.model)
-    set_model(view.name)
-    lease = await to_thread.run_sync(state.residency.lease, body.model, keep_alive)
+    view = await authorised_view(state, caller, body.model)
+    lease = await to_thread.run_sync(state.residency.lease, view, keep_alive)
     metering = None
     try:
         model = lease.instance
         if not isinstance(model, EmbeddingModel):
-            raise InvalidInputError(f"{body.model} is not an embedding model", param="model")
+            raise InvalidInputError(f"{view.name} is not an embedding model", param="model")
         if body.dimensions is not None and body.dimensions != model.dimension:
             raise InvalidInputError(
-                f"{model.name} produces {model.dimension} dimensions; it cannot shorten them", param="dimensions"
+                f"{view.name} produces {model.dimension} dimensions; it cannot shorten them", param="dimensions"
             )
         texts = _texts(body, model)
         counts = await to_thread.run_sync(model.count_tokens, texts)
         metering = meter(state, request, caller, sum(counts), "embeddings", arrived)
         vectors, tokens = await to_thread.run_sync(model.embed, texts)
-        metering.finish(model.name, tokens, 0)
+        metering.finish(view.name, tokens, 0)
     except BaseException as exc:
         if metering is not None:
-            metering.finish(body.model, 0, 0, exc.status if isinstance(exc, LlmosError) else 500)
+            metering.finish(view.name, 0, 0, exc.status if isinstance(exc, LlmosError) else 500)
         raise
     finally:
         lease.release(keep_alive)
-    state.metrics.embedding_inputs.labels(model.name).inc(len(texts))
-    state.metrics.count_tokens(model.name, caller.tenant, prompt=tokens)
+    state.metrics.embedding_inputs.labels(view.name).inc(len(texts))
+    state.metrics.count_tokens(view.name, caller.tenant, prompt=tokens)
     data = []
     for index, vector in enumerate(vectors):
         encoded: Any = (
@@ -99,6 +98,6 @@ async def embeddings(request: Request) -> dict[str, Any]:
     return {
         "object": "list",
         "data": data,
-        "model": model.name,
+        "model": view.name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }

@@ -1,0 +1,69 @@
+"""JSON from files and peers that cannot exhaust the parser.
+
+Contract: :func:`loads` parses JSON text like :func:`json.loads` but first measures its nesting without recursion
+and refuses anything nested deeper than ``max_depth`` (default :data:`MAX_DEPTH`) with
+:class:`~llmos.errors.InvalidModelFileError` naming ``what``; malformed or non-UTF-8 input gets the same error, so a
+caller never sees ``RecursionError``, ``ValueError`` or ``UnicodeDecodeError``. :func:`read` does the same for a file,
+refusing it beyond ``max_bytes`` before reading it. Every JSON the store reads from a model file, a manifest or a
+remote server goes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+from llmos.errors import InvalidModelFileError
+
+MAX_DEPTH = 64
+"""Deepest nesting of arrays and objects accepted (real headers, configs and manifests need fewer than 10)."""
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP = [0] * 256
+for _open in b"[{":
+    _STEP[_open] = 1
+for _close in b"]}":
+    _STEP[_close] = -1
+
+
+def depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in the JSON text ``data`` (brackets inside strings do not count).
+
+    Exact for valid JSON; for malformed input it is some number, and the parser refuses the text anyway. Linear in
+    the text, with no recursion and no Python loop per character.
+    """
+    if data.count(b"[") + data.count(b"{") == 0:
+        return 0
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
+
+
+def loads(text: str | bytes, what: str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse ``text`` (JSON), refusing nesting deeper than ``max_depth``; ``what`` names it in errors."""
+    data = text.encode("utf-8", errors="surrogatepass") if isinstance(text, str) else bytes(text)
+    if data.count(b"[") + data.count(b"{") > max_depth and (found := depth(data)) > max_depth:
+        raise InvalidModelFileError(f"{what}: JSON nested {found} levels deep (the limit is {max_depth})")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError as exc:  # not reached after the depth check; kept so no caller ever sees one
+        raise InvalidModelFileError(f"{what}: JSON nested too deeply") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidModelFileError(f"{what}: not valid UTF-8 (byte {exc.start})") from exc
+    except ValueError as exc:
+        raise InvalidModelFileError(f"{what}: not valid JSON ({exc})") from exc
+
+
+def read(path: Path, max_bytes: int, *, what: str | None = None, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse the JSON file at ``path`` (at most ``max_bytes``), with the checks of :func:`loads`."""
+    name = what or path.name
+    try:
+        if path.stat().st_size > max_bytes:
+            raise InvalidModelFileError(f"{name}: larger than {max_bytes} bytes")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidModelFileError(f"{name}: cannot be read ({exc.strerror or exc})") from exc
+    return loads(data, name, max_depth=max_depth)
