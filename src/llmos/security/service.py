@@ -310,18 +310,21 @@ class SecurityService:
             " retry when /ready reports the audit log healthy"
         )
 
+    def _insert_event(
+        self, actor: str, tenant: str | None, action: str, target: str | None, outcome: str, details: dict[str, Any]
+    ) -> None:
+        with self.session() as session, session.begin():
+            session.add(
+                AuditEvent(actor=actor, tenant=tenant, action=action, target=target, outcome=outcome, details=details)
+            )
+
     def audit(
         self, actor: str, tenant: str | None, action: str, target: str | None, outcome: str, **details: Any
     ) -> bool:
         """Append an event about something that already happened or was refused; a failure is counted and logged,
         never raised (whatever it records cannot be undone here). False if it was not written."""
         try:
-            with self.session() as session, session.begin():
-                session.add(
-                    AuditEvent(
-                        actor=actor, tenant=tenant, action=action, target=target, outcome=outcome, details=details
-                    )
-                )
+            self._insert_event(actor, tenant, action, target, outcome, details)
         except Exception as exc:
             self._audit_failed(action, type(exc).__name__, refused=False)
             return False
@@ -334,12 +337,7 @@ class SecurityService:
         """Append an event before the action it records: AuditUnavailableError (503) if it cannot be written, so
         the caller refuses the action."""
         try:
-            with self.session() as session, session.begin():
-                session.add(
-                    AuditEvent(
-                        actor=actor, tenant=tenant, action=action, target=target, outcome=outcome, details=details
-                    )
-                )
+            self._insert_event(actor, tenant, action, target, outcome, details)
         except SQLAlchemyError as exc:
             raise self._audit_failed(action, type(exc).__name__) from exc
         self._audit_error = None
