@@ -72,7 +72,7 @@ MAX_MESSAGES = 10_000
 DEFAULT_PORT = 8080
 DEFAULT_CTX = 4096
 CHUNK = 1 << 20
-MAX_JSON_DEPTH = 64  # as llmos.formats.safe_json.MAX_DEPTH
+MAX_JSON_DEPTH = 64  # llmos.formats.safe_json uses this limit and json_depth too
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
@@ -128,7 +128,7 @@ def safe_relative(value: object) -> str:
 
 def json_depth(data: bytes) -> int:
     """The deepest nesting of arrays and objects in JSON text, found without recursion (brackets in strings do not
-    count). The same as ``llmos.formats.safe_json.depth``; this file imports nothing from llmos."""
+    count). ``llmos.formats.safe_json`` uses it too; this file imports nothing from llmos."""
     brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
     return max(accumulate(map(_JSON_STEP.__getitem__, brackets)), default=0)
 

@@ -11,23 +11,15 @@ remote server goes through here.
 from __future__ import annotations
 
 import json
-import re
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 from llmos.errors import InvalidModelFileError
+from llmos.formats.edge_runner import MAX_JSON_DEPTH as MAX_DEPTH
+from llmos.formats.edge_runner import json_depth
 
-MAX_DEPTH = 64
-"""Deepest nesting of arrays and objects accepted (real headers, configs and manifests need fewer than 10)."""
-
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_STEP = [0] * 256
-for _open in b"[{":
-    _STEP[_open] = 1
-for _close in b"]}":
-    _STEP[_close] = -1
+# The edge runner imports nothing from llmos (it ships alone in a bundle), so the depth scan lives there and this
+# module reuses it rather than keeping a second copy.
 
 
 def depth(data: bytes) -> int:
@@ -38,8 +30,7 @@ def depth(data: bytes) -> int:
     """
     if data.count(b"[") + data.count(b"{") == 0:
         return 0
-    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
+    return json_depth(data)
 
 
 def loads(text: str | bytes, what: str, *, max_depth: int = MAX_DEPTH) -> Any:
