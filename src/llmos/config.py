@@ -46,19 +46,54 @@ class Settings(BaseSettings):
         description="CPU threads llama.cpp uses for a forward pass (default: the CPUs this process may use).",
     )
     context_length: int = Field(
-        default=2048,
+        default=8192,
         ge=64,
         description=(
-            "Context window of each sequence (prompt + completion), capped at the model's trained length. KV memory"
-            " per model grows with context_length x max_running."
+            "Longest one sequence may be (prompt + completion), capped at the model's trained length. Sequences"
+            " share the model's KV pool (kv_pool_tokens), so one long sequence can run beside many short ones."
         ),
     )
-    kv_cache_type: Literal["f16", "f32"] = Field(
+    kv_pool_tokens: int = Field(
+        default=16384,
+        ge=256,
+        description=(
+            "KV memory of one llama.cpp model, in tokens: shared by all its running sequences and its cached prompt"
+            " prefixes. When it is full, cached prefixes are evicted (least recently used first), then the"
+            " lowest-priority sequence is preempted and recomputed later."
+        ),
+    )
+    kv_cache_type: Literal["f16", "f32", "q8_0"] = Field(
         default="f16",
         description=(
-            "Precision of llama.cpp's attention: f16 (a half-size KV cache, flash attention) or f32 (an f32 KV"
-            " cache without flash attention: float32 models then agree with PyTorch up to rounding)."
+            "Precision of llama.cpp's KV cache: f16 (flash attention), q8_0 (half of f16's memory, flash attention)"
+            " or f32 (without flash attention: float32 models then agree with PyTorch up to rounding)."
         ),
+    )
+    prefix_cache: bool = Field(
+        default=True,
+        description=(
+            "Keep the KV of computed prompts (and finished answers) and reuse the longest cached prefix of a new"
+            " request, so a conversation's next turn or a shared system prompt is not computed again."
+        ),
+    )
+    prefix_cache_shared: bool = Field(
+        default=False,
+        description=(
+            "With auth on, let tenants reuse each other's cached prefixes (off by default: a cache hit is a timing"
+            " side channel that reveals whether another tenant sent a prompt)."
+        ),
+    )
+    speculative: bool = Field(
+        default=False,
+        description=(
+            "Prompt-lookup speculative decoding: draft tokens by matching the text's last n-gram earlier in the"
+            " sequence and verify them in one batched step. Used where it pays: few sequences decoding and drafts that"
+            " keep being accepted. Off by default: measured 1.42x on copy-heavy answers but 0.90x on ordinary chat"
+            " on a 2-core CPU. A request may turn it off (speculative=false)."
+        ),
+    )
+    speculative_max_draft: int = Field(
+        default=8, ge=1, le=32, description="Most draft tokens verified per step and sequence."
     )
     torch_context_length: int = Field(
         default=1024,

@@ -210,6 +210,21 @@ class ModelLoadError(LlmosError):
     status = 500
 
 
+class DecodeError(LlmosError):
+    """A forward pass of a loaded model failed (the requests in that step fail; the model keeps serving)."""
+
+    code = "decode_failed"
+    type = "server_error"
+    status = 500
+
+
+class KvPoolFullError(DecodeError):
+    """The backend found no room for a step's tokens in the KV pool (the engine evicts cached prefixes and retries)."""
+
+    code = "kv_pool_full"
+    status = 503
+
+
 class RecordsUnavailableError(LlmosError):
     """A record that must be kept (audit event, usage) cannot be written, so the action is refused: nothing changed."""
 

@@ -14,6 +14,10 @@ Contract::
   ``raw=True`` completes the prompt text exactly as given, which is the default for models without a template.
 * Decoding is greedy unless ``temperature`` is given (as in transformers' ``generate``). ``max_length`` is the most
   tokens to generate (``max_tokens`` is accepted as an alias).
+* The engine reuses the KV of prompt prefixes it computed before (a conversation's earlier turns, a shared system
+  prompt) and decodes speculatively where that pays, as the settings allow (``prefix_cache``, ``speculative``);
+  ``cache_prompt=False`` / ``speculative=False`` turn either off for one call. ``Model.last_stats.cached_tokens``
+  says how many prompt tokens the last finished generation took from the cache.
 * Errors are :mod:`llmos.errors` exceptions. Every load re-hashes the model's files first: a damaged file raises
   :class:`~llmos.errors.ModelUnavailableError` naming it, and nothing is generated. A ``Model`` holds native memory
   and a thread until :meth:`Model.close` (or the end of a ``with`` block). Abandoning a stream cancels its request.
@@ -50,6 +54,8 @@ class GenerationStats:
     prompt_seconds: float
     decode_seconds: float
     finish_reason: FinishReason
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (not computed, so not in ``prompt_seconds``)."""
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -110,10 +116,12 @@ class Model:
 
     # --- generation -------------------------------------------------------------------------------------------------
 
-    def _stream(self, prompt_tokens: list[int], params: SamplingParams) -> Iterator[str]:
+    def _stream(
+        self, prompt_tokens: list[int], params: SamplingParams, *, cache_prompt: bool, speculative: bool
+    ) -> Iterator[str]:
         engine = self._loaded.engine
         stream = SyncOutputStream()
-        request = GenerationRequest(prompt_tokens, params)
+        request = GenerationRequest(prompt_tokens, params, cache_prompt=cache_prompt, speculative=speculative)
         started = time.monotonic()
         engine.submit(request, stream)
         first: float | None = None
@@ -133,13 +141,21 @@ class Model:
                         prompt_seconds=first - started,
                         decode_seconds=output.time - first,
                         finish_reason=output.finish_reason or "stop",
+                        cached_tokens=output.cached_tokens,
                     )
         finally:
             if not finished:
                 engine.abort(request.request_id)
 
     def stream_text(
-        self, prompt: str, *, raw: bool | None = None, system: str | None = None, **sampling: Any
+        self,
+        prompt: str,
+        *,
+        raw: bool | None = None,
+        system: str | None = None,
+        cache_prompt: bool = True,
+        speculative: bool = True,
+        **sampling: Any,
     ) -> Iterator[str]:
         """Stream the answer to ``prompt`` (or, with ``raw=True``, its continuation) as text deltas.
 
@@ -150,13 +166,27 @@ class Model:
         if raw is None:
             raw = self.info.chat_template is None
         if raw:
-            return self._stream(self._loaded.text_tokens(prompt), params)
-        messages = [ChatMessage("system", system)] if system is not None else []
-        messages.append(ChatMessage("user", prompt))
-        return self._stream(self._loaded.chat_tokens(messages), params)
+            tokens = self._loaded.text_tokens(prompt)
+        else:
+            messages = [ChatMessage("system", system)] if system is not None else []
+            messages.append(ChatMessage("user", prompt))
+            tokens = self._loaded.chat_tokens(messages)
+        return self._stream(tokens, params, cache_prompt=cache_prompt, speculative=speculative)
 
-    def generate_text(self, prompt: str, *, raw: bool | None = None, system: str | None = None, **sampling: Any) -> str:
-        return "".join(self.stream_text(prompt, raw=raw, system=system, **sampling))
+    def generate_text(
+        self,
+        prompt: str,
+        *,
+        raw: bool | None = None,
+        system: str | None = None,
+        cache_prompt: bool = True,
+        speculative: bool = True,
+        **sampling: Any,
+    ) -> str:
+        chunks = self.stream_text(
+            prompt, raw=raw, system=system, cache_prompt=cache_prompt, speculative=speculative, **sampling
+        )
+        return "".join(chunks)
 
     def generate_many(self, prompts: Iterable[str], *, system: str | None = None, **sampling: Any) -> list[str]:
         """Answers to many prompts at once: all are submitted together, so the engine batches them."""
@@ -169,12 +199,16 @@ class Model:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda p: self.generate_text(p, system=system, **sampling), items))
 
-    def stream_chat(self, messages: Iterable[MessageLike], **sampling: Any) -> Iterator[str]:
+    def stream_chat(
+        self, messages: Iterable[MessageLike], *, cache_prompt: bool = True, speculative: bool = True, **sampling: Any
+    ) -> Iterator[str]:
         tokens = self._loaded.chat_tokens(_as_messages(messages))
-        return self._stream(tokens, sampling_params(**sampling))
+        return self._stream(tokens, sampling_params(**sampling), cache_prompt=cache_prompt, speculative=speculative)
 
-    def chat(self, messages: Iterable[MessageLike], **sampling: Any) -> str:
-        return "".join(self.stream_chat(messages, **sampling))
+    def chat(
+        self, messages: Iterable[MessageLike], *, cache_prompt: bool = True, speculative: bool = True, **sampling: Any
+    ) -> str:
+        return "".join(self.stream_chat(messages, cache_prompt=cache_prompt, speculative=speculative, **sampling))
 
 
 def sampling_params(

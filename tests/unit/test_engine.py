@@ -223,11 +223,11 @@ def test_a_flooding_tenant_cannot_starve_another(backend: FakeBackend) -> None:
     backend.step_delay = 0.005
     engine = EngineCore(backend, EngineConfig(max_waiting=32))
     try:
-        flood = [submit(engine, chr(65 + i), greedy(60), tenant="a") for i in range(10)]
+        flood = [submit(engine, chr(65 + i), greedy(60), fairness_key="a") for i in range(10)]
         time.sleep(0.1)  # tenant a holds every slot and has more waiting
         steps_before = len(backend.batches)
         quiet = SyncOutputStream()
-        request = GenerationRequest(list(b"ZZZZZ"), greedy(5), tenant="b")
+        request = GenerationRequest(list(b"ZZZZZ"), greedy(5), fairness_key="b")
         engine.submit(request, quiet)
         events = iter(quiet)
         first = next(events)
@@ -255,7 +255,7 @@ def test_no_preemption_without_a_fairness_reason(backend: FakeBackend) -> None:
     backend.step_delay = 0.002
     engine = EngineCore(backend, EngineConfig(max_waiting=32))
     try:
-        streams = [submit(engine, "A", greedy(20), tenant="a") for _ in range(8)]
+        streams = [submit(engine, "A", greedy(20), fairness_key="a") for _ in range(8)]
         for stream in streams:
             collect(stream)
         assert engine.scheduler.preemptions == 0

@@ -32,6 +32,7 @@ def busy_metrics(tmp_path: Path) -> Metrics:
     metrics.observe_http("POST", "/v1/chat/completions", 200, 0.5)
     metrics.observe_request("chat", "smollm2:latest", "acme", 200, 0.5)
     metrics.count_tokens("smollm2:latest", "acme", prompt=10, completion=5)
+    metrics.count_prefix_cache("smollm2:latest", prompt_tokens=10, cached_tokens=7)
     metrics.time_to_first_token.labels("smollm2:latest").observe(0.1)
     metrics.inter_token_latency.labels("smollm2:latest").observe(0.02)
     metrics.queue_wait.labels("smollm2:latest").observe(0.001)
@@ -74,11 +75,13 @@ def test_exposition_parses_and_follows_conventions(tmp_path: Path) -> None:
         "llmos_resident_models", "llmos_resident_model_memory_bytes", "llmos_model_loads_total",
         "llmos_model_unloads_total", "llmos_model_load_seconds_bucket", "llmos_jobs", "llmos_training_loss",
         "llmos_process_cpu_seconds_total", "llmos_process_resident_memory_bytes", "llmos_home_free_bytes",
+        "llmos_prefix_cache_hit_tokens_total", "llmos_prefix_cache_miss_tokens_total",
     ):  # fmt: skip
         assert expected in names, expected
     assert names["llmos_requests_total"] == {"endpoint", "model", "tenant", "status"}
     assert names["llmos_completion_tokens_total"] == {"model", "tenant"}
     assert names["llmos_training_loss"] == {"job_id", "kind"}  # ``job`` is Prometheus's own target label
+    assert names["llmos_prefix_cache_hit_tokens_total"] == names["llmos_prefix_cache_miss_tokens_total"] == {"model"}
 
 
 def test_promtool_check_metrics_when_available(tmp_path: Path) -> None:
@@ -132,6 +135,7 @@ def test_grafana_dashboard_uses_only_exported_names_and_labels(tmp_path: Path) -
         "llmos_kv_cache_usage_ratio", "llmos_resident_model_memory_bytes", "llmos_memory_budget_bytes",
         "llmos_model_loads_total", "llmos_model_unloads_total", "llmos_jobs", "llmos_training_loss",
         "llmos_process_cpu_seconds_total", "llmos_process_resident_memory_bytes",
+        "llmos_prefix_cache_hit_tokens_total", "llmos_prefix_cache_miss_tokens_total",
     ):  # fmt: skip
         assert topic in used, topic
     variables = {v["name"] for v in dashboard["templating"]["list"]}

@@ -22,27 +22,22 @@ def make(target: float = 0.1, clock: Clock | None = None) -> Scheduler:
 
 
 def add(scheduler: Scheduler, tenant: str | None, prompt_len: int = 4) -> Sequence:
-    seq = Sequence(GenerationRequest(list(range(1, prompt_len + 1)), SamplingParams(max_tokens=50), tenant=tenant))
+    seq = Sequence(
+        GenerationRequest(list(range(1, prompt_len + 1)), SamplingParams(max_tokens=50), fairness_key=tenant)
+    )
     scheduler.add(seq)
     return seq
 
 
-def apply(plan: StepPlan) -> None:
+def apply(scheduler: Scheduler, plan: StepPlan) -> None:
     """What the engine does with a plan: prompt chunks enter the cache, each sampling chunk yields a pending token."""
     for chunk in plan.chunks:
-        seq = chunk.seq
-        if seq.prefilling:
-            seq.prompt_done += len(chunk.tokens)
-            seq.position = seq.prompt_done
-        else:
-            seq.position += 1
-        if chunk.samples:
-            seq.pending = 7
+        scheduler.update(chunk, [7] if chunk.samples else [])
 
 
 def decoding(scheduler: Scheduler, tenant: str | None, count: int) -> list[Sequence]:
     sequences = [add(scheduler, tenant) for _ in range(count)]
-    apply(scheduler.schedule())
+    apply(scheduler, scheduler.schedule())
     assert all(s.pending is not None for s in sequences)
     return sequences
 
@@ -108,7 +103,7 @@ def test_a_shared_engine_splits_decodes_minority_first_then_round_robin() -> Non
         picked = {c.seq for c in plan.chunks}
         assert single in picked  # the tenant holding one slot decodes every step
         seen.append(picked - {single})
-        apply(plan)
+        apply(scheduler, plan)
         scheduler.record_step(5, 0.1)
     assert seen[0] | seen[1] == set(flood) and not seen[0] & seen[1]  # round robin: each of a's in two steps
 
@@ -130,6 +125,6 @@ def test_an_outnumbered_prompt_runs_alone_and_a_long_one_alternates_with_normal_
         kinds.append("alone" if alone else "normal")
         if not alone:
             assert {c.seq for c in plan.chunks} >= set(flood)  # the others' streams keep flowing
-        apply(plan)
+        apply(scheduler, plan)
     assert kinds == ["alone", "normal", "alone", "normal", "alone"]
     assert newcomer.prompt_done == 600 and newcomer.pending is not None

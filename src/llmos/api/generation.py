@@ -16,6 +16,13 @@ ends. Usage counts what the engine generated, finished or not: after an abort th
 the cancellation that ended it) for the engine's final count of each aborted choice, and settles the quota and the
 usage record with every token the engine produced for the request, read by the client or not. The caller's name
 becomes the request's ``model`` for logs, metrics and traces.
+
+Prefix cache and speculative decoding: :func:`engine_options` turns a body's ``cache_prompt`` / ``speculative`` into
+what the engine request carries: both are off when the server turned them off, and the prefix scope is the caller's
+tenant when the caller authenticated with a key (unless ``prefix_cache_shared``), so one tenant's requests never hit
+another's cached prompts. :class:`Call` counts each finished request's prompt tokens taken from the prefix cache and
+computed (``llmos_prefix_cache_hit_tokens_total`` / ``..._miss_tokens_total``) from its final event, aborted ones
+included, and :meth:`Call.cached_prompt_tokens` gives the call's ``usage.prompt_tokens_details.cached_tokens``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from fastapi import Request
 
 from llmos.api.auth import set_response_headers, visible_view
 from llmos.api.state import AppState
+from llmos.config import Settings
 from llmos.engine.request import GenerationOutput, GenerationRequest
 from llmos.engine.streams import AsyncOutputStream
 from llmos.errors import InvalidInputError, LlmosError, OverloadedError
@@ -87,6 +95,29 @@ def meter(state: AppState, request: Request, caller: Principal, tokens: int, end
     set_response_headers(request, reservation.headers)
     request_id = request.scope.get("state", {}).get("request_id", "")
     return Metering(state, caller, reservation, request_id, endpoint, arrived)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The prefix-cache and speculative-decoding fields of every engine request of one call."""
+
+    prefix_scope: str | None
+    cache_prompt: bool
+    speculative: bool
+
+
+def engine_options(settings: Settings, caller: Principal, *, cache_prompt: bool, speculative: bool) -> EngineOptions:
+    """A body's ``cache_prompt`` / ``speculative`` as the server allows them, and the caller's prefix-cache scope.
+
+    With authentication on (the caller came with a key), cached prefixes are shared within the caller's tenant only,
+    unless ``prefix_cache_shared``: a cache hit is faster, and that timing would tell one tenant what another sent.
+    """
+    authenticated = caller.key_prefix is not None
+    return EngineOptions(
+        prefix_scope=caller.tenant if authenticated and not settings.prefix_cache_shared else None,
+        cache_prompt=cache_prompt and settings.prefix_cache,
+        speculative=speculative and settings.speculative,
+    )
 
 
 @dataclass
@@ -169,6 +200,8 @@ class Call:
     finished: set[int] = field(default_factory=set)
     submitted: float = field(default_factory=time.monotonic)
     tenant: str | None = None
+    cached: dict[int, int] = field(default_factory=dict)
+    """Per choice whose final event arrived: its prompt tokens taken from the prefix cache."""
 
     @property
     def model(self) -> LoadedModel:
@@ -201,6 +234,7 @@ class Call:
                 if output.finished:
                     self.finished.add(index)
                     counted += output.completion_tokens
+                    self._count_cache(index, output)
                     metrics.finished.labels(label, output.finish_reason or "unknown").inc()
                     metrics.count_tokens(label, self.tenant, completion=output.completion_tokens)
                     if context is not None and context.tracing is not None:
@@ -223,6 +257,7 @@ class Call:
             self.abort_unfinished()
             try:
                 await self.engine_done()
+                self._count_unread_cache()
             finally:
                 self.target.release()
                 produced = self.produced
@@ -230,6 +265,37 @@ class Call:
                     metrics.count_tokens(label, self.tenant, completion=produced - counted)
                 if self.metering is not None:
                     self.metering.finish(self.target.name, self.prompt_tokens, produced, status)
+
+    def _count_cache(self, index: int, output: GenerationOutput) -> None:
+        """Record a choice's final prefix-cache outcome (once per choice)."""
+        if index in self.cached:
+            return
+        self.cached[index] = output.cached_tokens
+        self.metrics.count_prefix_cache(self.target.name, output.prompt_tokens, output.cached_tokens)
+
+    def _count_unread_cache(self) -> None:
+        """The prefix-cache outcome of choices whose final event arrived unread (the consumer stopped early)."""
+        for index, stream in enumerate(self.streams):
+            if index in self.cached or not stream.finished:
+                continue
+            last: GenerationOutput | None = None
+            while not stream.queue.empty():  # nobody reads this stream any more: its final event is the last one
+                last = stream.queue.get_nowait()
+            if last is not None and last.finished and last.error is None:
+                self._count_cache(index, last)
+
+    def cached_prompt_tokens(self, choices_per_prompt: int = 1) -> int:
+        """``usage.prompt_tokens_details.cached_tokens``: of the prompt tokens usage counts, those that came from the
+        prefix cache.
+
+        Usage counts each prompt once however many choices it has (``n``), so a prompt counts as cached as far as
+        every one of its choices found it cached: the fewest cached tokens among its choices (requests are ordered
+        prompt by prompt, ``choices_per_prompt`` each). Choices that never finished count as nothing cached.
+        """
+        total = 0
+        for start in range(0, len(self.requests), choices_per_prompt):
+            total += min(self.cached.get(i, 0) for i in range(start, start + choices_per_prompt))
+        return total
 
     @property
     def produced(self) -> int:

@@ -6,6 +6,9 @@ at each concurrency level (distinct prompts, ``max_tokens`` output tokens, greed
 and returns per side and level: aggregate output tok/s, time to first token p50/p95, end-to-end p50/p95, errors,
 and for llmos the latency of ``/health`` probed while the streams run. :func:`format_table` prints it with
 llmos/peer ratios.
+
+The other suites that compare the two servers start them through :func:`running_servers` and stream requests
+through :func:`stream_chat` (text, time to first token, end time and the usage a server reports).
 """
 
 from __future__ import annotations
@@ -22,8 +25,15 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+
+from llmos.errors import BackendUnavailableError
+
+LLMOS = "llmos"
+PEER = "llama_cpp.server"
+READY_PATHS = {LLMOS: "/ready", PEER: "/v1/models"}
 
 TOPICS = [
     "a lighthouse keeper", "a robot chef", "a lost dragon", "a desert city", "a time traveller", "a river spirit",
@@ -84,7 +94,7 @@ def server(
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
                 if process.poll() is not None:
-                    raise RuntimeError(f"server exited with {process.returncode}; see {log_path}")
+                    raise BackendUnavailableError(f"server exited with {process.returncode}; see {log_path}")
                 try:
                     if httpx.get(ready_url, timeout=2).status_code == 200:
                         break
@@ -92,7 +102,7 @@ def server(
                     pass
                 time.sleep(0.5)
             else:
-                raise RuntimeError(f"server not ready after 180 s; see {log_path}")
+                raise BackendUnavailableError(f"server not ready after 180 s; see {log_path}")
             yield process
         finally:
             process.terminate()
@@ -103,6 +113,104 @@ def server(
                 process.wait(10)
 
 
+@dataclass
+class StreamResult:
+    """One streamed chat completion as the client saw it (times in seconds from sending the request)."""
+
+    ok: bool
+    text: str = ""
+    chunks: int = 0
+    """Chunks that carried content (one per token on servers that stream token by token)."""
+    ttft: float = 0.0
+    total: float = 0.0
+    usage: dict[str, Any] | None = None
+    """The usage object of the final chunk, when the server sent one (``stream_options.include_usage``)."""
+    error: str = ""
+
+    @property
+    def tokens(self) -> int:
+        """Completion tokens: the server's count where it reports usage, else the content chunks."""
+        if self.usage and isinstance(self.usage.get("completion_tokens"), int):
+            return int(self.usage["completion_tokens"])
+        return self.chunks
+
+    @property
+    def cached_tokens(self) -> int | None:
+        """``usage.prompt_tokens_details.cached_tokens`` where the server reports it."""
+        details = (self.usage or {}).get("prompt_tokens_details") or {}
+        value = details.get("cached_tokens")
+        return int(value) if isinstance(value, int) else None
+
+    @property
+    def decode_rate(self) -> float:
+        """Tokens after the first per second after the first token arrived (0 without two tokens)."""
+        span = self.total - self.ttft
+        return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else 0.0
+
+
+def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int, **extra: Any) -> dict[str, Any]:
+    """A greedy streaming chat request that asks for usage in its last chunk (servers that do not know
+    ``stream_options`` ignore it); ``extra`` adds server-specific fields."""
+    return {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+
+
+def _http_error(status: int, body: bytes) -> str:
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:200].decode("utf-8", errors="replace")
+    return f"HTTP {status}: {message}" if message else f"HTTP {status}"
+
+
+def error_summary(results: list[StreamResult], limit: int = 3) -> str:
+    """The distinct errors of ``results`` with their counts ('' when none failed)."""
+    counts: dict[str, int] = {}
+    for result in results:
+        if not result.ok:
+            counts[result.error] = counts.get(result.error, 0) + 1
+    shown = [f"{count}x {error}" for error, count in sorted(counts.items(), key=lambda item: -item[1])[:limit]]
+    return "; ".join(shown)
+
+
+async def stream_chat(client: httpx.AsyncClient, base: str, body: dict[str, Any]) -> StreamResult:
+    """POST a streaming chat completion and read it to the end."""
+    started = time.perf_counter()
+    first = 0.0
+    parts: list[str] = []
+    chunks = 0
+    usage: dict[str, Any] | None = None
+    try:
+        async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                return StreamResult(False, error=_http_error(response.status_code, await response.aread()))
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return StreamResult(False, "".join(parts), chunks, error=str(chunk["error"].get("message")))
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        chunks += 1
+                        parts.append(content)
+                        if not first:
+                            first = time.perf_counter() - started
+    except httpx.HTTPError as exc:
+        return StreamResult(False, "".join(parts), chunks, error=type(exc).__name__)
+    return StreamResult(True, "".join(parts), chunks, first, time.perf_counter() - started, usage)
+
+
 async def one_request(client: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int) -> RequestResult:
     body = {
         "model": model,
@@ -111,28 +219,10 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, prompt: 
         "temperature": 0.0,
         "stream": True,
     }
-    started = time.perf_counter()
-    first = 0.0
-    tokens = 0
-    try:
-        async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return RequestResult(False, error=f"HTTP {response.status_code}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return RequestResult(False, error=str(chunk["error"].get("message")))
-                for choice in chunk.get("choices", []):
-                    if choice.get("delta", {}).get("content"):
-                        tokens += 1
-                        if not first:
-                            first = time.perf_counter() - started
-    except httpx.HTTPError as exc:
-        return RequestResult(False, error=type(exc).__name__)
-    return RequestResult(True, tokens, first, time.perf_counter() - started)
+    result = await stream_chat(client, base, body)
+    if not result.ok:
+        return RequestResult(False, error=result.error)
+    return RequestResult(True, result.chunks, result.ttft, result.total)
 
 
 async def probe_health(base: str, stop: asyncio.Event, latencies: list[float]) -> None:
@@ -219,6 +309,28 @@ def peer_command(gguf: Path, port: int, threads: int, context: int) -> list[str]
     ]  # fmt: skip
 
 
+@contextmanager
+def running_servers(
+    model: str, gguf: Path, threads: int, context: int, home: Path | None, log_dir: Path, peer: bool = True
+) -> Iterator[dict[str, str]]:
+    """``llmos serve --model MODEL`` (with ``home`` as ``LLMOS_HOME``) and, with ``peer``, llama_cpp.server on the
+    same GGUF (:func:`peer_command`), each on a free loopback port and answering; yields their base URLs by name
+    (:data:`LLMOS`, :data:`PEER`) and stops both on exit. Their logs go to ``log_dir/NAME.log``."""
+    env = {**os.environ}
+    if home is not None:
+        env["LLMOS_HOME"] = str(home)
+    ports = {LLMOS: free_port()}
+    commands = {LLMOS: [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(ports[LLMOS])]}
+    if peer:
+        ports[PEER] = free_port()
+        commands[PEER] = peer_command(gguf, ports[PEER], threads, context)
+    bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    with ExitStack() as stack:
+        for name, command in commands.items():
+            stack.enter_context(server(command, bases[name] + READY_PATHS[name], env, log_dir / f"{name}.log"))
+        yield bases
+
+
 def run_benchmark(
     model: str, gguf: Path, levels: list[int], max_tokens: int, threads: int, context: int, home: Path | None,
     log_dir: Path, peer: bool = True, repeats: int = 2,
@@ -228,27 +340,15 @@ def run_benchmark(
     A server is idle while the other is driven; alternating the order cancels slow drifts of a shared, noisy
     machine, which back-to-back runs would attribute to one side.
     """
-    env = {**os.environ}
-    if home is not None:
-        env["LLMOS_HOME"] = str(home)
-    ports = {"llmos": free_port()}
-    commands = {"llmos": [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(ports["llmos"])]}
-    if peer:
-        ports["llama_cpp.server"] = free_port()
-        commands["llama_cpp.server"] = peer_command(gguf, ports["llama_cpp.server"], threads, context)
-    ready = {"llmos": "/ready", "llama_cpp.server": "/v1/models"}
-    bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    runs: dict[str, dict[int, list[LevelResult]]] = {name: {} for name in bases}
-    with ExitStack() as stack:
-        for name, command in commands.items():
-            stack.enter_context(server(command, bases[name] + ready[name], env, log_dir / f"{name}.log"))
+    with running_servers(model, gguf, threads, context, home, log_dir, peer) as bases:
+        runs: dict[str, dict[int, list[LevelResult]]] = {name: {} for name in bases}
         answers = {name: paris_check(base, model) for name, base in bases.items()}
         for level in levels:
             rounds = 2 if level <= 16 else 1
             for repeat in range(repeats):
                 order = list(bases) if repeat % 2 == 0 else list(bases)[::-1]
                 for name in order:
-                    probe = name == "llmos"
+                    probe = name == LLMOS
                     result = asyncio.run(
                         run_level(bases[name], model, level, rounds, max_tokens, probe, f"{name}{repeat}")
                     )

@@ -307,7 +307,8 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     template: Annotated[bool, typer.Option("--template", help="Print only the chat template.")] = False,
 ) -> None:
-    """Show a model version: format, architecture, size, files, tags and lineage."""
+    """Show a model version: format, architecture, size, files, tags, lineage and its batched kernel here."""
+    from llmos.compression.quantize import batched_kernel
     from llmos.evaluation.compression import latest_report
 
     registry = open_registry()
@@ -316,10 +317,14 @@ def show(
         out.print(escape(view.chat_template or ""), highlight=False)
         return
     report = latest_report(registry, view.digest)
+    kernel = batched_kernel(view.quantization, view.format, name, settings())
     if as_json:
-        print_json({**view.to_dict(full=True), "compression_report": report})
+        kernel_json = kernel.to_json() if kernel is not None else None
+        print_json({**view.to_dict(full=True), "compression_report": report, "batched_kernel": kernel_json})
         return
-    _print_view(view)
+    _print_view(view, kernel.detail if kernel is not None else None)
+    if kernel is not None and kernel.advice:
+        out.print(f"[yellow]note:[/] {escape(kernel.advice)}", highlight=False)
     if report is not None:
         _print_compression(report)
 
@@ -349,7 +354,7 @@ def _print_compression(report: dict[str, Any]) -> None:
     )
 
 
-def _print_view(view: VersionView) -> None:
+def _print_view(view: VersionView, kernel: str | None = None) -> None:
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -361,6 +366,7 @@ def _print_view(view: VersionView) -> None:
         ("architecture", view.architecture or "-"),
         ("parameters", f"{human_count(view.parameter_count)} ({view.parameter_count})"),
         ("quantization", view.quantization or "-"),
+        *([("batched kernel", kernel)] if kernel else []),
         ("context length", str(view.context_length or "-")),
         ("size", f"{human_size(view.size)} ({view.size} bytes)"),
         ("tokenizer", ", ".join(f"{k}={v}" for k, v in view.tokenizer.items() if v is not None)),

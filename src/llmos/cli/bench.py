@@ -27,6 +27,7 @@ def _safetensors_copy(registry: Any, model: str) -> Any:
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     suite: Annotated[
         str,
         typer.Option(
@@ -35,8 +36,14 @@ def bench(
             " tenant fairness), training (llmos LoRA training vs a transformers + peft loop), eval (llmos eval"
             " perplexity throughput vs a transformers loop), compression (size, speed and perplexity of the"
             " comma-separated --model versions), observability (16 streaming clients with /metrics scraped every"
-            " second and the console's runtime poll, vs neither; --repeats pairs of runs, at least 3) or ray (one"
-            " local engine vs Ray replicas at 16 clients, with a scaling projection).",
+            " second and the console's runtime poll, vs neither; --repeats pairs of runs, at least 3), ray (one"
+            " local engine vs Ray replicas at 16 clients, with a scaling projection), multiturn (time to first token"
+            " of 6-turn chats under a ~900-token system prompt, 1 and 4 conversations at once, and 16 clients"
+            " sharing one system prompt with llmos's prefix cache on and off; vs llama_cpp.server), speculative"
+            " (decode tok/s of 1 client on prompts that copy from themselves and on chat, llmos with and without"
+            " speculative decoding vs llama_cpp.server) or batch (raw llama_decode throughput of 1, 4, 8, 16"
+            " sequences vs llmos and llama_cpp.server serving as many clients). --max-tokens and --levels keep each"
+            " suite's own defaults unless given.",
         ),
     ] = "serving",
     model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
@@ -48,7 +55,9 @@ def bench(
 ) -> None:
     """Benchmark llmos against peers: `serving` (llama_cpp.server, streaming chat at several client counts),
     `runtime` (torch backend vs transformers generate, model switch time, memory per model) or `security`
-    (throughput with auth, quotas and usage records on vs off; one tenant's latency while another floods)."""
+    (throughput with auth, quotas and usage records on vs off; one tenant's latency while another floods); --suite
+    lists them all (multiturn, speculative and batch are issue 18's prefix cache, speculative decoding and batch
+    efficiency)."""
     from llmos.bench.serving import format_table, run_benchmark
     from llmos.errors import InvalidInputError
 
@@ -119,9 +128,25 @@ def bench(
         for line in lines:
             out.print(line, highlight=False, markup=False)
         return
+    if suite in ("multiturn", "speculative", "batch"):
+        given = {  # a flag the user did not give keeps the suite's own workload
+            name: getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+            for name in ("max_tokens", "levels")
+        }
+        _issue18_suite(
+            suite,
+            model,
+            max_tokens=max_tokens if given["max_tokens"] else None,
+            levels=_levels(levels) if given["levels"] else None,
+            peer=peer,
+            repeats=repeats,
+            log_dir=log_dir,
+        )
+        return
     if suite != "serving":
         raise InvalidInputError(
-            f"--suite must be serving, runtime, security, training, eval, compression or observability, not {suite!r}"
+            "--suite must be serving, runtime, security, training, eval, compression, observability, ray,"
+            f" multiturn, speculative or batch, not {suite!r}"
         )
     try:
         counts = [int(x) for x in levels.split(",") if x.strip()]
@@ -132,7 +157,13 @@ def bench(
     registry.close()
     log_dir.mkdir(parents=True, exist_ok=True)
     effective = settings()
-    err.print(f"CPU: {_cpu_name()}; threads {effective.threads}; model {resolved.view.name}")
+    from rich.markup import escape
+
+    from llmos.compression.quantize import batched_kernel
+
+    kernel = batched_kernel(resolved.view.quantization, resolved.view.format, model, effective)
+    kernel_note = f"; {escape(kernel.line)}" if kernel is not None else ""
+    err.print(f"CPU: {_cpu_name()}; threads {effective.threads}; model {resolved.view.name}{kernel_note}")
     sides = run_benchmark(
         resolved.view.name,
         resolved.primary_path,
@@ -146,6 +177,65 @@ def bench(
         repeats=repeats,
     )
     out.print(format_table(sides), highlight=False)
+
+
+def _levels(levels: str) -> list[int]:
+    from llmos.errors import InvalidInputError
+
+    try:
+        counts = [int(x) for x in levels.split(",") if x.strip()]
+    except ValueError as exc:
+        raise InvalidInputError(f"--levels must be comma-separated integers, got {levels!r}") from exc
+    if not counts or min(counts) < 1:
+        raise InvalidInputError(f"--levels must be positive integers, got {levels!r}")
+    return counts
+
+
+def _issue18_suite(
+    suite: str, model: str, *, max_tokens: int | None, levels: list[int] | None, peer: bool, repeats: int,
+    log_dir: Path,
+) -> None:  # fmt: skip
+    """``multiturn``, ``speculative`` or ``batch``: llmos serve and llama_cpp.server on the model's GGUF in one run
+    (``max_tokens`` / ``levels`` None: the suite's own workload)."""
+    from llmos.bench import batch, multiturn, speculative
+
+    effective = settings()
+    registry = open_registry()
+    try:
+        resolved = registry.resolve(model, verify=True)
+        resolved.primary_path  # noqa: B018 -- refuses a model of several files
+        cpu = _cpu_name()
+        err.print(f"CPU: {cpu}; threads {effective.threads}; model {resolved.view.name}")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        name, threads, context, home = resolved.view.name, effective.threads, effective.context_length, state.home
+        with registry.loadable_dir(resolved) as model_dir:
+            gguf = model_dir / resolved.view.files[0].path
+            if suite == "multiturn":
+                lines = multiturn.format_report(
+                    multiturn.measure(
+                        name, gguf, threads=threads, context=context, home=home, log_dir=log_dir, cpu=cpu, peer=peer,
+                        max_tokens=max_tokens or multiturn.ANSWER_TOKENS, repeats=repeats,
+                    )
+                )  # fmt: skip
+            elif suite == "speculative":
+                lines = speculative.format_report(
+                    speculative.measure(
+                        name, gguf, threads=threads, context=context, home=home, log_dir=log_dir, cpu=cpu, peer=peer,
+                        max_tokens=max_tokens or speculative.ANSWER_TOKENS, repeats=repeats,
+                    )
+                )  # fmt: skip
+            else:
+                lines = batch.format_report(
+                    batch.measure(
+                        effective, registry, resolved, model_dir, gguf=gguf, home=home, log_dir=log_dir, cpu=cpu,
+                        levels=levels or batch.LEVELS, max_tokens=max_tokens or batch.ANSWER_TOKENS, repeats=repeats,
+                        peer=peer,
+                    )
+                )  # fmt: skip
+    finally:
+        registry.close()
+    for line in lines:
+        out.print(line, highlight=False, markup=False)
 
 
 def _cpu_name() -> str:

@@ -630,13 +630,19 @@ def eval_command(
 
 
 def _decode_speed(name: str) -> tuple[float, str]:
-    """Decode tok/s of a greedy 64-token answer (after a warm-up), and the answer to the Paris question."""
+    """Decode tok/s of a greedy 64-token answer (after a warm-up), and the answer to the Paris question.
+
+    Without speculative decoding: its gain depends on how well each model's own text repeats itself, and this
+    compares what a model's weights cost per token.
+    """
     from llmos.sdk import load_model
 
     model = load_model(name, settings=settings(), pull=False)
     try:
         answer = model.generate_text("What is the capital of France?", max_length=24)
-        model.generate_text("Write a long story about a lighthouse keeper and the sea.", max_length=64)
+        model.generate_text(
+            "Write a long story about a lighthouse keeper and the sea.", max_length=64, speculative=False
+        )
         stats = model.last_stats
         speed = stats.decode_tokens_per_second if stats is not None else float("nan")
     finally:

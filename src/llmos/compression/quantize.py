@@ -7,15 +7,21 @@ the parent's GGUF into a temporary file inside the store (same filesystem; remov
 path for the registry to import. Types are the llama.cpp file types listed in :data:`TYPES` (``q8_0``, ``q5_k_m``,
 ``q4_k_m``, ``q4_0``, ``f16``, ...); an unknown type is refused with the list. A parent that is already quantized
 is re-quantized (llama.cpp's ``allow_requantize``): the child can never be more precise than the parent, which the
-report makes visible.
+report makes visible. :func:`batched_kernel` says whether a GGUF model's weights get a batched (repacked) kernel
+from llama.cpp on this CPU and, where they do not, which of these types would (``llmos show``, ``llmos bench``).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmos.errors import InvalidInputError, ModelLoadError
+
+if TYPE_CHECKING:
+    from llmos.config import Settings
+    from llmos.machine.kernels import BatchedKernel
 
 TYPES = {
     "f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
@@ -80,3 +86,19 @@ def quantize_gguf(source: Path, target: Path, kind: str, threads: int | None = N
         target.unlink(missing_ok=True)
         raise ModelLoadError(f"llama.cpp could not quantize {source.name} to {key} (code {code})")
     return target
+
+
+def batched_kernel(quantization: str | None, model_format: str, model: str, settings: Settings) -> BatchedKernel | None:
+    """The batched kernel a GGUF model of ``quantization`` gets on this CPU (``None`` for other formats).
+
+    Uses the llama.cpp path verdict this process knows (its own, the setting's or the cached one) and never starts
+    a probe; the advice names ``model`` and only types of :data:`TYPES`.
+    """
+    if model_format != "gguf" or not quantization:
+        return None
+    from llmos.engine.backends import llamacpp_path
+    from llmos.machine import kernels
+
+    return kernels.batched_kernel(
+        quantization, quantize_types=TYPES, model=model, verdict=llamacpp_path.known(settings)
+    )

@@ -24,11 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmos.engine.backends.base import Backend, BatchItem
+from llmos.engine.kv_cache import KvPool, PrefixCache
 from llmos.engine.request import GenerationOutput, GenerationRequest, Logprob
-from llmos.engine.scheduler import Chunk, Scheduler, SchedulerConfig, Sequence
+from llmos.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from llmos.engine.sequence import Chunk, GenerationState, Sequence
 from llmos.engine.streams import OutputStream, deliver
 from llmos.engine.text import IncrementalDecoder, StopMatcher
-from llmos.errors import ContextLengthExceededError, EngineStoppedError, LlmosError, ModelLoadError
+from llmos.errors import ContextLengthExceededError, DecodeError, EngineStoppedError, KvPoolFullError, LlmosError
 from llmos.types import FinishReason
 
 log = logging.getLogger("llmos.engine")
@@ -41,10 +43,27 @@ def _slot(seq: Sequence) -> int:
 
 @dataclass
 class EngineConfig:
+    """Engine settings beyond the backend's own limits. The scheduler's configuration is derived from these and the
+    backend (slots, tokens per step), in :meth:`EngineConfig.scheduler_config` only."""
+
     max_waiting: int = 64
     max_prefill_tokens: int = 256
     step_target_seconds: float = 0.0
     """Aim for steps about this long while several sequences share the engine (0: no target); see the scheduler."""
+    prefix_cache: bool = True
+    speculative: bool = False
+    speculative_max_draft: int = 8
+
+    def scheduler_config(self, backend: Backend) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_running=backend.n_seq_max,
+            max_waiting=self.max_waiting,
+            max_batch_tokens=backend.n_batch,
+            max_prefill_tokens=min(self.max_prefill_tokens, backend.n_batch),
+            step_target_seconds=self.step_target_seconds,
+            speculative=self.speculative,
+            speculative_max_draft=self.speculative_max_draft,
+        )
 
 
 @dataclass
@@ -65,6 +84,9 @@ class EngineStats:
     steps: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    prefix_cached_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)
 
 
@@ -76,37 +98,40 @@ class EngineCore:
         *,
         name: str = "model",
         step_listener: Callable[[StepStats], None] | None = None,
+        background: bool = True,
     ) -> None:
+        """``background``: run the step loop on a thread of its own (the server, the SDK); False leaves stepping to
+        the caller (:meth:`step`), as tests do."""
         self.backend = backend
         self.config = config or EngineConfig()
         self.name = name
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_running=backend.n_seq_max,
-                max_waiting=self.config.max_waiting,
-                max_batch_tokens=backend.n_batch,
-                max_prefill_tokens=min(self.config.max_prefill_tokens, backend.n_batch),
-                step_target_seconds=self.config.step_target_seconds,
-            )
-        )
+        holders = getattr(backend, "prefix_holders", 0)
+        self.cache: PrefixCache | None = None
+        if self.config.prefix_cache and holders > 0:
+            self.cache = PrefixCache(backend, backend.kv_pool_tokens)
+        pool = None
+        if getattr(backend, "kv_shared_pool", False):  # headroom of one batch for cells llama.cpp cannot place
+            pool = KvPool(max(backend.kv_pool_tokens - backend.n_batch, backend.kv_pool_tokens // 2), self.cache)
+        self.scheduler = Scheduler(self.config.scheduler_config(backend), kv=backend, cache=self.cache, pool=pool)
         self.step_listener = step_listener
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
         self.crashed: str | None = None
         """Why the engine thread died, if it did (then every request on it failed and new ones are refused)."""
-        self._stats = EngineStats(kv_cells_total=backend.n_seq_max * backend.n_ctx_seq)
-        self._outbox: list[tuple[OutputStream, GenerationOutput]] | None = None
-        """While a step runs, its events collect here and go out together at the end of the step."""
-        self._thread = threading.Thread(target=self._run, name=f"llmos-engine-{name}", daemon=True)
-        self._thread.start()
+        self._stats = EngineStats(kv_cells_total=getattr(backend, "kv_pool_tokens", 0))
+        self._streams: dict[str, OutputStream] = {}
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name=f"llmos-engine-{name}", daemon=True)
+            self._thread.start()
 
     # --- public API (any thread) ------------------------------------------------------------------------------------
 
     @property
     def max_context(self) -> int:
         """Tokens one sequence may hold: prompt plus completion."""
-        return self.backend.n_ctx_seq
+        return min(self.backend.n_ctx_seq, getattr(self.backend, "kv_pool_tokens", self.backend.n_ctx_seq))
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None = None) -> None:
         if prompt_tokens >= self.max_context:
@@ -127,11 +152,11 @@ class EngineCore:
             raise ContextLengthExceededError("the prompt is empty after tokenization", param="prompt")
         self.check_fits(len(request.prompt_tokens))
         seq = Sequence(request)
-        seq.state["stream"] = stream
         with self._lock:
             if self._stopping:
                 raise EngineStoppedError(f"the engine for {self.name} is shutting down")
             self.scheduler.add(seq)
+            self._streams[request.request_id] = stream
             self._wakeup.notify()
 
     def abort(self, request_id: str) -> None:
@@ -139,23 +164,29 @@ class EngineCore:
             waiting = self.scheduler.abort(request_id)
             self._wakeup.notify()
         if waiting is not None:
-            self._finish(waiting, "cancelled", notify_scheduler=False)
+            self._deliver([self._finish(waiting, "cancelled", notify_scheduler=False)])
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     @property
     def outstanding(self) -> int:
         """Requests queued or running (read without the lock: good enough for load balancing)."""
         return self.scheduler.num_running + self.scheduler.num_waiting
 
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_work()
+
     def stats(self) -> EngineStats:
         with self._lock:
             stats = EngineStats(**{**self._stats.__dict__, "finished": dict(self._stats.finished)})
             stats.running = self.scheduler.num_running
             stats.waiting = self.scheduler.num_waiting
-            stats.kv_cells_used = sum(seq.position for seq in self.scheduler.running)
+            stats.kv_cells_used = self.scheduler.kv_cells_used()
+            if self.cache is not None:
+                stats.prefix_cached_tokens = self.cache.tokens
         return stats
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -163,10 +194,24 @@ class EngineCore:
         with self._lock:
             self._stopping = True
             self._wakeup.notify()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._fail_all(EngineStoppedError(f"the engine for {self.name} stopped"))
         self.backend.close()
 
-    # --- engine thread ----------------------------------------------------------------------------------------------
+    # --- one step: schedule -> execute -> update --------------------------------------------------------------------
+
+    def step(self) -> list[GenerationOutput]:
+        """Run one step and return the events it produced (also pushed to the requests' streams): plain data, one
+        unit per step, that could cross a process boundary."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+        outputs = [self._finish(seq, "cancelled", notify_scheduler=False) for seq in plan.dropped]
+        if plan.chunks:
+            outputs.extend(self._execute(plan))
+        self._deliver(outputs)
+        return outputs
 
     def _run(self) -> None:
         # Compute yields to the process's other threads (the HTTP event loop), so a busy engine never makes the
@@ -180,13 +225,7 @@ class EngineCore:
                         self._wakeup.wait()
                     if self._stopping:
                         break
-                    plan = self.scheduler.schedule()
-                for seq in plan.dropped:
-                    self._finish(seq, "cancelled", notify_scheduler=False)
-                for _preempted, old_slot in plan.preempted:  # recomputed later; its slot is someone else's now
-                    self.backend.forget_sequence(old_slot)
-                if plan.chunks:
-                    self._step(plan.chunks)
+                self.step()
         except BaseException as exc:  # a bug or a backend failure: fail cleanly, never leave a stream hanging
             log.exception("engine for %s crashed", self.name)
             with self._lock:
@@ -200,106 +239,117 @@ class EngineCore:
         with self._lock:
             sequences = list(self.scheduler.running)
             sequences.extend(self.scheduler.drain_waiting())
-        for seq in sequences:
-            self._finish(seq, "error", error=error)
+        self._deliver([self._finish(seq, "error", error=error) for seq in sequences])
 
-    def _step(self, chunks: list[Chunk]) -> None:
-        self._outbox = []
-        try:
-            self._run_step(chunks)
-        finally:
-            outbox, self._outbox = self._outbox, None
-            deliver(outbox)
-
-    def _run_step(self, chunks: list[Chunk]) -> None:
+    def _execute(self, plan: StepPlan) -> list[GenerationOutput]:
         started = time.perf_counter()
-        for chunk in list(chunks):
-            if chunk.start_pos == 0 and chunk.seq.prompt_done == 0:  # the sequence just took its slot
-                chunk.seq.state.setdefault("admitted_at", time.monotonic())  # the first time (not after a preemption)
-                try:
-                    self.backend.bind_adapter(_slot(chunk.seq), chunk.seq.request.adapter)
-                except LlmosError as exc:
-                    chunks.remove(chunk)
-                    self._finish(chunk.seq, "error", error=exc)
+        outputs: list[GenerationOutput] = []
+        chunks = plan.chunks
+        for seq in plan.admitted:
+            if seq.admitted_at is None:
+                seq.admitted_at = time.monotonic()
+            try:
+                assert seq.slot is not None
+                self.backend.bind_adapter(seq.slot, seq.request.adapter)
+            except LlmosError as exc:
+                chunks = [c for c in chunks if c.seq is not seq]
+                outputs.append(self._finish(seq, "error", error=exc))
         if not chunks:
-            return
+            return outputs
         items = [BatchItem(_slot(c.seq), c.tokens, c.start_pos, c.logits) for c in chunks]
         try:
-            rows = self.backend.decode(items)
+            try:
+                rows = self.backend.decode(items)
+            except KvPoolFullError:  # fragmentation the accounting did not foresee: drop every unused cached prefix
+                log.warning("KV pool full for a step of %d tokens; evicting the prefix cache and retrying", len(items))
+                with self._lock:
+                    self.scheduler.evict_cache()
+                rows = self.backend.decode(items)
         except (LlmosError, ValueError) as exc:
             log.exception("decode failed for %d sequences", len(chunks))
-            error = exc if isinstance(exc, LlmosError) else ModelLoadError(str(exc))
-            for chunk in chunks:
-                self._finish(chunk.seq, "error", error=error)
-            return
+            error = exc if isinstance(exc, LlmosError) else DecodeError(str(exc))
+            return outputs + [self._finish(chunk.seq, "error", error=error) for chunk in chunks]
         self._stats.steps += 1
         for chunk in chunks:
             seq = chunk.seq
             if seq.aborted or seq.finished:
                 continue
             try:
-                self._advance(seq, chunk, rows.get(_slot(seq), []))
+                output = self._advance(seq, chunk, rows.get(_slot(seq), []))
             except LlmosError as exc:
-                self._finish(seq, "error", error=exc)
+                output = self._finish(seq, "error", error=exc)
+            if output is not None:
+                outputs.append(output)
         seconds = time.perf_counter() - started
-        self.scheduler.record_step(sum(len(c.tokens) for c in chunks), seconds)
+        with self._lock:
+            self.scheduler.record_step(sum(len(c.tokens) for c in chunks), seconds)
         if self.step_listener is not None:
             self.step_listener(StepStats(len(chunks), len(items), seconds))
+        return outputs
 
-    def _advance(self, seq: Sequence, chunk: Chunk, rows: list[int]) -> None:
+    def _advance(self, seq: Sequence, chunk: Chunk, rows: list[int]) -> GenerationOutput | None:
+        """Sample what the step's rows give this sequence, let the scheduler book it, and turn it into an event."""
         request = seq.request
-        state = seq.state
-        output = GenerationOutput(request.request_id, prompt_tokens=seq.prompt_len)
+        output = self._new_output(seq)
         if seq.prefilling:
             if request.prompt_logprobs:
                 output.prompt_logprobs = self._prompt_logprobs(seq, chunk, rows)
-            seq.prompt_done += len(chunk.tokens)
-            seq.position = seq.prompt_done
             self._stats.prompt_tokens += len(chunk.tokens)
-            if not chunk.samples:
-                if output.prompt_logprobs:
-                    self._push(seq, output)
-                return
-            if seq.replay is not None:  # recomputed after a preemption
-                seq.replay = None
-                if seq.pending is not None:
-                    return  # its next token was already chosen; decoding resumes with it next step
-            if "sampler" not in state:
+            resumed = seq.replay is not None and seq.pending is not None  # its next token was chosen before
+            if not chunk.samples or resumed:
+                with self._lock:
+                    self.scheduler.update(chunk, [])
+                return output if output.prompt_logprobs else None
+            if seq.generation is None:
                 self._start_generation(seq)
-        else:
-            seq.position += 1
-        if state["limit"] == 0:
-            self._emit_finish(seq, output, "length")
-            return
-        row = rows[-1]
-        token = state["sampler"].sample(row)
-        if "first_token_at" not in state:
-            state["first_token_at"] = time.monotonic()
-        if self.backend.is_end_of_generation(token):
-            self._emit_finish(seq, output, "stop")
-            return
-        seq.generated.append(token)
-        self._stats.generated_tokens += 1
-        output.token_ids = [token]
-        if request.logprobs is not None:
-            output.logprobs = [self._logprob(row, token, request.logprobs)]
-        stops: StopMatcher = state["stops"]
-        output.text = stops.feed(state["decoder"].feed(self.backend.token_bytes(token)))
-        if stops.stopped:
-            self._emit_finish(seq, output, "stop")
-        elif len(seq.generated) >= state["limit"]:
-            self._emit_finish(seq, output, "length")
-        else:
-            seq.pending = token
-            output.completion_tokens = len(seq.generated)
-            self._push(seq, output)
+        generation = seq.generation
+        assert generation is not None
+        new_tokens: list[int] = []
+        accepted = 0
+        reason: FinishReason | None = "length" if generation.limit <= len(seq.generated) else None
+        drafts = chunk.tokens[1:] if chunk.drafts else []
+        for index, row in enumerate(rows[-(chunk.drafts + 1) :] if reason is None else []):
+            token = generation.sampler.sample(row)
+            if self.backend.is_end_of_generation(token):
+                reason = "stop"
+                break
+            new_tokens.append(token)
+            if request.logprobs is not None:
+                output.logprobs = (output.logprobs or []) + [self._logprob(row, token, request.logprobs)]
+            output.text += generation.stops.feed(generation.decoder.feed(self.backend.token_bytes(token)))
+            if generation.stops.stopped:
+                reason = "stop"
+                break
+            if len(seq.generated) + len(new_tokens) >= generation.limit:
+                reason = "length"
+                break
+            if index >= len(drafts) or token != drafts[index]:
+                break
+            accepted += 1
+        with self._lock:
+            self.scheduler.update(chunk, new_tokens, accepted)
+        self._stats.generated_tokens += len(new_tokens)
+        self._stats.draft_tokens += chunk.drafts
+        self._stats.accepted_draft_tokens += accepted
+        output.token_ids = new_tokens
+        if reason is not None:
+            return self._emit_finish(seq, output, reason)
+        output.completion_tokens = len(seq.generated)
+        return output
+
+    def _new_output(self, seq: Sequence) -> GenerationOutput:
+        return GenerationOutput(
+            seq.request_id, prompt_tokens=seq.prompt_len, cached_tokens=seq.cached_tokens, admitted_at=seq.admitted_at
+        )
 
     def _start_generation(self, seq: Sequence) -> None:
         request = seq.request
-        seq.state["limit"] = min(request.params.max_tokens, self.max_context - seq.prompt_len)
-        seq.state["decoder"] = IncrementalDecoder()
-        seq.state["stops"] = StopMatcher(request.params.stop)
-        seq.state["sampler"] = self.backend.new_sampler(request.params, request.grammar)
+        seq.generation = GenerationState(
+            sampler=self.backend.new_sampler(request.params, request.grammar),
+            decoder=IncrementalDecoder(),
+            stops=StopMatcher(request.params.stop),
+            limit=min(request.params.max_tokens, self.max_context - seq.prompt_len),
+        )
 
     def _prompt_logprobs(self, seq: Sequence, chunk: Chunk, rows: list[int]) -> list[Logprob]:
         """Row j of a chunk predicts prompt token start+j+1; the very first prompt token has no logprob, nor have
@@ -328,11 +378,11 @@ class EngineCore:
             tuple((t.token, self.backend.token_bytes(t.token), t.logprob) for t in top),
         )
 
-    def _emit_finish(self, seq: Sequence, output: GenerationOutput, reason: FinishReason) -> None:
-        if reason != "stop" or not seq.state["stops"].stopped:
-            tail = seq.state["stops"].feed(seq.state["decoder"].flush()) + seq.state["stops"].flush()
-            output.text += tail
-        self._finish(seq, reason, output=output)
+    def _emit_finish(self, seq: Sequence, output: GenerationOutput, reason: FinishReason) -> GenerationOutput:
+        generation = seq.generation
+        if generation is not None and (reason != "stop" or not generation.stops.stopped):
+            output.text += generation.stops.feed(generation.decoder.flush()) + generation.stops.flush()
+        return self._finish(seq, reason, output=output)
 
     def _finish(
         self,
@@ -342,28 +392,31 @@ class EngineCore:
         output: GenerationOutput | None = None,
         error: LlmosError | None = None,
         notify_scheduler: bool = True,
-    ) -> None:
+    ) -> GenerationOutput:
         if notify_scheduler:
             with self._lock:
                 self.scheduler.finish(seq)
         seq.finished = True
-        if seq.slot is not None:
-            self.backend.forget_sequence(seq.slot)
-        sampler = seq.state.pop("sampler", None)
-        if sampler is not None:
-            sampler.close()
-        final = output or GenerationOutput(seq.request_id, prompt_tokens=seq.prompt_len)
+        if seq.generation is not None:
+            seq.generation.sampler.close()
+            seq.generation = None
+        final = output or self._new_output(seq)
         final.finished = True
         final.finish_reason = reason
         final.error = error
         final.completion_tokens = len(seq.generated)
         self._stats.finished[reason] = self._stats.finished.get(reason, 0) + 1
-        self._push(seq, final)
+        return final
 
-    def _push(self, seq: Sequence, output: GenerationOutput) -> None:
-        stream: OutputStream = seq.state["stream"]
-        output.admitted_at = seq.state.get("admitted_at")
-        if self._outbox is not None and threading.current_thread() is self._thread:
-            self._outbox.append((stream, output))
-        else:
-            stream.push(output)
+    def _deliver(self, outputs: list[GenerationOutput]) -> None:
+        """Hand each event to its request's stream (all of a step's events together)."""
+        batch: list[tuple[OutputStream, GenerationOutput]] = []
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                with self._lock:
+                    self._streams.pop(output.request_id, None)
+            batch.append((stream, output))
+        deliver(batch)

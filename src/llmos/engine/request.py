@@ -40,8 +40,15 @@ class GenerationRequest:
     """GBNF grammar the output must follow (JSON mode / JSON schema)."""
     adapter: str | None = None
     """Name of a LoRA adapter loaded on the backend to apply to this request's tokens."""
-    tenant: str | None = None
-    """Fairness key: the scheduler shares slots between tenants before it looks at arrival order."""
+    fairness_key: str | None = None
+    """Who the scheduler shares slots between before it looks at arrival order (the server uses the tenant)."""
+    prefix_scope: str | None = None
+    """Requests reuse each other's cached prompt prefixes only when their scope and adapter are equal (the server
+    scopes by tenant unless cross-tenant sharing is enabled)."""
+    cache_prompt: bool = True
+    """False: neither reuse nor keep a cached prefix for this request."""
+    speculative: bool = True
+    """False: no speculative decoding for this request (it is used only where the engine enables it)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache instead of being computed."""
     error: LlmosError | None = None
     time: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None

@@ -169,6 +169,18 @@ class Metrics:
         self.completion_tokens = Counter(
             "llmos_completion_tokens_total", "Completion tokens generated", ["model", "tenant"], registry=r
         )
+        self.prefix_cache_hit_tokens = Counter(
+            "llmos_prefix_cache_hit_tokens_total",
+            "Prompt tokens of finished generation requests whose KV came from the prefix cache",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_miss_tokens = Counter(
+            "llmos_prefix_cache_miss_tokens_total",
+            "Prompt tokens of finished generation requests that were computed (not found in the prefix cache)",
+            ["model"],
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "llmos_time_to_first_token_seconds",
             "Time from request arrival to its first token",
@@ -244,6 +256,11 @@ class Metrics:
             self.prompt_tokens.labels(model, tenant or NO_TENANT).inc(prompt)
         if completion:
             self.completion_tokens.labels(model, tenant or NO_TENANT).inc(completion)
+
+    def count_prefix_cache(self, model: str, prompt_tokens: int, cached_tokens: int) -> None:
+        """One generation request finished: ``cached_tokens`` of its ``prompt_tokens`` came from the prefix cache."""
+        self.prefix_cache_hit_tokens.labels(model).inc(cached_tokens)
+        self.prefix_cache_miss_tokens.labels(model).inc(max(0, prompt_tokens - cached_tokens))
 
     def watch_records(self, counts: Callable[[], tuple[int, int, int]]) -> None:
         """Report ``counts() = (audit write failures, usage write failures, usage records pending)`` when scraped."""

@@ -100,14 +100,15 @@ class Loader:
             parameter_count=view.parameter_count,
             details=view.details,
             kv_tokens=self.kv_tokens(backend),
+            kv_cache_type=self.settings.kv_cache_type,
         )
         return one * self.replicas.get(view.repository, 1)
 
     def kv_tokens(self, backend: str) -> int:
-        if backend == "llama.cpp":
-            return self.settings.context_length * self.max_running
-        if backend == "torch":
-            return self.settings.torch_context_length * self.max_running
+        if backend == "llama.cpp":  # one pool: running sequences and cached prefixes together
+            return self.settings.kv_pool_tokens
+        if backend == "torch":  # per-slot caches plus the prefix cache's copies
+            return self.settings.torch_context_length * self.max_running + self.settings.kv_pool_tokens // 4
         return 0
 
     def __call__(self, resolved: ResolvedModel, backend: str) -> Any:
@@ -144,6 +145,7 @@ class Loader:
                 n_seq_max=self.max_running,
                 threads=self.settings.threads,
                 kv_cache_type=self.settings.kv_cache_type,
+                kv_pool_tokens=self.settings.kv_pool_tokens,
             )
         elif backend == "torch":
             if view.format != "hf":
@@ -159,6 +161,7 @@ class Loader:
                 n_ctx_seq=self.settings.torch_context_length,
                 n_batch=self.settings.batch_size,
                 threads=self.settings.threads,
+                prefix_cache_tokens=self.settings.kv_pool_tokens // 4,
             )
         else:
             raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -169,6 +172,9 @@ class Loader:
                 max_waiting=self.settings.max_waiting,
                 max_prefill_tokens=self.settings.max_prefill_tokens,
                 step_target_seconds=self.settings.step_target_ms / 1000,
+                prefix_cache=self.settings.prefix_cache,
+                speculative=self.settings.speculative,
+                speculative_max_draft=self.settings.speculative_max_draft,
             ),
             name=view.name,
             step_listener=(lambda stats: listener(view.name, stats)) if listener else None,

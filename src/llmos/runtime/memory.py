@@ -68,7 +68,10 @@ def human(size: int) -> str:
     return f"{size} B"  # pragma: no cover
 
 
-def kv_cache_bytes(details: dict[str, Any], tokens: int, bytes_per_value: int) -> int:
+KV_VALUE_BYTES = {"f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}  # llama.cpp KV element types (q8_0: 32 values + a scale)
+
+
+def kv_cache_bytes(details: dict[str, Any], tokens: int, bytes_per_value: float) -> int:
     """KV cache for ``tokens`` cells from the shape the inspector recorded (layers x 2 x kv heads x head dim)."""
     shape = details.get("shape")
     if not isinstance(shape, dict):
@@ -76,7 +79,7 @@ def kv_cache_bytes(details: dict[str, Any], tokens: int, bytes_per_value: int) -
     layers, kv_heads, head_dim = shape.get("layers"), shape.get("kv_heads"), shape.get("head_dim")
     if not all(isinstance(v, int) and v > 0 for v in (layers, kv_heads, head_dim)):
         return 0
-    return int(str(layers)) * 2 * int(str(kv_heads)) * int(str(head_dim)) * tokens * bytes_per_value
+    return int(int(str(layers)) * 2 * int(str(kv_heads)) * int(str(head_dim)) * tokens * bytes_per_value)
 
 
 def estimate_bytes(
@@ -86,10 +89,11 @@ def estimate_bytes(
     parameter_count: int | None,
     details: dict[str, Any],
     kv_tokens: int,
+    kv_cache_type: str = "f16",
 ) -> int:
-    """What loading a model is expected to add to this process's RSS."""
+    """What loading a model is expected to add to this process's RSS (the llama.cpp KV pool is allocated whole)."""
     if backend == "llama.cpp":
-        return file_size + kv_cache_bytes(details, kv_tokens, 2) + COMPUTE_ALLOWANCE
+        return file_size + kv_cache_bytes(details, kv_tokens, KV_VALUE_BYTES[kv_cache_type]) + COMPUTE_ALLOWANCE
     weights = (parameter_count or file_size // 2) * 4  # the PyTorch backends hold fp32 weights on CPU
     kv = kv_cache_bytes(details, kv_tokens, 4) if backend == "torch" else 0
     return weights + kv + COMPUTE_ALLOWANCE

@@ -1,8 +1,9 @@
 """Response bodies of the OpenAI-compatible routes, in the shapes of the OpenAI API reference.
 
 Contract: pure functions from engine outputs to JSON-ready dicts: chat completion objects and chunks, text
-completion objects, both logprob formats, usage, model objects, and the SSE framing (``data: ...\\n\\n`` and the
-final ``data: [DONE]``).
+completion objects, both logprob formats, usage (with ``prompt_tokens_details.cached_tokens``: prompt tokens taken
+from the prefix cache, as OpenAI reports its prompt caching), model objects, and the SSE framing
+(``data: ...\\n\\n`` and the final ``data: [DONE]``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def sse(data: dict[str, Any] | str) -> bytes:
 SSE_DONE = sse("[DONE]")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -82,6 +84,7 @@ def chat_completion(
     prompt_tokens: int,
     completion_tokens: int,
     fingerprint: str | None = None,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     return {
         "id": completion_id,
@@ -90,7 +93,7 @@ def chat_completion(
         "model": model,
         "system_fingerprint": fingerprint,
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
@@ -113,7 +116,7 @@ def chat_chunk(
     }
 
 
-def usage_chunk(completion_id: str, created: int, model: str, obj: str, usage_value: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(completion_id: str, created: int, model: str, obj: str, usage_value: dict[str, Any]) -> dict[str, Any]:
     return {"id": completion_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage_value}
 
 
@@ -122,7 +125,7 @@ def text_completion(
     created: int,
     model: str,
     choices: list[dict[str, Any]],
-    usage_value: dict[str, int] | None,
+    usage_value: dict[str, Any] | None,
     fingerprint: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {

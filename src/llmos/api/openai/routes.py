@@ -5,7 +5,11 @@ a worker thread, renders and tokenizes the prompt in a worker thread (the event 
 checks the context window, submits every choice to the model's engine, and answers with one JSON body or an SSE
 stream. Semantics follow the OpenAI API reference: defaults ``temperature=1``, ``top_p=1``; ``max_tokens``
 defaults to the rest of the context for chat and 16 for completions; ``n`` choices with seeds ``seed + i``;
-``stop`` is applied on text and never split across chunks; ``finish_reason`` is ``stop`` or ``length``.
+``stop`` is applied on text and never split across chunks; ``finish_reason`` is ``stop`` or ``length``; usage
+reports the prompt tokens taken from the prefix cache in ``prompt_tokens_details.cached_tokens``. The extensions
+``cache_prompt`` and ``speculative`` reach the engine as the server allows them
+(:func:`~llmos.api.generation.engine_options`); a request that scores its prompt (``echo`` with ``logprobs``) never
+uses the prefix cache.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from llmos.api.auth import principal, visible_view
 from llmos.api.body import parse_body
 from llmos.api.errors import error_body
-from llmos.api.generation import Call, acquire, meter, submit_all
+from llmos.api.generation import Call, acquire, engine_options, meter, submit_all
 from llmos.api.openai import render
 from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from llmos.api.pipelines import start_for_missing_model
@@ -142,6 +146,7 @@ async def chat_completions(request: Request) -> Any:
         model.engine.check_fits(len(prompt), limit)
         max_tokens = limit if limit is not None else model.engine.max_context - len(prompt)
         top = body.top_logprobs or 0
+        options = engine_options(state.settings, caller, cache_prompt=body.cache_prompt, speculative=body.speculative)
         requests = [
             GenerationRequest(
                 prompt,
@@ -150,7 +155,10 @@ async def chat_completions(request: Request) -> Any:
                 grammar=grammar,
                 priority=body.priority,
                 adapter=target.adapter,
-                tenant=caller.tenant,
+                fairness_key=caller.tenant,
+                prefix_scope=options.prefix_scope,
+                cache_prompt=options.cache_prompt,
+                speculative=options.speculative,
             )
             for i in range(body.n)
         ]
@@ -187,7 +195,14 @@ async def chat_completions(request: Request) -> Any:
         for i in range(body.n)
     ]
     return render.chat_completion(
-        completion_id, created, target.name, choices, len(prompt), completion_tokens, target.fingerprint
+        completion_id,
+        created,
+        target.name,
+        choices,
+        len(prompt),
+        completion_tokens,
+        target.fingerprint,
+        cached_tokens=call.cached_prompt_tokens(body.n),
     )
 
 
@@ -212,7 +227,7 @@ async def _chat_stream(
                     render.chat_chunk(completion_id, created, model, index, {}, finish_reason=output.finish_reason)
                 )
         if include_usage:
-            usage = render.usage(prompt_tokens, completion_tokens)
+            usage = render.usage(prompt_tokens, completion_tokens, call.cached_prompt_tokens(len(call.requests)))
             yield render.sse(render.usage_chunk(completion_id, created, model, "chat.completion.chunk", usage))
         yield render.SSE_DONE
     except LlmosError as exc:
@@ -266,6 +281,9 @@ async def completions(request: Request) -> Any:
         for tokens, _text in prompts:
             model.engine.check_fits(len(tokens), body.max_tokens)
         score_prompt = body.echo and body.logprobs is not None
+        options = engine_options(
+            state.settings, caller, cache_prompt=body.cache_prompt and not score_prompt, speculative=body.speculative
+        )
         requests = [
             GenerationRequest(
                 tokens,
@@ -274,7 +292,10 @@ async def completions(request: Request) -> Any:
                 prompt_logprobs=score_prompt,
                 priority=body.priority,
                 adapter=target.adapter,
-                tenant=caller.tenant,
+                fairness_key=caller.tenant,
+                prefix_scope=options.prefix_scope,
+                cache_prompt=options.cache_prompt,
+                speculative=options.speculative,
             )
             for tokens, _text in prompts
             for j in range(body.n)
@@ -323,7 +344,7 @@ async def completions(request: Request) -> Any:
                 "finish_reason": reasons[i],
             }
         )
-    usage = render.usage(prompt_tokens, completion_tokens)
+    usage = render.usage(prompt_tokens, completion_tokens, call.cached_prompt_tokens(body.n))
     return render.text_completion(completion_id, created, target.name, choices, usage, target.fingerprint)
 
 
@@ -358,7 +379,7 @@ async def _completion_stream(
                 }
                 yield render.sse(render.text_completion(completion_id, created, model, [choice], None))
         if include_usage:
-            usage = render.usage(prompt_tokens, completion_tokens)
+            usage = render.usage(prompt_tokens, completion_tokens, call.cached_prompt_tokens(body.n))
             yield render.sse(render.usage_chunk(completion_id, created, model, "text_completion", usage))
         yield render.SSE_DONE
     except LlmosError as exc:

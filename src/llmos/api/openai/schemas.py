@@ -3,7 +3,8 @@
 Contract: types are strict (``"10"`` is not an integer, ``"yes"`` not a boolean), numbers must be finite, ranges
 follow the OpenAI API reference, and documented caps bound anything that multiplies work (``n``, ``top_logprobs``,
 ``stop``, ``logit_bias``). Unknown fields are ignored, as the OpenAI API does for forward compatibility. Fields
-outside the OpenAI API (``top_k``, ``min_p``, ``repeat_penalty``, ``priority``) are llmos extensions.
+outside the OpenAI API (``top_k``, ``min_p``, ``repeat_penalty``, ``priority``, ``keep_alive``, ``pipeline``, and
+llama.cpp server's ``cache_prompt`` and ``speculative``) are llmos extensions.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ class SamplingFields(Strict):
     pipeline: str | None = Field(default=None, max_length=128)
     """llmos extension: when the model does not exist yet, start this stored pipeline (which must promote that
     model's alias) and answer 202 with its job id instead of 404."""
+    cache_prompt: bool = True
+    """llmos extension (as llama.cpp's server): reuse the KV of a cached prefix of this prompt and keep this prompt's
+    KV for later requests. False computes the whole prompt and caches nothing of it. Ignored (off) when the server
+    runs with ``LLMOS_PREFIX_CACHE=0``."""
+    speculative: bool = True
+    """llmos extension: allow prompt-lookup speculative decoding for this request (greedy output is unchanged; it
+    only saves forward passes). Ignored (off) when the server runs with ``LLMOS_SPECULATIVE=0``."""
 
     @field_validator("stop")
     @classmethod

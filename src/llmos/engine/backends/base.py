@@ -1,7 +1,11 @@
 """The interface between the engine and an inference backend.
 
-Contract: a backend holds one model and a KV cache for up to ``n_seq_max`` sequences (slots ``0..n_seq_max-1``),
-each with room for ``n_ctx_seq`` tokens. The engine calls it from one thread only. :meth:`Backend.decode` appends
+Contract: a backend holds one model and KV memory for up to ``n_seq_max`` running sequences (slots
+``0..n_seq_max-1``), each of at most ``n_ctx_seq`` tokens. With ``kv_shared_pool`` the sequences and the prefix
+cache share one pool of ``kv_pool_tokens`` cells (the engine keeps the sum within it); without, each slot has its own
+memory and the prefix cache's holders are extra copies of at most ``kv_pool_tokens`` tokens. Holders
+``0..prefix_holders-1`` keep spans of positions of cached token paths (:meth:`Backend.save_span` and friends); 0
+holders turns the prefix cache off. The engine calls a backend from one thread only. :meth:`Backend.decode` appends
 tokens to any mix of sequences in one forward pass and returns, per sequence, the output rows whose logits it
 asked for; samplers and :meth:`Backend.logprobs` read those rows until the next ``decode``. Backends raise
 :mod:`llmos.errors` exceptions, never backend-specific ones.
@@ -71,6 +75,28 @@ class Backend(Protocol):
         """Apply LoRA ``adapter`` (None: the plain base) to the tokens of sequence ``seq_id`` until it is forgotten."""
         ...
 
-    def forget_sequence(self, seq_id: int) -> None: ...
+    def forget_sequence(self, seq_id: int, from_pos: int = 0) -> None:
+        """Drop sequence ``seq_id``'s KV at positions ``>= from_pos`` (all of it, and its adapter, by default)."""
+        ...
+
+    # --- prefix cache: spans of positions [start, end) of a cached token path, kept under a holder -----------------
+
+    prefix_holders: int
+    kv_shared_pool: bool
+    kv_pool_tokens: int
+
+    def save_span(self, holder: int, seq_id: int, start: int, end: int) -> None:
+        """Keep the KV of sequence ``seq_id``'s positions ``[start, end)`` under ``holder`` (an empty one)."""
+        ...
+
+    def load_span(self, holder: int, seq_id: int, start: int, end: int) -> None:
+        """Give ``seq_id`` (which holds exactly positions ``[0, start)``) the holder's KV of ``[start, end)``."""
+        ...
+
+    def split_span(self, holder: int, new_holder: int, at: int) -> None:
+        """``holder`` keeps ``[start, at)``; ``new_holder`` (empty) gets ``[at, end)``."""
+        ...
+
+    def drop_span(self, holder: int) -> None: ...
 
     def close(self) -> None: ...

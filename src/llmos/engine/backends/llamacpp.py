@@ -2,9 +2,13 @@
 
 Contract: :class:`LlamaCppModel` implements :class:`llmos.engine.backends.base.Backend` over one ``llama_model``
 and one ``llama_context``: tokenize / token bytes, end-of-generation tests, per-sequence sampler chains (optionally
-grammar-constrained), logprobs, and :meth:`LlamaCppModel.decode` of a batch that mixes several sequences. Each
-sequence slot has its own KV stream of ``n_ctx_seq`` cells (llama.cpp's non-unified KV cache), so attention work
-stays proportional to each sequence's own length. Not thread-safe: exactly one thread at a time may call into a
+grammar-constrained), logprobs, and :meth:`LlamaCppModel.decode` of a batch that mixes several sequences. The KV
+cache is one unified pool of ``kv_pool_tokens`` cells (llama.cpp's unified KV cache) shared by the running
+sequences (llama.cpp sequence ids ``0..n_seq_max-1``) and the prefix cache's holders (sequence ids from
+``n_seq_max`` on): a cell tagged with several sequence ids is stored once, so saving, loading and splitting a
+cached span only changes tags (``llama_memory_seq_cp`` / ``seq_rm``), never copies KV. Any one sequence may grow to
+``n_ctx_seq`` tokens (the model's trained length at most) while the pool has room; the engine keeps the cells in use
+within the pool. Not thread-safe: exactly one thread at a time may call into a
 model (the engine gives each model one decode thread). Native resources are freed by :meth:`close`.
 
 Build notes (see README, "llama.cpp build"): llmos installs llama-cpp-python compiled with ``GGML_OPENMP=OFF`` so
@@ -30,10 +34,11 @@ import numpy as np
 from llmos.config import Settings
 from llmos.engine.backends import llamacpp_path
 from llmos.engine.backends.base import BatchItem, TokenLogprob
-from llmos.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
+from llmos.errors import BackendUnavailableError, DecodeError, InvalidInputError, KvPoolFullError, ModelLoadError
 from llmos.types import SamplingParams
 
-KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type ids of the KV cache element types llmos offers
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids of the KV cache element types llmos offers
+MAX_SEQUENCE_IDS = 256  # llama.cpp's LLAMA_MAX_SEQ: running sequences plus prefix-cache holders
 _init_lock = threading.Lock()
 _lib: ModuleType | None = None
 _silent_log: Any = None
@@ -147,9 +152,11 @@ class Sampler:
 
 
 class LlamaCppModel:
-    """One GGUF model loaded into llama.cpp with KV room for ``n_seq_max`` sequences of ``n_ctx_seq`` tokens."""
+    """One GGUF model loaded into llama.cpp: ``n_seq_max`` running sequences of up to ``n_ctx_seq`` tokens each and
+    ``prefix_holders`` cached spans in one KV pool of ``kv_pool_tokens`` cells."""
 
     backend_name = "llama.cpp"
+    kv_shared_pool = True
 
     def __init__(
         self,
@@ -161,6 +168,8 @@ class LlamaCppModel:
         threads: int = 2,
         extra_buffers: bool | None = None,
         kv_cache_type: str = "f16",
+        kv_pool_tokens: int | None = None,
+        prefix_holders: int = 128,
     ) -> None:
         lib = load_library()
         self.lib = lib
@@ -179,11 +188,18 @@ class LlamaCppModel:
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self._model))
         ctx_params = lib.llama_context_default_params()
         per_seq = min(n_ctx_seq, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx_seq
-        ctx_params.n_ctx = per_seq * n_seq_max
-        ctx_params.kv_unified = False
+        pool = max(kv_pool_tokens if kv_pool_tokens is not None else per_seq * n_seq_max, 256)
+        # An f32 cache runs attention without flash attention, and that path is only exact with one KV stream per
+        # sequence (measured: a unified f32 cache changes a sequence's logits by up to 36 beside other sequences).
+        # So f32 keeps the per-slot layout, without the prefix cache, for the runs that compare against PyTorch.
+        unified = kv_cache_type != "f32"
+        self.prefix_holders = max(0, min(prefix_holders, MAX_SEQUENCE_IDS - n_seq_max)) if unified else 0
+        self.kv_shared_pool = unified
+        ctx_params.n_ctx = pool if unified else per_seq * n_seq_max
+        ctx_params.kv_unified = unified
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
-        ctx_params.n_seq_max = n_seq_max
+        ctx_params.n_seq_max = n_seq_max + self.prefix_holders
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         ctx_params.no_perf = True
@@ -197,7 +213,9 @@ class LlamaCppModel:
             raise ModelLoadError(f"llama.cpp could not create a context for {path.name}")
         self._memory = lib.llama_get_memory(self._ctx)
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
-        self.n_ctx_seq = int(lib.llama_n_ctx_seq(self._ctx))
+        self.kv_pool_tokens = self.n_ctx
+        self.n_ctx_seq = min(per_seq, self.n_ctx) if unified else int(lib.llama_n_ctx_seq(self._ctx))
+        self.kv_cache_type = kv_cache_type
         self.n_batch = n_batch
         self.n_seq_max = n_seq_max
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
@@ -308,8 +326,10 @@ class LlamaCppModel:
                 index += 1
         batch.n_tokens = total
         status = lib.llama_decode(self.context, batch)
+        if status == 1:
+            raise KvPoolFullError("llama_decode found no room in the KV pool for this step")
         if status != 0:
-            raise ModelLoadError(f"llama_decode failed with status {status} (KV cache full or invalid batch)")
+            raise DecodeError(f"llama_decode failed with status {status} (invalid batch)")
         return rows
 
     def logprobs(self, output_row: int, token: int, top_n: int) -> tuple[float, list[TokenLogprob]]:
@@ -330,6 +350,27 @@ class LlamaCppModel:
     def forget_sequence(self, seq_id: int, from_pos: int = 0) -> None:
         """Drop a sequence's KV cache entries from ``from_pos`` on (all of them by default)."""
         self.lib.llama_memory_seq_rm(self._memory, seq_id, from_pos, -1)
+
+    # --- prefix cache: holder h is llama.cpp sequence n_seq_max + h, sharing cells with the running ones -------------
+
+    def _holder(self, holder: int) -> int:
+        if not 0 <= holder < self.prefix_holders:
+            raise ValueError(f"holder {holder} out of range")
+        return self.n_seq_max + holder
+
+    def save_span(self, holder: int, seq_id: int, start: int, end: int) -> None:
+        self.lib.llama_memory_seq_cp(self._memory, seq_id, self._holder(holder), start, end)
+
+    def load_span(self, holder: int, seq_id: int, start: int, end: int) -> None:
+        self.lib.llama_memory_seq_cp(self._memory, self._holder(holder), seq_id, start, end)
+
+    def split_span(self, holder: int, new_holder: int, at: int) -> None:
+        source, target = self._holder(holder), self._holder(new_holder)
+        self.lib.llama_memory_seq_cp(self._memory, source, target, at, -1)
+        self.lib.llama_memory_seq_rm(self._memory, source, at, -1)
+
+    def drop_span(self, holder: int) -> None:
+        self.lib.llama_memory_seq_rm(self._memory, self._holder(holder), -1, -1)
 
     def clear(self) -> None:
         self.lib.llama_memory_clear(self._memory, True)

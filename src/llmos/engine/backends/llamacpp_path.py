@@ -123,3 +123,17 @@ def choose(settings: Settings | None = None) -> Verdict:
 def chosen() -> Verdict | None:
     """The verdict this process runs on, if llama.cpp has been set up yet."""
     return _chosen
+
+
+def known(settings: Settings) -> Verdict | None:
+    """The verdict without probing or applying anything: this process's, the explicit setting's or the cached one.
+
+    ``None`` when this machine and build have not been probed yet (and llama-cpp-python is installed). For reports
+    (``llmos show``, ``llmos bench``) that must not start a probe of their own.
+    """
+    if _chosen is not None:
+        return _chosen
+    native, variants = builds(settings)
+    if settings.llamacpp_extra_buffers is not None or native is None:
+        return decide(settings)  # neither of these probes
+    return probe.read_cached(cache_dir(settings), probe.machine_key([native, *variants]))

@@ -13,6 +13,22 @@ sequences of different lengths:
 * LoRA adapters (peft format) add ``scale * x A^T B^T`` to the adapted projections for exactly the tokens of the
   sequences that asked for that adapter, so requests for different adapters and for the base share a batch.
 
+KV spans (the prefix cache's side of the backend, ``kv_shared_pool = False``): each slot's valid length is tracked.
+An item appends at ``start_pos`` <= that length (a smaller ``start_pos`` truncates; a gap is an engine bug and raises
+``ValueError``) and the slot then holds ``start_pos + len(tokens)`` positions; attention only ever reads a slot up to
+the positions the step itself defines, so positions beyond are dead and are simply overwritten later (nothing is
+zeroed). A multi-token item at ``start_pos > 0`` (a prefill chunk, or speculative verification with
+``logits="all"``) attends with a causal mask offset by ``start_pos``; :meth:`TorchBackend.forget_sequence` with
+``from_pos`` then drops rejected positions. Holders ``0..prefix_holders-1`` are host-memory copies of one span
+``[start, end)`` of a slot's keys and values (one tensor ``[2, layers, kv_heads, end - start, head_dim]`` each),
+separate from the per-slot cache: :meth:`~TorchBackend.save_span` copies out, :meth:`~TorchBackend.load_span` copies a
+sub-range back into a slot that holds exactly ``[0, start)``, :meth:`~TorchBackend.split_span` cuts one into two
+exact-size copies (the original is freed, so memory equals the tokens held), :meth:`~TorchBackend.drop_span` frees.
+``kv_pool_tokens`` is the budget, in tokens, that the engine's prefix cache may keep in holders (the backend does not
+enforce it; :attr:`~TorchBackend.held_tokens` says what is kept). Span calls with a holder out of range, an empty or
+occupied holder where the other is required, or positions outside what a slot or holder keeps are engine bugs and
+raise ``ValueError``.
+
 Only logits of requested rows are computed (final norm + LM head on those rows). A checkpoint made by ``llmos quantize
 --type int8`` loads with int8 projections, LM head and embeddings (:mod:`llmos.engine.backends.int8`). Supported:
 architectures whose HF implementation follows the Llama module layout (llama, mistral, qwen2, smollm). Not
@@ -40,6 +56,19 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @dataclass
+class _Span:
+    """The keys and values of positions ``[start, start + kv.shape[3])`` of one slot: ``kv[0]`` keys, ``kv[1]``
+    values, each ``[layers, kv_heads, positions, head_dim]``."""
+
+    start: int
+    kv: torch.Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + int(self.kv.shape[3])
+
+
+@dataclass
 class LoraAdapter:
     """Per (layer, module): A [r, in], B [out, r]; ``scale = alpha / r``."""
 
@@ -64,6 +93,8 @@ def _byte_decoder() -> dict[str, int]:
 
 class TorchBackend:
     backend_name = "torch"
+    kv_shared_pool = False
+    """Running sequences have their own preallocated per-slot cache; holders are extra copies."""
 
     def __init__(
         self,
@@ -74,7 +105,11 @@ class TorchBackend:
         n_batch: int = 512,
         threads: int | None = None,
         dtype: torch.dtype = torch.float32,
+        prefix_holders: int = 64,
+        prefix_cache_tokens: int = 8192,
     ) -> None:
+        if prefix_holders < 0 or prefix_cache_tokens < 0:
+            raise ValueError("prefix_holders and prefix_cache_tokens must not be negative")
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:  # pragma: no cover - depends on installation
@@ -112,6 +147,11 @@ class TorchBackend:
         shape = (len(self.layers), n_seq_max, self.kv_heads, self.n_ctx_seq, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.prefix_holders = prefix_holders
+        self.kv_pool_tokens = prefix_cache_tokens
+        self._spans: dict[int, _Span] = {}
+        self._lengths = [0] * n_seq_max
+        """Positions ``[0, length)`` of each slot hold valid keys and values."""
         self.adapters: dict[str, LoraAdapter] = {}
         self._seq_adapter: dict[int, str | None] = {}
         self._logits: torch.Tensor | None = None
@@ -227,10 +267,18 @@ class TorchBackend:
         spans: list[tuple[BatchItem, int, int]] = []
         offset = 0
         for item in items:
+            self._check_slot(item.seq_id)
             if item.start_pos + len(item.tokens) > self.n_ctx_seq:
                 raise ModelLoadError(f"sequence {item.seq_id} would exceed its {self.n_ctx_seq}-token KV cache")
+            if not 0 <= item.start_pos <= self._lengths[item.seq_id]:
+                raise ValueError(
+                    f"sequence {item.seq_id} holds {self._lengths[item.seq_id]} positions: cannot append at"
+                    f" {item.start_pos}"
+                )
             spans.append((item, offset, offset + len(item.tokens)))
             offset += len(item.tokens)
+        for item in items:  # from here on, positions >= start_pos are being overwritten
+            self._lengths[item.seq_id] = item.start_pos + len(item.tokens)
         lora_rows = self._lora_rows(spans)
         single = [(item, begin) for item, begin, end in spans if end - begin == 1 and item.start_pos > 0]
         decodes = self._decode_plan(single) if len(single) > 1 else None
@@ -396,12 +444,92 @@ class TorchBackend:
             delta = (x[0, rows] @ a.T) @ b.T
             out[0, rows] += adapter.scale * delta
 
-    def forget_sequence(self, seq_id: int) -> None:
-        self._seq_adapter.pop(seq_id, None)
+    # --- KV spans ---------------------------------------------------------------------------------------------------
+
+    @property
+    def held_tokens(self) -> int:
+        """Positions kept in holders, all together."""
+        return sum(int(span.kv.shape[3]) for span in self._spans.values())
+
+    def save_span(self, holder: int, seq_id: int, start: int, end: int) -> None:
+        """Keep a copy of sequence ``seq_id``'s keys and values at positions ``[start, end)`` under ``holder``."""
+        self._check_holder(holder, empty=True)
+        self._check_slot(seq_id)
+        if not 0 <= start < end <= self._lengths[seq_id]:
+            raise ValueError(
+                f"cannot save positions [{start}, {end}) of sequence {seq_id}, which holds {self._lengths[seq_id]}"
+            )
+        with torch.inference_mode():
+            kv = torch.stack((self.k_cache[:, seq_id, :, start:end], self.v_cache[:, seq_id, :, start:end]))
+        self._spans[holder] = _Span(start, kv)
+
+    def load_span(self, holder: int, seq_id: int, start: int, end: int) -> None:
+        """Copy the holder's positions ``[start, end)`` into slot ``seq_id``, which must hold exactly ``[0, start)``."""
+        span = self._span(holder)
+        self._check_slot(seq_id)
+        if not span.start <= start < end <= span.end:
+            raise ValueError(f"holder {holder} keeps [{span.start}, {span.end}), not [{start}, {end})")
+        if self._lengths[seq_id] != start:
+            raise ValueError(
+                f"sequence {seq_id} holds {self._lengths[seq_id]} positions: cannot load a span that starts at {start}"
+            )
+        if end > self.n_ctx_seq:
+            raise ValueError(f"positions up to {end} do not fit the {self.n_ctx_seq}-token KV cache of a slot")
+        first, last = start - span.start, end - span.start
+        with torch.inference_mode():
+            self.k_cache[:, seq_id, :, start:end] = span.kv[0, :, :, first:last]
+            self.v_cache[:, seq_id, :, start:end] = span.kv[1, :, :, first:last]
+        self._lengths[seq_id] = end
+
+    def split_span(self, holder: int, new_holder: int, at: int) -> None:
+        """``holder`` keeps ``[start, at)``, the empty ``new_holder`` gets ``[at, end)`` (two exact-size copies; the
+        original storage is freed, so the bytes kept stay those of the tokens kept)."""
+        span = self._span(holder)
+        self._check_holder(new_holder, empty=True)
+        if not span.start < at < span.end:
+            raise ValueError(f"holder {holder} keeps [{span.start}, {span.end}): cannot split it at {at}")
+        cut = at - span.start
+        with torch.inference_mode():
+            head, tail = span.kv[:, :, :, :cut].clone(), span.kv[:, :, :, cut:].clone()
+        self._spans[holder] = _Span(span.start, head)
+        self._spans[new_holder] = _Span(at, tail)
+
+    def drop_span(self, holder: int) -> None:
+        """Free what ``holder`` keeps."""
+        self._span(holder)
+        del self._spans[holder]
+
+    def forget_sequence(self, seq_id: int, from_pos: int = 0) -> None:
+        """Positions ``>= from_pos`` of slot ``seq_id`` are no longer valid (later decodes overwrite them); with
+        ``from_pos == 0`` the sequence is gone and its adapter binding too."""
+        self._check_slot(seq_id)
+        if from_pos < 0:
+            raise ValueError(f"cannot forget sequence {seq_id} from position {from_pos}")
+        self._lengths[seq_id] = min(self._lengths[seq_id], from_pos)
+        if from_pos == 0:
+            self._seq_adapter.pop(seq_id, None)
+
+    def _check_slot(self, seq_id: int) -> None:
+        if not 0 <= seq_id < self.n_seq_max:
+            raise ValueError(f"sequence id {seq_id} is outside the {self.n_seq_max} slots")
+
+    def _check_holder(self, holder: int, *, empty: bool) -> None:
+        if not 0 <= holder < self.prefix_holders:
+            raise ValueError(f"holder {holder} is outside the {self.prefix_holders} holders")
+        if empty and holder in self._spans:
+            raise ValueError(f"holder {holder} is not empty")
+
+    def _span(self, holder: int) -> _Span:
+        self._check_holder(holder, empty=False)
+        span = self._spans.get(holder)
+        if span is None:
+            raise ValueError(f"holder {holder} is empty")
+        return span
 
     def close(self) -> None:
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self._spans.clear()
         self.model = None
         self._logits = None
 
