@@ -30,7 +30,7 @@ dev: $(VENV)/.installed-dev
 # scripts/install.sh compiles llama.cpp for this CPU (cached per machine) while the other dependencies install; its
 # last step checks llama.cpp's fast CPU path where the CPU advertises AMX and, if it faults there, adds a build without
 # AMX that keeps weight repacking (see scripts/build_llama_cpp.sh); elsewhere it does nothing.
-INSTALL_DEPS := pyproject.toml scripts/install.sh scripts/build_llama_cpp.sh
+INSTALL_DEPS := pyproject.toml scripts/install.sh scripts/build_llama_cpp.sh $(wildcard scripts/patches/*.patch)
 
 $(VENV)/.installed: $(INSTALL_DEPS)
 	scripts/install.sh $(VENV) $(SYSTEM_PYTHON) llamacpp

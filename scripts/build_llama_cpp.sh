@@ -29,7 +29,10 @@ PYTHON=${1:-python3}
 MODE=${2:-wheel}
 VERSION=0.3.36
 LLMOS_CMAKE_ARGS="-DGGML_OPENMP=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAVA_BUILD=OFF"
-BUILD_NOTE="no-common"  # part of the cache key: the patched source (see build_wheel)
+SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PATCHES=("$SCRIPTS_DIR"/patches/*.patch)
+# part of the cache keys: the patched source (see build_wheel and apply_patches)
+BUILD_NOTE="no-common $(cat "${PATCHES[@]}" | sha256sum | cut -c1-16)"
 CACHE_ROOT=${LLMOS_WHEEL_CACHE:-$HOME/.cache/llmos/wheels}
 
 cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)
@@ -52,6 +55,14 @@ fetch_source() {
     rm -f "$1/llama_cpp_python-$VERSION.tar.gz"
 }
 
+# applies patches/*.patch to llama-cpp-python's unpacked source in $1
+apply_patches() {
+    local patch_file
+    for patch_file in "${PATCHES[@]}"; do
+        patch --quiet --forward -p1 -d "$1" <"$patch_file" >&2
+    done
+}
+
 build_wheel() {
     local dir work
     dir="$CACHE_ROOT/llama-cpp-python-$VERSION-$(cache_key "$VERSION" "$LLMOS_CMAKE_ARGS" "$BUILD_NOTE")"
@@ -66,6 +77,7 @@ build_wheel() {
     # built here; llama-cpp-python forces it on, so turn it off in its CMakeLists (a fifth of the compile time)
     sed -i 's/set(LLAMA_BUILD_COMMON ON CACHE BOOL/set(LLAMA_BUILD_COMMON OFF CACHE BOOL/' \
         "$work/sdist/llama_cpp_python-$VERSION/CMakeLists.txt"
+    apply_patches "$work/sdist/llama_cpp_python-$VERSION"
     CMAKE_ARGS="$LLMOS_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
         "$PYTHON" -m pip wheel --no-deps --no-cache-dir --quiet "$work/sdist/llama_cpp_python-$VERSION" -w "$work" >&2
     rm -rf "$work/sdist"
@@ -95,7 +107,7 @@ no_amx_flags() {
 build_no_amx_cpu_library() {
     local flags dir work source
     flags="-DGGML_OPENMP=OFF $(no_amx_flags)"
-    dir="$CACHE_ROOT/ggml-cpu-no-amx-$VERSION-$(cache_key "$VERSION" "$flags")"
+    dir="$CACHE_ROOT/ggml-cpu-no-amx-$VERSION-$(cache_key "$VERSION" "$flags" "$BUILD_NOTE")"
     if compgen -G "$dir/libggml-cpu.so*" >/dev/null; then
         echo "$dir"
         return
@@ -103,6 +115,7 @@ build_no_amx_cpu_library() {
     new_work_dir
     echo "building ggml's CPU library without AMX ($flags); about a minute, once per machine" >&2
     fetch_source "$work"
+    apply_patches "$work/llama_cpp_python-$VERSION"
     source="$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
     # shellcheck disable=SC2086  # $flags is a list of cmake arguments
     cmake -S "$source" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \

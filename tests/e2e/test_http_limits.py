@@ -113,7 +113,9 @@ def test_a_thousand_trickling_heads_are_cut_at_the_deadline_while_others_are_ser
     assert peak >= baseline + 900, (baseline, peak)  # the connections really were open on the server
     held = sorted(seconds for seconds, _ in outcomes)
     assert held[-1] < HEAD_SECONDS + 2.5, held[-10:]  # every one ended by the deadline (plus scheduling slack)
-    assert held[0] >= HEAD_SECONDS - 0.5, held[:10]  # ... and not before it
+    # ... and not before it. The server's clock starts at accept, the client's only once its connect has returned,
+    # which 1,000 connects at once on a loaded machine delay by up to about a second.
+    assert held[0] >= HEAD_SECONDS - 1.0, held[:10]
     replies = [reply for _, reply in outcomes]
     assert sum(reply.startswith(b"HTTP/1.1 408") for reply in replies) >= 990, {r[:40] for r in replies}
     assert elapsed < 12

@@ -114,7 +114,7 @@ def test_bad_chat_requests(server: ServerProcess, case: str) -> None:
 
 
 def test_prompt_longer_than_context_is_refused_without_tokenizing_it_all(server: ServerProcess) -> None:
-    long = "word " * 3000  # ~3000 tokens, beyond the 2048-token window
+    long = "word " * 9000  # ~9000 tokens, beyond the 8192-token window
     response = post(server, "/v1/chat/completions", chat(messages=[{"role": "user", "content": long}]))
     assert_error(response, 400, "context_length_exceeded", "messages")
     huge = "x" * 200_000  # far beyond any window: refused by its size before tokenization

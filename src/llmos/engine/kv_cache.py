@@ -38,6 +38,8 @@ class SpanBackend(Protocol):
 
     def drop_span(self, holder: int) -> None: ...
 
+    def drop_all_spans(self) -> None: ...
+
 
 Namespace = tuple[str | None, str | None]
 """(adapter, scope): prefixes are shared only within one."""
@@ -78,6 +80,7 @@ class PrefixCache:
         """Tokens held in the tree (cells of the pool, on a shared-pool backend)."""
         self._roots: dict[Namespace, Node] = {}
         self._free_holders = list(range(backend.prefix_holders - 1, -1, -1))
+        backend.drop_all_spans()  # the tree starts empty, so must the holders (a backend may outlive an engine)
         self._clock = itertools.count(1)
         self.hit_tokens = 0
         self.miss_tokens = 0

@@ -108,8 +108,13 @@ class Loader:
         if backend == "llama.cpp":  # one pool: running sequences and cached prefixes together
             return self.settings.kv_pool_tokens
         if backend == "torch":  # per-slot caches plus the prefix cache's copies
-            return self.settings.torch_context_length * self.max_running + self.settings.kv_pool_tokens // 4
+            return self.settings.torch_context_length * self.max_running + self.torch_prefix_cache_tokens
         return 0
+
+    @property
+    def torch_prefix_cache_tokens(self) -> int:
+        """The PyTorch backend keeps copies of cached prefixes (fp32) worth one sequence's context."""
+        return self.settings.torch_context_length
 
     def __call__(self, resolved: ResolvedModel, backend: str) -> Any:
         count = self.replicas.get(resolved.view.repository, 1)
@@ -161,7 +166,7 @@ class Loader:
                 n_ctx_seq=self.settings.torch_context_length,
                 n_batch=self.settings.batch_size,
                 threads=self.settings.threads,
-                prefix_cache_tokens=self.settings.kv_pool_tokens // 4,
+                prefix_cache_tokens=self.torch_prefix_cache_tokens,
             )
         else:
             raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

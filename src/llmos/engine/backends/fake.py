@@ -188,5 +188,8 @@ class FakeBackend:
     def drop_span(self, holder: int) -> None:
         del self.holders[holder]
 
+    def drop_all_spans(self) -> None:
+        self.holders.clear()
+
     def close(self) -> None:
         self.closed = True

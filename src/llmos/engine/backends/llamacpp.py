@@ -63,6 +63,9 @@ def load_library(settings: Settings | None = None) -> ModuleType:
         if _lib is None:
             if importlib.util.find_spec("llama_cpp") is not None:
                 llamacpp_path.choose(settings)
+            # read once by llmos's patched CPU flash attention (scripts/patches): "1" turns batch invariance on
+            invariant = (settings or Settings()).batch_invariant
+            os.environ["LLMOS_BATCH_INVARIANT"] = "1" if invariant else "0"
             try:
                 import llama_cpp
                 import llama_cpp._logger as llama_logger
@@ -371,6 +374,10 @@ class LlamaCppModel:
 
     def drop_span(self, holder: int) -> None:
         self.lib.llama_memory_seq_rm(self._memory, self._holder(holder), -1, -1)
+
+    def drop_all_spans(self) -> None:
+        for holder in range(self.prefix_holders):
+            self.drop_span(holder)
 
     def clear(self) -> None:
         self.lib.llama_memory_clear(self._memory, True)

@@ -499,6 +499,9 @@ class TorchBackend:
         self._span(holder)
         del self._spans[holder]
 
+    def drop_all_spans(self) -> None:
+        self._spans.clear()
+
     def forget_sequence(self, seq_id: int, from_pos: int = 0) -> None:
         """Positions ``>= from_pos`` of slot ``seq_id`` are no longer valid (later decodes overwrite them); with
         ``from_pos == 0`` the sequence is gone and its adapter binding too."""
