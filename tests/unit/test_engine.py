@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -43,6 +41,19 @@ def collect(stream: SyncOutputStream) -> tuple[str, GenerationOutput]:
     return "".join(o.text for o in outputs), outputs[-1]
 
 
+def stepped(backend: FakeBackend, **config: object) -> EngineCore:
+    """An engine without its thread: the test decides when each step runs (no sleeps, no races)."""
+    return EngineCore(backend, EngineConfig(**config), background=False)  # type: ignore[arg-type]
+
+
+def drain(engine: EngineCore) -> list[GenerationOutput]:
+    """Step until nothing is waiting or running; the events of every step, in order."""
+    events: list[GenerationOutput] = []
+    while engine.has_work():
+        events.extend(engine.step())
+    return events
+
+
 def test_one_request_generates_and_reports_usage(engine: EngineCore) -> None:
     text, last = collect(submit(engine, "A", greedy(5)))
     assert text == "BCDEF"
@@ -64,12 +75,14 @@ def test_sequences_join_and_leave_the_batch_every_step(engine: EngineCore, backe
     assert backend.kv == {}  # every KV stream released
 
 
-def test_long_prompts_are_prefilled_in_chunks_while_decodes_continue(engine: EngineCore, backend: FakeBackend) -> None:
-    backend.step_delay = 0.002
+def test_long_prompts_are_prefilled_in_chunks_while_decodes_continue(backend: FakeBackend) -> None:
+    engine = stepped(backend, max_waiting=8, max_prefill_tokens=16)
     short = submit(engine, "A", greedy(40))
-    time.sleep(0.02)  # let it start decoding
+    engine.step()
+    engine.step()  # prefilled, and decoding
     long_prompt = "x" * 150
     long = submit(engine, long_prompt, greedy(2))
+    drain(engine)
     collect(long)
     collect(short)
     chunk_steps = [batch for batch in backend.batches if any(n > 1 for _, n in batch)]
@@ -83,52 +96,38 @@ def test_long_prompts_are_prefilled_in_chunks_while_decodes_continue(engine: Eng
 
 def test_priority_then_arrival_order(backend: FakeBackend) -> None:
     backend.n_seq_max = 1
-    backend.step_delay = 0.005
-    engine = EngineCore(backend, EngineConfig(max_waiting=8))
-    try:
-        order: list[str] = []
-        lock = threading.Lock()
+    engine = stepped(backend, max_waiting=8)
+    names: dict[str, str] = {}
 
-        def run(name: str, priority: int, tokens: int = 3) -> SyncOutputStream:
-            stream = submit(engine, name, greedy(tokens), priority=priority)
+    def queue(name: str, priority: int, tokens: int = 3) -> None:
+        request = GenerationRequest(list(name.encode()), greedy(tokens), priority=priority)
+        engine.submit(request, SyncOutputStream())
+        names[request.request_id] = name
 
-            def consume() -> None:
-                collect(stream)
-                with lock:
-                    order.append(name)
-
-            threading.Thread(target=consume).start()
-            return stream
-
-        run("A", 0, tokens=30)  # holds the only slot while the others queue
-        time.sleep(0.02)
-        run("B", 5)
-        run("C", 5)
-        run("D", 0)
-        deadline = time.monotonic() + 5
-        while len(order) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert order == ["A", "D", "B", "C"]
-    finally:
-        engine.shutdown()
+    queue("A", 0, tokens=30)
+    engine.step()  # A holds the only slot while the others queue
+    queue("B", 5)
+    queue("C", 5)
+    queue("D", 0)
+    finished = [names[event.request_id] for event in drain(engine) if event.finished]
+    assert finished == ["A", "D", "B", "C"]
 
 
 def test_queue_bound_refuses_with_retry_hint(backend: FakeBackend) -> None:
     backend.n_seq_max = 1
-    backend.step_delay = 0.01
-    engine = EngineCore(backend, EngineConfig(max_waiting=2))
-    try:
-        streams = [submit(engine, "A", greedy(50))]
-        time.sleep(0.05)
-        streams += [submit(engine, "B", greedy(2)), submit(engine, "C", greedy(2))]
-        with pytest.raises(OverloadedError) as info:
-            submit(engine, "D", greedy(2))
-        assert info.value.retry_after > 0 and info.value.status == 503
-        for stream in streams:
-            collect(stream)
-        collect(submit(engine, "E", greedy(2)))  # serves normally afterwards
-    finally:
-        engine.shutdown()
+    engine = stepped(backend, max_waiting=2)
+    streams = [submit(engine, "A", greedy(50))]
+    engine.step()  # A runs; the queue is empty
+    streams += [submit(engine, "B", greedy(2)), submit(engine, "C", greedy(2))]
+    with pytest.raises(OverloadedError) as info:
+        submit(engine, "D", greedy(2))
+    assert info.value.retry_after > 0 and info.value.status == 503
+    drain(engine)
+    for stream in streams:
+        collect(stream)
+    served = submit(engine, "E", greedy(2))  # serves normally afterwards
+    drain(engine)
+    assert collect(served)[1].finish_reason == "length"
 
 
 def test_abort_frees_kv_within_one_step(engine: EngineCore, backend: FakeBackend) -> None:
@@ -207,10 +206,10 @@ def test_context_window_is_enforced(engine: EngineCore) -> None:
 
 
 def test_shutdown_fails_what_is_pending(backend: FakeBackend) -> None:
-    backend.step_delay = 0.01
-    engine = EngineCore(backend)
+    engine = stepped(backend)
     stream = submit(engine, "A", greedy(1000))
-    time.sleep(0.05)
+    engine.step()
+    engine.step()
     engine.shutdown()
     with pytest.raises(EngineStoppedError):
         collect(stream)
@@ -220,19 +219,24 @@ def test_shutdown_fails_what_is_pending(backend: FakeBackend) -> None:
 
 
 def test_a_flooding_tenant_cannot_starve_another(backend: FakeBackend) -> None:
-    backend.step_delay = 0.005
-    engine = EngineCore(backend, EngineConfig(max_waiting=32))
+    engine = stepped(backend, max_waiting=32)
     try:
         flood = [submit(engine, chr(65 + i), greedy(60), fairness_key="a") for i in range(10)]
-        time.sleep(0.1)  # tenant a holds every slot and has more waiting
+        for _ in range(3):
+            engine.step()  # tenant a holds every slot and has more waiting
         steps_before = len(backend.batches)
         quiet = SyncOutputStream()
         request = GenerationRequest(list(b"ZZZZZ"), greedy(5), fairness_key="b")
         engine.submit(request, quiet)
+        steps_to_first_token = None
+        for step in range(1, 4):  # b gets a slot at once, by preempting one of a's sequences
+            if any(event.request_id == request.request_id and event.token_ids for event in engine.step()):
+                steps_to_first_token = step
+                break
+        assert steps_to_first_token is not None and len(backend.batches) - steps_before == steps_to_first_token
+        drain(engine)
         events = iter(quiet)
-        first = next(events)
-        assert first.token_ids  # b got a slot at once, by preempting one of a's sequences
-        assert len(backend.batches) - steps_before <= 3
+        assert next(events).token_ids
         b_prefill = next(batch for batch in backend.batches[steps_before:] if any(n == 5 for _, n in batch))
         assert len(b_prefill) == 1  # b's prompt ran in a step of its own: a's decodes did not slow it down
         assert engine.scheduler.preemptions >= 1
@@ -241,8 +245,10 @@ def test_a_flooding_tenant_cannot_starve_another(backend: FakeBackend) -> None:
         reference = FakeBackend(n_seq_max=4)
         expected = []
         for i in range(10):  # what each flood request produces without any preemption
-            solo = EngineCore(reference)
-            expected.append(collect(submit(solo, chr(65 + i), greedy(60)))[0])
+            solo = stepped(reference)
+            alone = submit(solo, chr(65 + i), greedy(60))
+            drain(solo)
+            expected.append(collect(alone)[0])
             solo.shutdown()
             reference = FakeBackend(n_seq_max=4)
         assert texts == expected  # a preempted stream pauses, then continues exactly where it was
