@@ -141,3 +141,22 @@ def test_cli_names_the_new_suites(pulled_settings: Settings) -> None:
     result = run_cli(pulled_settings.home, "bench", "--suite", "nope")
     assert result.returncode != 0
     assert "multiturn, speculative or batch" in result.stdout + result.stderr
+
+
+def test_constrained_tiny(pulled_settings: Settings, smollm2: ResolvedModel, tmp_path: Path) -> None:
+    from llmos.bench import constrained
+
+    result = constrained.measure(
+        smollm2.view.name, smollm2.primary_path, threads=pulled_settings.threads, context=2048,
+        home=pulled_settings.home, log_dir=tmp_path, cpu="Test CPU", levels=[2], max_tokens=48, repeats=1,
+    )  # fmt: skip
+    assert len(result.samples) == 2 * len(constrained.VARIANTS) and all(s.result.ok for s in result.samples)
+    for sample in result.samples:  # each variant really produced its kind of output
+        if sample.variant == "json_schema" and sample.result.usage and sample.result.tokens < 48:
+            assert sample.result.text.lstrip().startswith("{")
+        if sample.variant == "tool_required":
+            assert sample.result.text == ""  # the call goes out as tool_calls deltas, not content
+    lines = constrained.format_report(result)
+    for variant in constrained.VARIANTS:
+        assert re.search(rf"{NUMBER}", _row(lines, "2", variant))
+    assert any("tool_required" in line and "goal >= 0.9" in line for line in lines)

@@ -120,7 +120,7 @@ class StreamResult:
     ok: bool
     text: str = ""
     chunks: int = 0
-    """Chunks that carried content (one per token on servers that stream token by token)."""
+    """Chunks that carried content or tool-call deltas (one per token on servers that stream token by token)."""
     ttft: float = 0.0
     total: float = 0.0
     usage: dict[str, Any] | None = None
@@ -170,6 +170,14 @@ def _http_error(status: int, body: bytes) -> str:
     return f"HTTP {status}: {message}" if message else f"HTTP {status}"
 
 
+def decode_rate(results: list[StreamResult]) -> float:
+    """Per-stream decode tok/s of ``results``: tokens after each one's first over the time after its first token,
+    summed over the successful ones (NaN when none decoded)."""
+    ok = [r for r in results if r.ok and r.tokens > 1]
+    span = sum(r.total - r.ttft for r in ok)
+    return sum(r.tokens - 1 for r in ok) / span if span > 0 else float("nan")
+
+
 def error_summary(results: list[StreamResult], limit: int = 3) -> str:
     """The distinct errors of ``results`` with their counts ('' when none failed)."""
     counts: dict[str, int] = {}
@@ -200,10 +208,12 @@ async def stream_chat(client: httpx.AsyncClient, base: str, body: dict[str, Any]
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    content = delta.get("content")
                     if content:
-                        chunks += 1
                         parts.append(content)
+                    if content or delta.get("tool_calls"):  # a tool call's name and argument fragments count too
+                        chunks += 1
                         if not first:
                             first = time.perf_counter() - started
     except httpx.HTTPError as exc:

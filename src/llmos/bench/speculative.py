@@ -26,7 +26,16 @@ from typing import Any
 import httpx
 
 from llmos.bench.prompts import CHAT_PROMPTS, COPY_TASKS, PASSAGES
-from llmos.bench.serving import LLMOS, PEER, StreamResult, chat_body, error_summary, running_servers, stream_chat
+from llmos.bench.serving import (
+    LLMOS,
+    PEER,
+    StreamResult,
+    chat_body,
+    decode_rate,
+    error_summary,
+    running_servers,
+    stream_chat,
+)
 
 ANSWER_TOKENS = 256
 SPEC_ON = "llmos, speculative"
@@ -65,10 +74,8 @@ class SpeculativeResult:
         return [s.result for s in self.samples if s.variant == variant and s.kind == kind]
 
     def rate(self, variant: str, kind: str) -> float:
-        """Decode tok/s of ``variant`` on ``kind``: tokens after the first over time after the first, summed."""
-        ok = [r for r in self.of(variant, kind) if r.ok and r.tokens > 1]
-        span = sum(r.total - r.ttft for r in ok)
-        return sum(r.tokens - 1 for r in ok) / span if span > 0 else float("nan")
+        """Decode tok/s of ``variant`` on ``kind`` (:func:`~llmos.bench.serving.decode_rate`)."""
+        return decode_rate(self.of(variant, kind))
 
     def identical(self, kind: str) -> tuple[int, int]:
         """(llmos answers equal with and without speculation, pairs compared) on ``kind``."""

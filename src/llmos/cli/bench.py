@@ -41,9 +41,10 @@ def bench(
             " of 6-turn chats under a ~900-token system prompt, 1 and 4 conversations at once, and 16 clients"
             " sharing one system prompt with llmos's prefix cache on and off; vs llama_cpp.server), speculative"
             " (decode tok/s of 1 client on prompts that copy from themselves and on chat, llmos with and without"
-            " speculative decoding vs llama_cpp.server) or batch (raw llama_decode throughput of 1, 4, 8, 16"
-            " sequences vs llmos and llama_cpp.server serving as many clients). --max-tokens and --levels keep each"
-            " suite's own defaults unless given.",
+            " speculative decoding vs llama_cpp.server), batch (raw llama_decode throughput of 1, 4, 8, 16"
+            " sequences vs llmos and llama_cpp.server serving as many clients) or constrained (decode tok/s of"
+            " tool_choice required and json_schema output vs free text, at 1 and 16 clients). --max-tokens and"
+            " --levels keep each suite's own defaults unless given.",
         ),
     ] = "serving",
     model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
@@ -128,7 +129,7 @@ def bench(
         for line in lines:
             out.print(line, highlight=False, markup=False)
         return
-    if suite in ("multiturn", "speculative", "batch"):
+    if suite in ("multiturn", "speculative", "batch", "constrained"):
         given = {  # a flag the user did not give keeps the suite's own workload
             name: getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
             for name in ("max_tokens", "levels")
@@ -146,7 +147,7 @@ def bench(
     if suite != "serving":
         raise InvalidInputError(
             "--suite must be serving, runtime, security, training, eval, compression, observability, ray,"
-            f" multiturn, speculative or batch, not {suite!r}"
+            f" multiturn, speculative, batch or constrained, not {suite!r}"
         )
     try:
         counts = [int(x) for x in levels.split(",") if x.strip()]
@@ -195,9 +196,9 @@ def _issue18_suite(
     suite: str, model: str, *, max_tokens: int | None, levels: list[int] | None, peer: bool, repeats: int,
     log_dir: Path,
 ) -> None:  # fmt: skip
-    """``multiturn``, ``speculative`` or ``batch``: llmos serve and llama_cpp.server on the model's GGUF in one run
-    (``max_tokens`` / ``levels`` None: the suite's own workload)."""
-    from llmos.bench import batch, multiturn, speculative
+    """``multiturn``, ``speculative``, ``batch`` or ``constrained``: llmos serve (and llama_cpp.server, except for
+    constrained) on the model's GGUF in one run (``max_tokens`` / ``levels`` None: the suite's own workload)."""
+    from llmos.bench import batch, constrained, multiturn, speculative
 
     effective = settings()
     registry = open_registry()
@@ -222,6 +223,14 @@ def _issue18_suite(
                     speculative.measure(
                         name, gguf, threads=threads, context=context, home=home, log_dir=log_dir, cpu=cpu, peer=peer,
                         max_tokens=max_tokens or speculative.ANSWER_TOKENS, repeats=repeats,
+                    )
+                )  # fmt: skip
+            elif suite == "constrained":
+                lines = constrained.format_report(
+                    constrained.measure(
+                        name, gguf, threads=threads, context=context, home=home, log_dir=log_dir, cpu=cpu,
+                        levels=levels or constrained.LEVELS, max_tokens=max_tokens or constrained.ANSWER_TOKENS,
+                        repeats=repeats,
                     )
                 )  # fmt: skip
             else:

@@ -68,6 +68,30 @@ def _compile(source: str) -> jinja2.Template:
         raise InvalidInputError(f"the model's chat template does not compile: {exc}") from exc
 
 
+def supports_tools(template: str | None) -> bool:
+    """Whether a template renders the ``tools`` variable itself (Hugging Face tool-use templates do)."""
+    return bool(template) and "tools" in str(template)
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    item: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:  # as Hugging Face templates expect them: arguments as an object
+        item["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        item["tool_call_id"] = message.tool_call_id
+    return item
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def render_chat(
     messages: Sequence[ChatMessage],
     template: str | None,
@@ -75,17 +99,19 @@ def render_chat(
     bos_token: str | None = None,
     eos_token: str | None = None,
     add_generation_prompt: bool = True,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> str:
+    """``tools`` (OpenAI tool objects) are passed to a template that renders them (see :func:`supports_tools`)."""
     if not messages:
         raise InvalidInputError("messages must contain at least one message", param="messages")
     compiled = _compile(template or CHATML_TEMPLATE)
     try:
         return compiled.render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
+            messages=[_message(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token or "",
             eos_token=eos_token or "",
-            tools=None,
+            tools=list(tools) if tools else None,
         )
     except InvalidInputError:
         raise

@@ -345,7 +345,7 @@ class EngineCore:
     def _start_generation(self, seq: Sequence) -> None:
         request = seq.request
         seq.generation = GenerationState(
-            sampler=self.backend.new_sampler(request.params, request.grammar),
+            sampler=self.backend.new_sampler(request.params, request.grammar, request.grammar_trigger),
             decoder=IncrementalDecoder(),
             stops=StopMatcher(request.params.stop),
             limit=min(request.params.max_tokens, self.max_context - seq.prompt_len),

@@ -2,6 +2,7 @@
 
 Contract: :func:`json_object_grammar` accepts any JSON object; :func:`json_schema_grammar` accepts exactly the
 documents a schema allows (as far as llama.cpp's converter supports the schema; unsupported keywords raise).
+:func:`compile_schema` is that converter, which tool calls use too.
 An invalid schema raises :class:`~llmos.errors.InvalidInputError` naming the problem. Grammars are cached by schema.
 """
 
@@ -23,14 +24,15 @@ def json_object_grammar() -> str:
 
 
 @lru_cache(maxsize=128)
-def _compile_schema(schema_json: str) -> str:
+def compile_schema(schema_json: str, param: str = "response_format") -> str:
+    """GBNF whose ``root`` rule accepts the documents of the JSON schema ``schema_json`` (properties in its order)."""
     load_library()
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
         return str(json_schema_to_gbnf(schema_json))
     except Exception as exc:  # the converter raises plain exceptions for unsupported schemas
-        raise InvalidInputError(f"the JSON schema cannot be used for constrained decoding: {exc}") from exc
+        raise InvalidInputError(f"the JSON schema cannot be used for constrained decoding: {exc}", param=param) from exc
 
 
 def json_schema_grammar(schema: Any) -> str:
@@ -42,4 +44,4 @@ def json_schema_grammar(schema: Any) -> str:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise InvalidInputError(f"invalid JSON schema: {exc.message}", param="response_format") from exc
-    return _compile_schema(json.dumps(schema, sort_keys=True))
+    return compile_schema(json.dumps(schema, sort_keys=True))

@@ -37,7 +37,10 @@ class GenerationRequest:
     """With ``prompt_logprobs``: the first prompt token to score. Earlier ones come back with logprob None, and a
     prefill chunk that only precedes it computes no logits (the overlap of a strided perplexity window is free)."""
     grammar: str | None = None
-    """GBNF grammar the output must follow (JSON mode / JSON schema)."""
+    """GBNF grammar the output must follow (JSON mode / JSON schema / tool calls)."""
+    grammar_trigger: str | None = None
+    """With ``grammar``: apply it only from where the output first contains this text (``tool_choice: auto``: text,
+    or a call that is valid once started). None: from the first token."""
     adapter: str | None = None
     """Name of a LoRA adapter loaded on the backend to apply to this request's tokens."""
     fairness_key: str | None = None

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llmos.engine.backends.base import Backend
-from llmos.engine.chat_template import render_chat, template_for
+from llmos.engine.chat_template import render_chat, supports_tools, template_for
 from llmos.engine.core import EngineCore
+from llmos.engine.tool_calls import Tool, prompt_messages
 from llmos.errors import ContextLengthExceededError
 from llmos.registry.views import VersionView
 from llmos.types import ChatMessage
@@ -41,13 +42,28 @@ class LoadedModel:
     def backend_name(self) -> str:
         return self.backend.backend_name
 
-    def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Tool] = (),
+        tool_required: bool = False,
+    ) -> str:
+        """Render with the model's template; tools and tool turns go through it when it renders tools, else they
+        are written as plain turns in llmos's generic format (:func:`~llmos.engine.tool_calls.prompt_messages`)."""
+        template = template_for(self.chat_template or self.view.chat_template, self.view.architecture)
+        has_tool_turns = any(m.tool_calls or m.role == "tool" for m in messages)
+        native = supports_tools(template)
+        if (tools or has_tool_turns) and not native:
+            messages = prompt_messages(messages, tools, required=tool_required)
         return render_chat(
             messages,
-            template_for(self.chat_template or self.view.chat_template, self.view.architecture),
+            template,
             bos_token=self.view.tokenizer.get("bos_token"),
             eos_token=self.view.tokenizer.get("eos_token"),
             add_generation_prompt=add_generation_prompt,
+            tools=[tool.signature() for tool in tools] if native and tools else None,
         )
 
     def _guard_length(self, text: str) -> None:
@@ -58,8 +74,10 @@ class LoadedModel:
                 param="messages",
             )
 
-    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
-        text = self.render(messages)
+    def chat_tokens(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[Tool] = (), tool_required: bool = False
+    ) -> list[int]:
+        text = self.render(messages, tools=tools, tool_required=tool_required)
         self._guard_length(text)
         bos = self.view.tokenizer.get("bos_token")
         starts_with_bos = bool(bos) and text.startswith(str(bos))

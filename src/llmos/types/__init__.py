@@ -17,9 +17,22 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 @dataclass(frozen=True)
+class FunctionCall:
+    """A function call a model made: ``arguments`` is the JSON text of an object."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
+    """One turn; an assistant turn may carry the calls it made, a ``tool`` turn answers the call ``tool_call_id``."""
+
     role: Role
     content: str
+    tool_calls: tuple[FunctionCall, ...] = ()
+    tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("system", "user", "assistant", "tool"):

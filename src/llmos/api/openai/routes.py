@@ -27,7 +27,7 @@ from llmos.api.auth import principal, visible_view
 from llmos.api.body import parse_body
 from llmos.api.errors import error_body
 from llmos.api.generation import Call, acquire, engine_options, meter, submit_all
-from llmos.api.openai import render
+from llmos.api.openai import render, tools
 from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from llmos.api.pipelines import start_for_missing_model
 from llmos.api.state import AppState
@@ -35,11 +35,9 @@ from llmos.engine.grammar import json_object_grammar, json_schema_grammar
 from llmos.engine.request import GenerationRequest, Logprob
 from llmos.errors import InvalidInputError, LlmosError, ModelNotFoundError, PermissionDeniedError
 from llmos.runtime.model import LoadedModel
-from llmos.types import ChatMessage, SamplingParams
+from llmos.types import SamplingParams
 
 router = APIRouter()
-
-ROLE_MAP = {"developer": "system"}
 
 
 def app_state(request: Request) -> AppState:
@@ -130,7 +128,9 @@ async def chat_completions(request: Request) -> Any:
     arrived = time.monotonic()
     state = app_state(request)
     body = await parse_body(request, ChatCompletionRequest, state.settings.max_request_bytes)
-    grammar = await to_thread.run_sync(_grammar, body)
+    messages = tools.chat_messages(body)
+    plan = await to_thread.run_sync(tools.plan_tools, body)
+    grammar = plan.grammar if plan.active else await to_thread.run_sync(_grammar, body)
     caller = principal(request)
     try:
         target = await acquire(state, caller, body.model, body.keep_alive)
@@ -140,8 +140,9 @@ async def chat_completions(request: Request) -> Any:
         return await start_for_missing_model(request, caller, body.model, body.pipeline)
     try:
         model = target.model
-        messages = [ChatMessage(ROLE_MAP.get(m.role, m.role), m.text()) for m in body.messages]  # type: ignore[arg-type]
-        prompt = await to_thread.run_sync(model.chat_tokens, messages)
+        prompt = await to_thread.run_sync(
+            lambda: model.chat_tokens(messages, tools=plan.offered, tool_required=plan.required)
+        )
         limit = body.limit()
         model.engine.check_fits(len(prompt), limit)
         max_tokens = limit if limit is not None else model.engine.max_context - len(prompt)
@@ -153,6 +154,7 @@ async def chat_completions(request: Request) -> Any:
                 sampling(body, max_tokens, i, model.backend.n_vocab),
                 logprobs=top if body.logprobs else None,
                 grammar=grammar,
+                grammar_trigger=plan.trigger,
                 priority=body.priority,
                 adapter=target.adapter,
                 fairness_key=caller.tenant,
@@ -171,7 +173,7 @@ async def chat_completions(request: Request) -> Any:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _chat_stream(call, completion_id, created, target.name, len(prompt), include_usage),
+            _chat_stream(call, completion_id, created, target.name, len(prompt), include_usage, plan),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -185,15 +187,17 @@ async def chat_completions(request: Request) -> Any:
         if output.finished:
             reasons[index] = output.finish_reason or "stop"
             completion_tokens += output.completion_tokens
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
-            "logprobs": render.chat_logprobs(logprobs[i]) if body.logprobs else None,
-            "finish_reason": reasons[i],
-        }
-        for i in range(body.n)
-    ]
+    choices = []
+    for i in range(body.n):
+        message, called = tools.message("".join(texts[i]), plan)
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": render.chat_logprobs(logprobs[i]) if body.logprobs else None,
+                "finish_reason": "tool_calls" if called else reasons[i],
+            }
+        )
     return render.chat_completion(
         completion_id,
         created,
@@ -207,25 +211,41 @@ async def chat_completions(request: Request) -> Any:
 
 
 async def _chat_stream(
-    call: Call, completion_id: str, created: int, model: str, prompt_tokens: int, include_usage: bool
+    call: Call,
+    completion_id: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+    include_usage: bool,
+    plan: tools.ToolPlan,
 ) -> AsyncIterator[bytes]:
     completion_tokens = 0
+
+    def chunk(index: int, delta: dict[str, Any], **extra: Any) -> bytes:
+        return render.sse(render.chat_chunk(completion_id, created, model, index, delta, **extra))
+
     try:
         for index in range(len(call.requests)):
-            yield render.sse(
-                render.chat_chunk(completion_id, created, model, index, {"role": "assistant", "content": ""})
-            )
+            yield chunk(index, {"role": "assistant", "content": ""})
         want_logprobs = call.requests[0].logprobs is not None
+        splitters = {index: tools.ToolStream(plan) for index in range(len(call.requests))} if plan.active else {}
         async for index, output in call.outputs():
             logprobs = render.chat_logprobs(output.logprobs or []) if want_logprobs and output.logprobs else None
-            if output.text or logprobs:
-                delta = {"content": output.text}
-                yield render.sse(render.chat_chunk(completion_id, created, model, index, delta, logprobs=logprobs))
+            splitter = splitters.get(index)
+            if splitter is None:
+                if output.text or logprobs:
+                    yield chunk(index, {"content": output.text}, logprobs=logprobs)
+            else:
+                for delta in splitter.feed(output.text):
+                    yield chunk(index, delta)
             if output.finished:
                 completion_tokens += output.completion_tokens
-                yield render.sse(
-                    render.chat_chunk(completion_id, created, model, index, {}, finish_reason=output.finish_reason)
-                )
+                reason: str | None = output.finish_reason
+                if splitter is not None:
+                    for delta in splitter.finish():
+                        yield chunk(index, delta)
+                    reason = "tool_calls" if splitter.called and not splitter.cut_off else reason
+                yield chunk(index, {}, finish_reason=reason)
         if include_usage:
             usage = render.usage(prompt_tokens, completion_tokens, call.cached_prompt_tokens(len(call.requests)))
             yield render.sse(render.usage_chunk(completion_id, created, model, "chat.completion.chunk", usage))

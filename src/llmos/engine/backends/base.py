@@ -63,7 +63,12 @@ class Backend(Protocol):
 
     def is_end_of_generation(self, token: int) -> bool: ...
 
-    def new_sampler(self, params: SamplingParams, grammar: str | None = None) -> SequenceSampler: ...
+    def new_sampler(
+        self, params: SamplingParams, grammar: str | None = None, grammar_trigger: str | None = None
+    ) -> SequenceSampler:
+        """A sampler for one sequence; with ``grammar`` (GBNF) its output follows it, from the first token or, with
+        ``grammar_trigger``, from where the output first contains that text (lazy)."""
+        ...
 
     def decode(self, items: Sequence[BatchItem]) -> dict[int, list[int]]: ...
 

@@ -99,7 +99,9 @@ class FakeBackend:
     def is_end_of_generation(self, token: int) -> bool:
         return token == EOS
 
-    def new_sampler(self, params: SamplingParams, grammar: str | None = None) -> FakeSampler:
+    def new_sampler(
+        self, params: SamplingParams, grammar: str | None = None, grammar_trigger: str | None = None
+    ) -> FakeSampler:
         return FakeSampler(self)
 
     def decode(self, items: Sequence[BatchItem]) -> dict[int, list[int]]:

@@ -23,6 +23,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,10 +90,20 @@ def system_info() -> str:
     return bytes(lib.llama_print_system_info()).decode("utf-8", errors="replace").strip()
 
 
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+"""llama_token_data's layout, to fill candidate arrays through numpy."""
+
+
 class Sampler:
     """A llama.cpp sampler chain for one sequence: grammar, bias, penalties, top-k/p, min-p, temperature, seed."""
 
-    def __init__(self, model: LlamaCppModel, params: SamplingParams, grammar: str | None = None) -> None:
+    def __init__(
+        self,
+        model: LlamaCppModel,
+        params: SamplingParams,
+        grammar: str | None = None,
+        grammar_trigger: str | None = None,
+    ) -> None:
         lib = model.lib
         self._lib = lib
         self._model = model
@@ -103,12 +114,20 @@ class Sampler:
         def add(sampler: Any) -> None:
             lib.llama_sampler_chain_add(self._chain, sampler)
 
-        if grammar is not None:
+        if grammar is not None and grammar_trigger is not None:  # lazy: from the trigger on, the rest follows
+            pattern = f"[\\s\\S]*?({re.escape(grammar_trigger)})[\\s\\S]*".encode()
+            patterns = (ctypes.c_char_p * 1)(pattern)
+            grammar_sampler = lib.llama_sampler_init_grammar_lazy_patterns(
+                model.vocab, grammar.encode("utf-8"), b"root", patterns, 1, None, 0
+            )
+        elif grammar is not None:
             grammar_sampler = lib.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+        self._grammar: Any = None
+        if grammar is not None:
             if not grammar_sampler:
                 self.close()
                 raise InvalidInputError("the response format could not be compiled into a grammar")
-            add(grammar_sampler)
+            self._grammar = grammar_sampler  # a filter, outside the chain: see sample()
         if params.logit_bias:
             biases = (lib.llama_logit_bias * len(params.logit_bias))()
             for i, (token, bias) in enumerate(params.logit_bias):
@@ -142,13 +161,49 @@ class Sampler:
             add(lib.llama_sampler_init_dist(seed))
 
     def sample(self, output_row: int) -> int:
-        """Pick the next token from the logits at ``output_row`` of the last decode (and record it)."""
-        return int(self._lib.llama_sampler_sample(self._chain, self._model.context, output_row))
+        """Pick the next token from the logits at ``output_row`` of the last decode (and record it).
+
+        With a grammar, as llama.cpp's own samplers do: the unconstrained choice is checked against the grammar
+        (one token) and only when it breaks the grammar is the whole vocabulary filtered by it and the choice made
+        again. Checking every token of the vocabulary at every step cost about 20 ms a token here.
+        """
+        lib = self._lib
+        if self._grammar is None:
+            return int(lib.llama_sampler_sample(self._chain, self._model.context, output_row))
+        logits = np.ctypeslib.as_array(
+            lib.llama_get_logits_ith(self._model.context, output_row), shape=(self._model.n_vocab,)
+        )
+        token = self._choose(logits, constrained=False)
+        single = (lib.llama_token_data * 1)()
+        single[0].id, single[0].logit, single[0].p = token, float(logits[token]), 0.0
+        check = lib.llama_token_data_array(single, 1, -1, False)
+        lib.llama_sampler_apply(self._grammar, ctypes.byref(check))
+        if not np.isfinite(single[0].logit):
+            token = self._choose(logits, constrained=True)
+        lib.llama_sampler_accept(self._grammar, token)
+        lib.llama_sampler_accept(self._chain, token)
+        return token
+
+    def _choose(self, logits: np.ndarray, *, constrained: bool) -> int:
+        lib, size = self._lib, len(logits)
+        candidates = (lib.llama_token_data * size)()
+        view = np.ctypeslib.as_array(candidates).view(_TOKEN_DATA)  # fill through numpy: 49k entries in ~0.1 ms
+        view["id"] = np.arange(size, dtype=np.int32)
+        view["logit"] = logits
+        view["p"] = 0.0
+        array = lib.llama_token_data_array(candidates, size, -1, False)
+        if constrained:
+            lib.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        lib.llama_sampler_apply(self._chain, ctypes.byref(array))
+        return int(array.data[array.selected].id)
 
     def close(self) -> None:
         if self._chain is not None:
             self._lib.llama_sampler_free(self._chain)
             self._chain = None
+        if getattr(self, "_grammar", None) is not None:
+            self._lib.llama_sampler_free(self._grammar)
+            self._grammar = None
 
     def __del__(self) -> None:  # pragma: no cover - safety net
         self.close()
@@ -294,8 +349,10 @@ class LlamaCppModel:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(self.lib.llama_vocab_is_eog(self._vocab, token))
 
-    def new_sampler(self, params: SamplingParams, grammar: str | None = None) -> Sampler:
-        return Sampler(self, params, grammar)
+    def new_sampler(
+        self, params: SamplingParams, grammar: str | None = None, grammar_trigger: str | None = None
+    ) -> Sampler:
+        return Sampler(self, params, grammar, grammar_trigger)
 
     # --- compute ----------------------------------------------------------------------------------------------------
 

@@ -211,10 +211,13 @@ class TorchBackend:
 
     # --- sampling ---------------------------------------------------------------------------------------------------
 
-    def new_sampler(self, params: SamplingParams, grammar: str | None = None) -> TorchSampler:
+    def new_sampler(
+        self, params: SamplingParams, grammar: str | None = None, grammar_trigger: str | None = None
+    ) -> TorchSampler:
         if grammar is not None:
             raise InvalidInputError(
-                "response_format json_object / json_schema needs the llama.cpp backend (GGUF models)",
+                "constrained output (response_format json_object / json_schema, tool_choice) needs the llama.cpp"
+                " backend (GGUF models)",
                 param="response_format",
             )
         for token, _bias in params.logit_bias:
