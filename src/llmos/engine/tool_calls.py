@@ -176,26 +176,40 @@ def _call_from(data: Any, names: set[str]) -> FunctionCall | None:
     return FunctionCall(new_call_id(), str(name), json.dumps(arguments, ensure_ascii=False))
 
 
+class JsonValueScanner:
+    """Finds where a JSON value ends in text that arrives in pieces (strings, escapes and nesting followed)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+
+    def feed(self, text: str) -> tuple[int, bool]:
+        """(characters of ``text`` that belong to the value, whether the value ended within them)."""
+        for position, char in enumerate(text):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+                    if self.depth == 0:  # the value was a string
+                        return position + 1, True
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return position + 1, True
+        return len(text), False
+
+
 def _complete_json_prefix(text: str) -> bool:
     """Whether ``text`` holds a complete JSON value followed by more (so a decode error is not truncation)."""
-    depth, in_string, escaped = 0, False, False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            depth += 1
-        elif char in "}]":
-            depth -= 1
-            if depth == 0:
-                return True
-    return False
+    return JsonValueScanner().feed(text)[1]
 
 
 def parse_calls(text: str, tools: Sequence[Tool]) -> tuple[str, list[FunctionCall]]:

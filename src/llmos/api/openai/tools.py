@@ -19,6 +19,7 @@ from llmos.api.openai.schemas import ChatCompletionRequest, ChatMessageIn, Named
 from llmos.engine.tool_calls import (
     END,
     TRIGGER,
+    JsonValueScanner,
     Tool,
     call_grammar,
     check_history,
@@ -133,9 +134,7 @@ class ToolStream:
         self._held = ""  # text not sent yet: it may be (the start of) a call
         self._calling = plan.required
         self._state = "seek"  # inside calls: seek (a header), args (streaming them), after (to </tool_call>)
-        self._depth = 0
-        self._in_string = False
-        self._escaped = False
+        self._arguments = JsonValueScanner()
         self._index = -1
         self._fallback = False
         self.called = False
@@ -177,9 +176,9 @@ class ToolStream:
                 header["function"] = {"name": match.group(1), "arguments": ""}
                 deltas.append({"tool_calls": [header]})
                 self._held = self._held[match.end() :]
-                self._state, self._depth, self._in_string, self._escaped = "args", 0, False, False
+                self._state, self._arguments = "args", JsonValueScanner()
             elif self._state == "args":
-                used, done = self._scan(self._held)
+                used, done = self._arguments.feed(self._held)
                 if used:
                     fragment = {"index": self._index, "function": {"arguments": self._held[:used]}}
                     deltas.append({"tool_calls": [fragment]})
@@ -194,28 +193,6 @@ class ToolStream:
                 self._held = self._held[end + len(END) :]
                 self._state = "seek"
         return deltas
-
-    def _scan(self, text: str) -> tuple[int, bool]:
-        """(characters of ``text`` that belong to the arguments value, whether that value is complete)."""
-        for position, char in enumerate(text):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif char == "\\":
-                    self._escaped = True
-                elif char == '"':
-                    self._in_string = False
-                    if self._depth == 0:  # the arguments were written as a JSON string
-                        return position + 1, True
-            elif char == '"':
-                self._in_string = True
-            elif char in "{[":
-                self._depth += 1
-            elif char in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    return position + 1, True
-        return len(text), False
 
     @property
     def cut_off(self) -> bool:
