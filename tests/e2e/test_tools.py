@@ -177,6 +177,29 @@ def test_auto_answers_in_text_or_with_a_valid_call(client: openai.OpenAI) -> Non
             assert message.content
 
 
+def test_a_trigger_echoed_from_the_prompt_never_brings_the_server_down(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    """A user who types the call marker makes SmolLM2 echo "<tool_call> weather ...": text the call grammar rejects.
+    llama.cpp's lazy grammar fed it unchecked and aborted the process; llmos arms the grammar only with text it
+    accepts, so the answer is text or a valid call and the server keeps serving."""
+    for content in ["<tool_call> weather Paris", "<tool_call>", "Say <tool_call> then stop"]:
+        response = client.chat.completions.create(
+            model="smollm2",
+            messages=[
+                {"role": "system", "content": "You are a helpful assistant that always calls tools."},
+                {"role": "user", "content": content},
+            ],
+            tools=[WEATHER],
+            temperature=0,
+            max_tokens=60,
+        )
+        for call in response.choices[0].message.tool_calls or []:
+            assert_valid(call.function.name, call.function.arguments)
+    assert server.process.poll() is None
+    assert httpx.get(f"{server.base}/health", timeout=10).status_code == 200
+
+
 def error_of(server: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
     response = httpx.post(f"{server.base}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text

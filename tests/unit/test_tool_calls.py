@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from llmos.api.openai.schemas import ChatCompletionRequest
-from llmos.api.openai.tools import ToolPlan, ToolStream, chat_messages, plan_tools, split_output
+from llmos.api.openai.tools import chat_messages, plan_tools
+from llmos.api.tool_plan import ToolPlan, ToolStream, split_output
 from llmos.engine.tool_calls import (
     MAX_TOOLS,
     TRIGGER,

@@ -22,12 +22,14 @@ from fastapi.responses import Response
 
 from llmos.api import errors, openapi
 from llmos.api.admin import router as admin_router
+from llmos.api.anthropic.routes import router as anthropic_router
 from llmos.api.auth import AuthMiddleware
 from llmos.api.console import router as console_router
 from llmos.api.health import router as health_router
 from llmos.api.lifecycle import router as lifecycle_router
 from llmos.api.middleware import HardeningMiddleware, RequestContextMiddleware
 from llmos.api.models import router as models_router
+from llmos.api.ollama.routes import router as ollama_router
 from llmos.api.openai.embeddings import router as embeddings_router
 from llmos.api.openai.routes import router as openai_router
 from llmos.api.pipelines import router as pipelines_router
@@ -182,6 +184,8 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, metrics=metrics, tracing=tracing)  # outermost: ids, logs, metrics
     app.include_router(openai_router)
     app.include_router(embeddings_router)
+    app.include_router(anthropic_router)
+    app.include_router(ollama_router)
     app.include_router(admin_router)
     app.include_router(lifecycle_router)
     app.include_router(pipelines_router)

@@ -1,15 +1,15 @@
 """Authentication on every route, and the permission checks routes call.
 
-Contract: :class:`AuthMiddleware` runs before routing. Unless the path is ``/health``, ``/ready`` or the web console's
-static files under ``/console``, it requires a
-valid ``Authorization: Bearer <key>`` whenever authentication is on (a key exists, or ``Settings.auth``), and stores
-the :class:`~llmos.security.principal.Principal` in ``scope["state"]["principal"]``; with authentication off, the
-caller is the local admin. It fails closed: an unexpected error while authenticating denies the request (401 for a
-bad key, 503 when the key store cannot be read) and is audited without the key. A state-changing request (any
-method but GET, HEAD and OPTIONS, other than generation and embeddings) is refused with 503 before it runs unless
-the audit log can be written. The usage records a request makes are committed before the rest of its response is
-sent (see :mod:`llmos.security.usage`). Routes then call :func:`principal`, :func:`require_role` and
-:func:`visible_view`.
+Contract: :class:`AuthMiddleware` runs before routing. Unless the path is ``/health``, ``/ready`` or the web
+console's static files under ``/console``, it requires a valid ``Authorization: Bearer <key>`` (or
+``x-api-key: <key>``, as Anthropic's clients send it) whenever authentication is on (a key exists, or
+``Settings.auth``), and stores the :class:`~llmos.security.principal.Principal` in ``scope["state"]["principal"]``;
+with authentication off, the caller is the local admin. It fails closed: an unexpected error while authenticating
+denies the request (401 for a bad key, 503 when the key store cannot be read) and is audited without the key; its
+error bodies have the shape of the route's API family. A state-changing request (any method but GET, HEAD and
+OPTIONS, other than generation and embeddings) is refused with 503 before it runs unless the audit log can be
+written. The usage records a request makes are committed before the rest of its response is sent (see
+:mod:`llmos.security.usage`). Routes then call :func:`principal`, :func:`require_role` and :func:`visible_view`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from anyio import to_thread
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmos.api.errors import error_body
+from llmos.api.errors import shaped
 from llmos.errors import AuthenticationError, LlmosError, ModelNotFoundError, PermissionDeniedError
 from llmos.registry.views import VersionView
 from llmos.security import usage
@@ -31,8 +31,21 @@ from llmos.security.service import SecurityService
 log = logging.getLogger("llmos.api")
 OPEN_PATHS = {"/health", "/ready"}
 READ_METHODS = {"GET", "HEAD", "OPTIONS"}
-METERED_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
-"""Requests that change nothing but usage (recorded, not audited)."""
+METERED_PATHS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/show",
+}
+"""POST routes that change nothing but usage (recorded, not audited); ``/v1/responses`` stores the response for
+its own tenant, as part of answering, and ``/api/show`` only reads."""
 CONSOLE_PREFIX = "/console"
 """The web console's static shell (HTML, scripts, styles; no data) is served without a key."""
 
@@ -54,17 +67,24 @@ class AuthMiddleware:
         try:
             if self.security.auth_required():
                 raw = headers.get(b"authorization")
+                if raw is None and b"x-api-key" in headers:
+                    raw = b"Bearer " + headers[b"x-api-key"]
                 principal = self.security.authenticate(raw.decode("latin-1") if raw is not None else None)
             else:
                 principal = LOCAL_ADMIN
         except AuthenticationError as exc:
             self.security.audit("unknown", None, "auth", scope["path"], "denied", reason=exc.message)
-            await _reply(send, 401, error_body(exc.message, exc.type, exc.code), {"WWW-Authenticate": "Bearer"})
+            body = shaped(scope["path"], 401, exc.message, exc.type, exc.code)
+            await _reply(send, 401, body, {"WWW-Authenticate": "Bearer"})
             return
         except Exception:  # fail closed
             log.exception("authentication failed unexpectedly")
-            body = error_body(
-                "authentication is unavailable; the request was denied", "server_error", "auth_unavailable"
+            body = shaped(
+                scope["path"],
+                503,
+                "authentication is unavailable; the request was denied",
+                "server_error",
+                "auth_unavailable",
             )
             await _reply(send, 503, body, {})
             return
@@ -72,7 +92,7 @@ class AuthMiddleware:
             try:  # fail closed: nothing changes unless its audit event can be written
                 await to_thread.run_sync(self.security.check_audit, "this request")
             except LlmosError as exc:
-                await _reply(send, exc.status, error_body(exc.message, exc.type, exc.code), {})
+                await _reply(send, exc.status, shaped(scope["path"], exc.status, exc.message, exc.type, exc.code), {})
                 return
         scope.setdefault("state", {})["principal"] = principal
         with usage.collecting() as commits:

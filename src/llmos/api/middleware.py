@@ -28,7 +28,17 @@ from llmos.observability.metrics import METHODS, Metrics
 from llmos.observability.tracing import Tracing
 
 access_log = logging.getLogger("llmos.access")
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
+ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
+    "/api/chat": "ollama_chat",
+    "/api/generate": "ollama_generate",
+    "/api/embed": "ollama_embed",
+    "/api/embeddings": "ollama_embed",
+}
 """Routes counted per model and tenant (``llmos_requests_total``), by their endpoint label."""
 QUIET_ROUTES = {"/health", "/ready", "/metrics"}
 """Probes and scrapes: logged at DEBUG so a 1 s scrape interval does not drown the access log."""

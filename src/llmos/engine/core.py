@@ -397,10 +397,13 @@ class EngineCore:
             with self._lock:
                 self.scheduler.finish(seq)
         seq.finished = True
+        matched: str | None = None
         if seq.generation is not None:
+            matched = seq.generation.stops.matched
             seq.generation.sampler.close()
             seq.generation = None
         final = output or self._new_output(seq)
+        final.stop_sequence = matched if reason == "stop" else None
         final.finished = True
         final.finish_reason = reason
         final.error = error

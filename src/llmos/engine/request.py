@@ -75,6 +75,8 @@ class GenerationOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache instead of being computed."""
+    stop_sequence: str | None = None
+    """On the final event of a request stopped by one of its stop strings: that string (else None)."""
     error: LlmosError | None = None
     time: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None

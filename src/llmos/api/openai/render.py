@@ -8,20 +8,15 @@ from the prefix cache, as OpenAI reports its prompt caching), model objects, and
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from llmos.api.sse import sse
 from llmos.engine.request import Logprob
 from llmos.registry.views import VersionView
 
 
 def token_text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
 
 
 SSE_DONE = sse("[DONE]")

@@ -25,17 +25,20 @@ from fastapi.responses import StreamingResponse
 
 from llmos.api.auth import principal, visible_view
 from llmos.api.body import parse_body
+from llmos.api.chat import ChatJob, ChatRun, check_logit_bias, collect, start_chat
 from llmos.api.errors import error_body
 from llmos.api.generation import Call, acquire, engine_options, meter, submit_all
 from llmos.api.openai import render, tools
 from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from llmos.api.pipelines import start_for_missing_model
+from llmos.api.sse import sse
 from llmos.api.state import AppState
+from llmos.api.tool_plan import ToolPlan, ToolStream
 from llmos.engine.grammar import json_object_grammar, json_schema_grammar
 from llmos.engine.request import GenerationRequest, Logprob
 from llmos.errors import InvalidInputError, LlmosError, ModelNotFoundError, PermissionDeniedError
 from llmos.runtime.model import LoadedModel
-from llmos.types import SamplingParams
+from llmos.types import ChatMessage, SamplingParams
 
 router = APIRouter()
 
@@ -45,13 +48,9 @@ def app_state(request: Request) -> AppState:
     return state
 
 
-def sampling(body: SamplingFields, max_tokens: int, index: int, n_vocab: int) -> SamplingParams:
-    bias: tuple[tuple[int, float], ...] = ()
-    if body.logit_bias:
-        for key in body.logit_bias:
-            if int(key) >= n_vocab:
-                raise InvalidInputError(f"logit_bias token id {key} is outside the vocabulary", param="logit_bias")
-        bias = tuple((int(k), v) for k, v in body.logit_bias.items())
+def sampling(body: SamplingFields, max_tokens: int, index: int) -> SamplingParams:
+    """The body's sampling fields; choice ``index`` gets ``seed + index``. Logit-bias ids are checked against the
+    model's vocabulary once it is loaded (:func:`check_logit_bias`)."""
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -63,7 +62,7 @@ def sampling(body: SamplingFields, max_tokens: int, index: int, n_vocab: int) ->
         frequency_penalty=body.frequency_penalty,
         seed=None if body.seed is None else body.seed + index,
         stop=body.stops(),
-        logit_bias=bias,
+        logit_bias=tuple((int(k), v) for k, v in (body.logit_bias or {}).items()),
     )
 
 
@@ -72,7 +71,7 @@ def new_id(prefix: str) -> str:
 
 
 def error_event(exc: LlmosError) -> bytes:
-    return render.sse(error_body(exc.message, exc.type, exc.code, exc.param))
+    return sse(error_body(exc.message, exc.type, exc.code, exc.param))
 
 
 # --- models ---------------------------------------------------------------------------------------------------------
@@ -123,112 +122,83 @@ def _grammar(body: ChatCompletionRequest) -> str | None:
     return json_schema_grammar(fmt.json_schema.schema_)
 
 
+def chat_job(body: ChatCompletionRequest, messages: list[ChatMessage], plan: ToolPlan, grammar: str | None) -> ChatJob:
+    return ChatJob(
+        model=body.model,
+        messages=messages,
+        sampling=sampling(body, 0, 0),
+        max_tokens=body.limit(),
+        endpoint="chat",
+        plan=plan,
+        grammar=grammar,
+        n=body.n,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        priority=body.priority,
+        keep_alive=body.keep_alive,
+        cache_prompt=body.cache_prompt,
+        speculative=body.speculative,
+    )
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Any:
-    arrived = time.monotonic()
     state = app_state(request)
     body = await parse_body(request, ChatCompletionRequest, state.settings.max_request_bytes)
     messages = tools.chat_messages(body)
     plan = await to_thread.run_sync(tools.plan_tools, body)
-    grammar = plan.grammar if plan.active else await to_thread.run_sync(_grammar, body)
+    grammar = None if plan.active else await to_thread.run_sync(_grammar, body)
     caller = principal(request)
     try:
-        target = await acquire(state, caller, body.model, body.keep_alive)
+        run = await start_chat(state, request, caller, chat_job(body, messages, plan, grammar))
     except ModelNotFoundError:
         if body.pipeline is None:
             raise
         return await start_for_missing_model(request, caller, body.model, body.pipeline)
-    try:
-        model = target.model
-        prompt = await to_thread.run_sync(
-            lambda: model.chat_tokens(messages, tools=plan.offered, tool_required=plan.required)
-        )
-        limit = body.limit()
-        model.engine.check_fits(len(prompt), limit)
-        max_tokens = limit if limit is not None else model.engine.max_context - len(prompt)
-        top = body.top_logprobs or 0
-        options = engine_options(state.settings, caller, cache_prompt=body.cache_prompt, speculative=body.speculative)
-        requests = [
-            GenerationRequest(
-                prompt,
-                sampling(body, max_tokens, i, model.backend.n_vocab),
-                logprobs=top if body.logprobs else None,
-                grammar=grammar,
-                grammar_trigger=plan.trigger,
-                priority=body.priority,
-                adapter=target.adapter,
-                fairness_key=caller.tenant,
-                prefix_scope=options.prefix_scope,
-                cache_prompt=options.cache_prompt,
-                speculative=options.speculative,
-            )
-            for i in range(body.n)
-        ]
-        metering = meter(state, request, caller, body.n * (len(prompt) + max_tokens), "chat", arrived)
-    except BaseException:
-        target.release()
-        raise
-    call = submit_all(target, requests, state.metrics, prompt_tokens=len(prompt), arrived=arrived, metering=metering)
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _chat_stream(call, completion_id, created, target.name, len(prompt), include_usage, plan),
+            _chat_stream(run, completion_id, created, include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    texts: dict[int, list[str]] = {i: [] for i in range(body.n)}
-    logprobs: dict[int, list[Logprob]] = {i: [] for i in range(body.n)}
-    reasons: dict[int, str] = {}
-    completion_tokens = 0
-    async for index, output in call.outputs():
-        texts[index].append(output.text)
-        logprobs[index].extend(output.logprobs or [])
-        if output.finished:
-            reasons[index] = output.finish_reason or "stop"
-            completion_tokens += output.completion_tokens
+    results = await collect(run)
     choices = []
-    for i in range(body.n):
-        message, called = tools.message("".join(texts[i]), plan)
+    for i, result in enumerate(results):
+        message, called = tools.message(result.text, plan)
         choices.append(
             {
                 "index": i,
                 "message": message,
-                "logprobs": render.chat_logprobs(logprobs[i]) if body.logprobs else None,
-                "finish_reason": "tool_calls" if called else reasons[i],
+                "logprobs": render.chat_logprobs(result.logprobs) if body.logprobs else None,
+                "finish_reason": "tool_calls" if called else result.finish_reason,
             }
         )
+    completion_tokens = sum(result.completion_tokens for result in results)
     return render.chat_completion(
         completion_id,
         created,
-        target.name,
+        run.model,
         choices,
-        len(prompt),
+        run.prompt_tokens,
         completion_tokens,
-        target.fingerprint,
-        cached_tokens=call.cached_prompt_tokens(body.n),
+        run.target.fingerprint,
+        cached_tokens=run.cached_tokens(),
     )
 
 
-async def _chat_stream(
-    call: Call,
-    completion_id: str,
-    created: int,
-    model: str,
-    prompt_tokens: int,
-    include_usage: bool,
-    plan: tools.ToolPlan,
-) -> AsyncIterator[bytes]:
+async def _chat_stream(run: ChatRun, completion_id: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
+    call, plan = run.call, run.plan
     completion_tokens = 0
 
     def chunk(index: int, delta: dict[str, Any], **extra: Any) -> bytes:
-        return render.sse(render.chat_chunk(completion_id, created, model, index, delta, **extra))
+        return sse(render.chat_chunk(completion_id, created, run.model, index, delta, **extra))
 
     try:
         for index in range(len(call.requests)):
             yield chunk(index, {"role": "assistant", "content": ""})
         want_logprobs = call.requests[0].logprobs is not None
-        splitters = {index: tools.ToolStream(plan) for index in range(len(call.requests))} if plan.active else {}
+        splitters = {index: ToolStream(plan) for index in range(len(call.requests))} if plan.active else {}
         async for index, output in call.outputs():
             logprobs = render.chat_logprobs(output.logprobs or []) if want_logprobs and output.logprobs else None
             splitter = splitters.get(index)
@@ -247,8 +217,8 @@ async def _chat_stream(
                     reason = "tool_calls" if splitter.called and not splitter.cut_off else reason
                 yield chunk(index, {}, finish_reason=reason)
         if include_usage:
-            usage = render.usage(prompt_tokens, completion_tokens, call.cached_prompt_tokens(len(call.requests)))
-            yield render.sse(render.usage_chunk(completion_id, created, model, "chat.completion.chunk", usage))
+            usage = render.usage(run.prompt_tokens, completion_tokens, run.cached_tokens())
+            yield sse(render.usage_chunk(completion_id, created, run.model, "chat.completion.chunk", usage))
         yield render.SSE_DONE
     except LlmosError as exc:
         yield error_event(exc)
@@ -297,6 +267,7 @@ async def completions(request: Request) -> Any:
         return await start_for_missing_model(request, caller, body.model, body.pipeline)
     try:
         model = target.model
+        check_logit_bias(body.logit_bias, model.backend.n_vocab)
         prompts = await to_thread.run_sync(_prompt_token_lists, body, model)
         for tokens, _text in prompts:
             model.engine.check_fits(len(tokens), body.max_tokens)
@@ -307,7 +278,7 @@ async def completions(request: Request) -> Any:
         requests = [
             GenerationRequest(
                 tokens,
-                sampling(body, body.max_tokens, j, model.backend.n_vocab),
+                sampling(body, body.max_tokens, j),
                 logprobs=body.logprobs,
                 prompt_logprobs=score_prompt,
                 priority=body.priority,
@@ -383,7 +354,7 @@ async def _completion_stream(
         if body.echo:
             for index, echo in enumerate(echoes):
                 choice = {"index": index, "text": echo, "logprobs": None, "finish_reason": None}
-                yield render.sse(render.text_completion(completion_id, created, model, [choice], None))
+                yield sse(render.text_completion(completion_id, created, model, [choice], None))
         async for index, output in call.outputs():
             logprobs = None
             if body.logprobs is not None and output.logprobs:
@@ -397,10 +368,10 @@ async def _completion_stream(
                     "logprobs": logprobs,
                     "finish_reason": output.finish_reason if output.finished else None,
                 }
-                yield render.sse(render.text_completion(completion_id, created, model, [choice], None))
+                yield sse(render.text_completion(completion_id, created, model, [choice], None))
         if include_usage:
             usage = render.usage(prompt_tokens, completion_tokens, call.cached_prompt_tokens(body.n))
-            yield render.sse(render.usage_chunk(completion_id, created, model, "text_completion", usage))
+            yield sse(render.usage_chunk(completion_id, created, model, "text_completion", usage))
         yield render.SSE_DONE
     except LlmosError as exc:
         yield error_event(exc)

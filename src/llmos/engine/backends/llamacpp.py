@@ -23,7 +23,6 @@ import ctypes
 import importlib.util
 import logging
 import os
-import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,20 +113,20 @@ class Sampler:
         def add(sampler: Any) -> None:
             lib.llama_sampler_chain_add(self._chain, sampler)
 
-        if grammar is not None and grammar_trigger is not None:  # lazy: from the trigger on, the rest follows
-            pattern = f"[\\s\\S]*?({re.escape(grammar_trigger)})[\\s\\S]*".encode()
-            patterns = (ctypes.c_char_p * 1)(pattern)
-            grammar_sampler = lib.llama_sampler_init_grammar_lazy_patterns(
-                model.vocab, grammar.encode("utf-8"), b"root", patterns, 1, None, 0
-            )
-        elif grammar is not None:
-            grammar_sampler = lib.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+        # The grammar is a filter outside the chain (see sample()). A lazy grammar (with a trigger) is armed here,
+        # not by llama.cpp's lazy sampler: when the trigger appears, llama.cpp feeds the text from the trigger on to
+        # the grammar unchecked, and text the grammar rejects (a model echoing "<tool_call> weather" from its
+        # prompt) raises a C++ exception that no caller can catch and that ends the whole process.
         self._grammar: Any = None
+        self._trigger = grammar_trigger.encode("utf-8") if grammar is not None and grammar_trigger else b""
+        self._armed = grammar is not None and not self._trigger
+        self._tail = b""  # the end of the output so far that could begin the trigger, while it is awaited
         if grammar is not None:
+            grammar_sampler = lib.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
             if not grammar_sampler:
                 self.close()
                 raise InvalidInputError("the response format could not be compiled into a grammar")
-            self._grammar = grammar_sampler  # a filter, outside the chain: see sample()
+            self._grammar = grammar_sampler
         if params.logit_bias:
             biases = (lib.llama_logit_bias * len(params.logit_bias))()
             for i, (token, bias) in enumerate(params.logit_bias):
@@ -165,7 +164,8 @@ class Sampler:
 
         With a grammar, as llama.cpp's own samplers do: the unconstrained choice is checked against the grammar
         (one token) and only when it breaks the grammar is the whole vocabulary filtered by it and the choice made
-        again. Checking every token of the vocabulary at every step cost about 20 ms a token here.
+        again. Checking every token of the vocabulary at every step cost about 20 ms a token here. No token the
+        grammar rejects is ever accepted into it (llama.cpp aborts the process on one).
         """
         lib = self._lib
         if self._grammar is None:
@@ -173,24 +173,72 @@ class Sampler:
         logits = np.ctypeslib.as_array(
             lib.llama_get_logits_ith(self._model.context, output_row), shape=(self._model.n_vocab,)
         )
-        token = self._choose(logits, constrained=False)
-        single = (lib.llama_token_data * 1)()
-        single[0].id, single[0].logit, single[0].p = token, float(logits[token]), 0.0
-        check = lib.llama_token_data_array(single, 1, -1, False)
-        lib.llama_sampler_apply(self._grammar, ctypes.byref(check))
-        if not np.isfinite(single[0].logit):
-            token = self._choose(logits, constrained=True)
-        lib.llama_sampler_accept(self._grammar, token)
+        token = self._choose_awaiting(logits) if not self._armed else self._choose_armed(logits)
         lib.llama_sampler_accept(self._chain, token)
         return token
 
-    def _choose(self, logits: np.ndarray, *, constrained: bool) -> int:
+    def _choose_armed(self, logits: np.ndarray) -> int:
+        token = self._choose(logits, constrained=False)
+        if not self._allows(self._grammar, token):
+            token = self._choose(logits, constrained=True)
+            if not self._allows(self._grammar, token):  # nothing the grammar allows: end the output cleanly
+                return self._end_token()
+        self._lib.llama_sampler_accept(self._grammar, token)
+        return token
+
+    def _choose_awaiting(self, logits: np.ndarray) -> int:
+        """Free choice while the trigger is awaited; a choice that completes the trigger arms the grammar with the
+        text from the trigger on, and one whose text there breaks the grammar is banned and the choice made again."""
+        banned: list[int] = []
+        for _attempt in range(8):
+            token = self._choose(logits, constrained=False, banned=banned)
+            text = self._tail + self._model.token_bytes(token)
+            at = text.find(self._trigger)
+            if at < 0:
+                self._tail = text[len(text) - len(self._trigger) + 1 :]
+                return token
+            if self._arm(text[at:]):
+                return token
+            banned.append(token)
+        return self._end_token()
+
+    def _arm(self, text: bytes) -> bool:
+        """Feed ``text`` (the output from the trigger on) to the grammar, checking every piece first."""
+        try:
+            tokens = self._model.tokenize(text.decode("utf-8"), add_special=False, parse_special=False)
+        except (UnicodeDecodeError, InvalidInputError):
+            return False
+        trial = self._lib.llama_sampler_clone(self._grammar)
+        for token in tokens:
+            if not self._allows(trial, token):
+                self._lib.llama_sampler_free(trial)
+                return False
+            self._lib.llama_sampler_accept(trial, token)
+        self._lib.llama_sampler_free(self._grammar)
+        self._grammar, self._armed = trial, True
+        return True
+
+    def _allows(self, grammar: Any, token: int) -> bool:
+        lib = self._lib
+        single = (lib.llama_token_data * 1)()
+        single[0].id, single[0].logit, single[0].p = token, 0.0, 0.0
+        check = lib.llama_token_data_array(single, 1, -1, False)
+        lib.llama_sampler_apply(grammar, ctypes.byref(check))
+        return bool(np.isfinite(single[0].logit))
+
+    def _end_token(self) -> int:
+        end = int(self._lib.llama_vocab_eos(self._model.vocab))
+        return end if end >= 0 else int(self._lib.llama_vocab_eot(self._model.vocab))
+
+    def _choose(self, logits: np.ndarray, *, constrained: bool, banned: Sequence[int] = ()) -> int:
         lib, size = self._lib, len(logits)
         candidates = (lib.llama_token_data * size)()
         view = np.ctypeslib.as_array(candidates).view(_TOKEN_DATA)  # fill through numpy: 49k entries in ~0.1 ms
         view["id"] = np.arange(size, dtype=np.int32)
         view["logit"] = logits
         view["p"] = 0.0
+        if banned:
+            view["logit"][list(banned)] = -np.inf
         array = lib.llama_token_data_array(candidates, size, -1, False)
         if constrained:
             lib.llama_sampler_apply(self._grammar, ctypes.byref(array))

@@ -1,0 +1,1 @@
+"""Ollama's native HTTP API (``/api/...``), as the official ``ollama`` clients speak it."""
