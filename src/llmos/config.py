@@ -191,6 +191,14 @@ class Settings(BaseSettings):
         default=True,
         description="Record one usage row per request (tenant, key prefix, model, tokens, latency, status).",
     )
+    responses_retention_hours: float = Field(
+        default=720.0,
+        gt=0,
+        description=(
+            "How long answers of /v1/responses stored with `store: true` are kept for previous_response_id and"
+            " GET /v1/responses/{id} (OpenAI keeps them 30 days)."
+        ),
+    )
     encryption_key: SecretStr | None = Field(
         default=None,
         description=(

@@ -58,6 +58,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path) -> World
     key("globex", "--tenant", "globex", "--role", "developer")
     key("revoked", "--tenant", "acme", "--role", "consumer")
     key("canary", "--tenant", "acme", "--role", "consumer")
+    key("surfaces", "--tenant", "acme", "--role", "developer")
+    key("budget_mixed", "--tenant", "acme", "--role", "consumer", "--budget", "300")
     prefix = world.keys["revoked"].split("_")[1]
     assert run_cli(home, "keys", "revoke", prefix).returncode == 0
     security = SecurityService(settings)
@@ -128,6 +130,98 @@ def test_roles_and_tenants(server: ServerProcess, world: World) -> None:
     assert "globex-private:latest" in [m.id for m in globex.models.list().data]
     with pytest.raises(openai.PermissionDeniedError):  # public models belong to nobody: only an admin deletes them
         globex.models.delete("smollm2")
+
+
+SURFACES = {
+    # route: (body for a model, the endpoint label of its usage rows)
+    "/v1/responses": ({"input": "Capital of France?", "max_output_tokens": 8}, "responses"),
+    "/v1/messages": ({"messages": [{"role": "user", "content": "Capital of France?"}], "max_tokens": 8}, "messages"),
+    "/api/chat": (
+        {
+            "messages": [{"role": "user", "content": "Capital of France?"}],
+            "stream": False,
+            "options": {"num_predict": 8},
+        },
+        "ollama_chat",
+    ),
+    "/api/generate": (
+        {"prompt": "Capital of France?", "stream": False, "options": {"num_predict": 8}},
+        "ollama_generate",
+    ),
+}
+
+
+def _error_message(path: str, body: dict[str, object]) -> str:
+    """The message of an error body in the shape of the route's API family."""
+    if path.startswith("/api/"):
+        return str(body["error"])
+    if path.startswith("/v1/messages"):
+        assert body["type"] == "error"
+    return str(body["error"]["message"])  # type: ignore[index]
+
+
+def test_every_api_surface_hides_other_tenants_and_records_usage(server: ServerProcess, world: World) -> None:
+    key = world.keys["surfaces"]
+    for path, (fields, _endpoint) in SURFACES.items():
+        for header in ({"Authorization": f"Bearer {key}"}, {"x-api-key": key}):
+            hidden = httpx.post(f"{server.base}{path}", json={"model": "globex-private", **fields}, headers=header)
+            assert hidden.status_code == 404, (path, hidden.text)
+            assert "globex-private" in _error_message(path, hidden.json())
+        served = httpx.post(f"{server.base}{path}", json={"model": "smollm2", **fields}, headers={"x-api-key": key})
+        assert served.status_code == 200, (path, served.text)
+        wrong = httpx.post(f"{server.base}{path}", json={"model": "smollm2", **fields}, headers={"x-api-key": "nope"})
+        assert wrong.status_code == 401 and _error_message(path, wrong.json())
+    prefix = key.split("_")[1]
+    with sqlite3.connect(world.home / "llmos.db") as conn:
+        rows = conn.execute(
+            "SELECT endpoint, SUM(prompt_tokens), SUM(completion_tokens) FROM usage"
+            " WHERE key_prefix = ? AND status = 200 GROUP BY endpoint",
+            (prefix,),
+        ).fetchall()
+    used = {endpoint: (prompt, completion) for endpoint, prompt, completion in rows}
+    for _path, (_fields, endpoint) in SURFACES.items():
+        assert used[endpoint][0] > 0 and 0 < used[endpoint][1] <= 8, (endpoint, used)
+
+
+def test_stored_responses_belong_to_their_tenant(server: ServerProcess, world: World) -> None:
+    globex = client(server, world.keys["globex"])
+    stored = globex.responses.create(model="globex-private", input="Hello", max_output_tokens=4)
+    assert globex.responses.retrieve(stored.id).id == stored.id
+    for name in ("admin", "developer", "surfaces"):
+        other = client(server, world.keys[name])
+        with pytest.raises(openai.NotFoundError):
+            other.responses.retrieve(stored.id)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.delete(stored.id)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.create(model="smollm2", input="And?", previous_response_id=stored.id, max_output_tokens=4)
+    assert globex.responses.retrieve(stored.id).id == stored.id  # still there
+
+
+def test_a_token_budget_counts_every_api_surface(server: ServerProcess, world: World) -> None:
+    key = world.keys["budget_mixed"]
+    refused: list[tuple[str, httpx.Response]] = []
+    for attempt in range(40):
+        path = list(SURFACES)[attempt % len(SURFACES)]
+        fields = SURFACES[path][0]
+        response = httpx.post(
+            f"{server.base}{path}", json={"model": "smollm2", **fields}, headers={"x-api-key": key}, timeout=60
+        )
+        assert response.status_code in (200, 429), response.text
+        if response.status_code == 429:
+            refused.append((path, response))
+            if len(refused) == len(SURFACES):
+                break
+    assert {path for path, _ in refused} == set(SURFACES)
+    for path, response in refused:
+        assert "token budget" in _error_message(path, response.json())
+    prefix = key.split("_")[1]
+    with sqlite3.connect(world.home / "llmos.db") as conn:
+        total, endpoints = conn.execute(
+            "SELECT SUM(prompt_tokens + completion_tokens), COUNT(DISTINCT endpoint) FROM usage WHERE key_prefix = ?",
+            (prefix,),
+        ).fetchone()
+    assert total <= 300 and endpoints == len(SURFACES)
 
 
 def test_keys_cannot_escalate(server: ServerProcess, world: World) -> None:

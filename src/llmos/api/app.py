@@ -33,6 +33,7 @@ from llmos.api.ollama.routes import router as ollama_router
 from llmos.api.openai.embeddings import router as embeddings_router
 from llmos.api.openai.routes import router as openai_router
 from llmos.api.pipelines import router as pipelines_router
+from llmos.api.responses.routes import router as responses_router
 from llmos.api.state import AppState
 from llmos.api.transfer import router as transfer_router
 from llmos.config import Settings
@@ -184,6 +185,7 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, metrics=metrics, tracing=tracing)  # outermost: ids, logs, metrics
     app.include_router(openai_router)
     app.include_router(embeddings_router)
+    app.include_router(responses_router)
     app.include_router(anthropic_router)
     app.include_router(ollama_router)
     app.include_router(admin_router)

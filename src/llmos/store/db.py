@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from llmos.errors import StorageError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 """Newest migration revision; a test asserts it equals Alembic's head."""
 
 

@@ -10,13 +10,26 @@ file paths, only digests: bytes live in the blob store.
 * ``tags``: movable names pointing at a version of the same model.
 * ``lineage``: how a version was produced: operation, parameters, and parent versions (kept as digests and names so
   history survives the deletion of a parent).
+* ``responses``: answers of the Responses API stored per tenant for ``previous_response_id``.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -263,3 +276,22 @@ class Pipeline(Base):
     recipe: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StoredResponse(Base):
+    """One answer of the Responses API kept for ``previous_response_id`` and ``GET /v1/responses/{id}``.
+
+    ``payload`` is the JSON of the response and of the conversation it continued (its input items, earlier turns
+    included), encrypted with the store's key when one is configured. Rows expire after the retention period.
+    """
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    """Owning tenant; None = the local (auth off) caller."""
+    model: Mapped[str] = mapped_column(String(300))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    encrypted: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
