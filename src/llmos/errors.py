@@ -126,6 +126,14 @@ class UnknownSourceError(NotFoundError):
 # --- state errors (409) ---------------------------------------------------------------------------------------------
 
 
+class ClientDisconnectedError(LlmosError):
+    """The client left before its answer was ready; the work was cancelled. Nobody receives this response."""
+
+    code = "client_closed_request"
+    type = "invalid_request_error"
+    status = 499
+
+
 class ConflictError(LlmosError):
     code = "conflict"
     type = "invalid_request_error"

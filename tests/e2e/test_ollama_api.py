@@ -78,6 +78,12 @@ def models(client: ollama.Client) -> dict[str, ollama.ListResponse.Model]:
 
 
 def test_version_tags_and_show(server: ServerProcess, client: ollama.Client, store: Path) -> None:
+    root = httpx.get(f"{server.base}/")
+    assert root.status_code == 200 and root.text == "Ollama is running"
+    assert root.headers["content-type"].startswith("text/plain")
+    head = httpx.head(f"{server.base}/")
+    assert head.status_code == 200 and head.content == b""
+    assert httpx.get(f"{server.base}/console", follow_redirects=False).headers["location"] == "/console/"
     assert httpx.get(f"{server.base}/api/version").json() == {"version": llmos.__version__}
     listed = models(client)
     entry = listed["smollm2:latest"]
@@ -92,7 +98,7 @@ def test_version_tags_and_show(server: ServerProcess, client: ollama.Client, sto
     assert entry.modified_at is not None and entry.modified_at <= datetime.now(UTC)
 
     shown = client.show("smollm2")
-    assert shown.capabilities == ["completion"]  # SmolLM2's template (ChatML) does not render tools itself
+    assert shown.capabilities == ["completion", "tools"]  # every GGUF model calls tools (generic format for ChatML)
     assert shown.template and "<|im_start|>" in shown.template
     assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == "llama"
     assert shown.details is not None and shown.details.family == "llama"
@@ -221,6 +227,13 @@ def test_pull_and_embed(client: ollama.Client, minilm_pull: list[ollama.Progress
     with pytest.raises(ollama.ResponseError) as not_embedding:
         client.embed(model="smollm2", input="x")
     assert not_embedding.value.status_code == 400
+    with pytest.raises(ollama.ResponseError) as shorter:
+        client.embed(model="minilm", input="x", dimensions=128)
+    assert shorter.value.status_code == 400 and "384 dimensions" in shorter.value.error
+    assert len(client.embed(model="minilm", input="x", dimensions=384).embeddings[0]) == 384
+    loaded = client.embed(model="minilm", input=[])  # no input: only loads the model
+    assert loaded.embeddings == [] and loaded.model == "minilm:latest"
+    assert client.embeddings(model="minilm", prompt="").embedding == []
 
 
 def test_ps_shows_the_loaded_model(client: ollama.Client) -> None:
@@ -286,6 +299,9 @@ def test_bad_input_through_the_client_and_the_server_keeps_serving(client: ollam
     with pytest.raises(ollama.ResponseError) as unpullable:
         client.pull("no-such-model")
     assert unpullable.value.status_code == 404 and "can be pulled" in unpullable.value.error
+    assert (
+        "minilm (all-MiniLM-L6-v2" in unpullable.value.error and "needs `pip install gt-" not in unpullable.value.error
+    )
     assert models(client).keys() == before.keys()
     ignored = client.chat(model="smollm2", messages=PARIS, options=GREEDY | {"no_such_option": "x", "mirostat": 0})
     assert "Paris" in (ignored.message.content or "")

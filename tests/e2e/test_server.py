@@ -260,3 +260,35 @@ def test_client_disconnect_aborts_the_sequence_and_others_go_on(server: ServerPr
     assert cancelled_count(server.base) == before + 1
     runtime = httpx.get(f"{server.base}/admin/runtime").json()["models"][0]
     assert runtime["running"] == 0  # its slot and KV cache are free again
+
+
+STORY = [{"role": "user", "content": "Tell me a long story."}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": STORY, "max_tokens": 2000}),
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2000}),
+        ("/v1/responses", {"input": "Tell me a long story.", "max_output_tokens": 2000}),
+        ("/v1/messages", {"messages": STORY, "max_tokens": 2000}),
+        ("/api/generate", {"prompt": "Tell me a long story.", "stream": False, "options": {"num_predict": 2000}}),
+    ],
+)
+def test_a_client_that_leaves_a_non_streamed_request_aborts_it(
+    server: ServerProcess, path: str, body: dict[str, object]
+) -> None:
+    """The answer of a non-streamed request is sent at the end; a client that gives up before then must not leave
+    its sequence generating to the token limit."""
+    before = cancelled_count(server.base)
+    request = {"model": "smollm2", "temperature": 1.0, "seed": 1, **body}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base}{path}", json=request, timeout=httpx.Timeout(10, read=1.0))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        cancelled_count(server.base) <= before
+        or httpx.get(f"{server.base}/admin/runtime").json()["models"][0]["running"] > 0
+    ):
+        time.sleep(0.1)
+    assert cancelled_count(server.base) == before + 1
+    assert httpx.get(f"{server.base}/admin/runtime").json()["models"][0]["running"] == 0

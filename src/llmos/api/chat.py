@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from anyio import to_thread
 from fastapi import Request
 
-from llmos.api.generation import Call, Target, acquire, engine_options, meter, submit_all
+from llmos.api.generation import Call, Target, acquire, engine_options, meter, submit_all, unless_disconnected
 from llmos.api.state import AppState
 from llmos.api.tool_plan import ToolPlan
 from llmos.engine.request import GenerationRequest, Logprob
@@ -122,8 +122,12 @@ async def start_chat(state: AppState, request: Request, caller: Principal, job: 
     return ChatRun(target, call, len(prompt), plan)
 
 
-async def collect(run: ChatRun) -> list[ChoiceResult]:
-    """Every choice of ``run``, generated to its end."""
+async def collect(run: ChatRun, request: Request) -> list[ChoiceResult]:
+    """Every choice of ``run``, generated to its end (or cancelled when the client of ``request`` leaves)."""
+    return await unless_disconnected(request, _collect(run))
+
+
+async def _collect(run: ChatRun) -> list[ChoiceResult]:
     results = [ChoiceResult() for _ in run.call.requests]
     texts: list[list[str]] = [[] for _ in results]
     async for index, output in run.call.outputs():

@@ -28,9 +28,11 @@ included, and :meth:`Call.cached_prompt_tokens` gives the call's ``usage.prompt_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 from anyio import to_thread
@@ -41,7 +43,7 @@ from llmos.api.state import AppState
 from llmos.config import Settings
 from llmos.engine.request import GenerationOutput, GenerationRequest
 from llmos.engine.streams import AsyncOutputStream
-from llmos.errors import InvalidInputError, LlmosError, OverloadedError
+from llmos.errors import ClientDisconnectedError, InvalidInputError, LlmosError, OverloadedError
 from llmos.observability.context import current_request, set_model, set_outcome
 from llmos.observability.metrics import Metrics
 from llmos.registry.names import parse_ref
@@ -55,6 +57,8 @@ from llmos.security.quotas import Reservation
 ABORT_GRACE_S = 10.0
 """How long a call that ends early waits for the engine's final token count of its aborted choices (the engine
 sends it within one step); past it, the tokens seen so far are charged."""
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -391,3 +395,26 @@ def submit_all(
         submitted=submitted_at,
         tenant=tenant,
     )
+
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` (the whole of a non-streamed answer); if the client goes away first, cancel it, which aborts
+    its generation and frees its slot and KV cache (a stream is cancelled by the server when its client leaves;
+    an answer sent at the end needs this watch, or an abandoned request generates to its token limit)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ClientDisconnectedError("the client closed the connection before the answer was ready")
+    finally:
+        if not task.done():
+            task.cancel()

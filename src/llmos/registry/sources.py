@@ -39,11 +39,13 @@ class BundledModel:
     """True when the model is a Hugging Face directory (``locate`` returns it as the single path)."""
 
     def available(self) -> bool:
+        """Whether the package is installed with the model's bytes: its chunk files, or its directory."""
         try:
             chunks, _ = self.locate()
         except (ImportError, FileNotFoundError):
             return False
-        return all(chunk.is_file() for chunk in chunks)
+        present = Path.is_dir if self.directory else Path.is_file
+        return bool(chunks) and all(present(chunk) for chunk in chunks)
 
 
 def _record_digest(distribution: str, relative: str) -> str:

@@ -3,8 +3,9 @@
 Contract: a :class:`LoadedModel` owns a running :class:`~llmos.engine.core.EngineCore` over some
 :class:`~llmos.engine.backends.base.Backend` (llama.cpp or PyTorch). It builds prompts exactly once for everyone
 (SDK, CLI, HTTP API): chat messages are rendered with the version's chat template (or the architecture's known
-template, or ChatML) and tokenized with special tokens parsed; raw text is tokenized as plain text; texts far longer
-than the context window are refused before tokenizing. :meth:`LoadedModel.close` stops the engine and frees the
+template, or ChatML) and tokenized with special tokens parsed (:meth:`LoadedModel.raw_tokens` does that for a prompt
+already in the model's format); plain text is tokenized as plain text (:meth:`LoadedModel.text_tokens`); texts far
+longer than the context window are refused before tokenizing. :meth:`LoadedModel.close` stops the engine and frees the
 backend.
 """
 
@@ -77,13 +78,22 @@ class LoadedModel:
     def chat_tokens(
         self, messages: Sequence[ChatMessage], *, tools: Sequence[Tool] = (), tool_required: bool = False
     ) -> list[int]:
-        text = self.render(messages, tools=tools, tool_required=tool_required)
+        """The prompt of a chat: the messages (and tools) rendered with the model's template, as :meth:`raw_tokens`."""
+        return self.raw_tokens(self.render(messages, tools=tools, tool_required=tool_required))
+
+    def raw_tokens(self, text: str) -> list[int]:
+        """``text`` as the model reads a prompt already in its own format (a rendered chat, or Ollama's ``raw``
+        generate): special tokens such as ``<|im_start|>`` parsed, BOS added unless the text starts with it.
+        A text far longer than the context window is refused (:class:`~llmos.errors.ContextLengthExceededError`)
+        before tokenizing."""
         self._guard_length(text)
         bos = self.view.tokenizer.get("bos_token")
         starts_with_bos = bool(bos) and text.startswith(str(bos))
         return self.backend.tokenize(text, add_special=not starts_with_bos, parse_special=True)
 
     def text_tokens(self, text: str) -> list[int]:
+        """``text`` as plain text (special-token strings in it stay text), BOS added; refused like
+        :meth:`raw_tokens` when far longer than the context window."""
         self._guard_length(text)
         return self.backend.tokenize(text, add_special=True, parse_special=False)
 

@@ -1,17 +1,17 @@
 """Anthropic's Messages API: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
 
 Contract: a body (:mod:`llmos.api.anthropic.schemas`) becomes a :class:`~llmos.api.chat.ChatJob`: ``system`` is the
-system message; ``tool_use`` blocks of assistant turns are its tool calls and ``tool_result`` blocks of user turns
-answer them (checked against each other); ``tool_choice`` ``auto`` / ``any`` / ``tool`` / ``none`` map to the tool
-plan's auto / required / named / none, ``disable_parallel_tool_use`` to one call at most. Sampling follows
-Anthropic's defaults (``temperature`` 1, no top-p / top-k cut unless asked). The answer is a ``message`` with
-``text`` and ``tool_use`` blocks and ``stop_reason`` ``end_turn`` / ``max_tokens`` / ``stop_sequence`` (with the
-matched ``stop_sequence``) / ``tool_use``; ``usage.input_tokens`` counts the prompt tokens computed and
-``cache_read_input_tokens`` those taken from the prefix cache. Streaming sends Anthropic's event sequence
-(``message_start``, ``ping``, per block ``content_block_start`` / ``_delta`` (``text_delta`` or
-``input_json_delta``) / ``_stop``, ``message_delta``, ``message_stop``; an error mid-stream is an ``error``
-event). Errors on these routes have Anthropic's shape (see :func:`llmos.api.errors.shaped`); ``x-api-key``
-authenticates as ``Authorization: Bearer`` does (see :mod:`llmos.api.auth`).
+system message; ``tool_use`` blocks of assistant turns are its tool calls and ``tool_result`` blocks of the next
+user turn answer them (checked against each other, as Anthropic does); ``tool_choice`` ``auto`` / ``any`` / ``tool``
+/ ``none`` map to the tool plan's auto / required / named / none, ``disable_parallel_tool_use`` to one call at most.
+Sampling follows Anthropic's defaults (``temperature`` 1, no top-p / top-k cut unless asked). The answer is a
+``message`` with ``text`` and ``tool_use`` blocks and ``stop_reason`` ``end_turn`` / ``max_tokens`` /
+``stop_sequence`` (with the matched ``stop_sequence``) / ``tool_use``; ``usage.input_tokens`` counts the prompt
+tokens computed and ``cache_read_input_tokens`` those taken from the prefix cache. Streaming sends Anthropic's event
+sequence (``message_start``, ``ping``, per block ``content_block_start`` / ``_delta`` (``text_delta`` or
+``input_json_delta``) / ``_stop``, ``message_delta`` (with the final usage), ``message_stop``; an error mid-stream
+is an ``error`` event). Errors on these routes have Anthropic's shape (see :func:`llmos.api.errors.shaped`);
+``x-api-key`` authenticates as ``Authorization: Bearer`` does (see :mod:`llmos.api.auth`).
 """
 
 from __future__ import annotations
@@ -28,14 +28,16 @@ from fastapi.responses import StreamingResponse
 from llmos.api.anthropic.schemas import (
     CountTokensRequest,
     MediaBlock,
+    MessageIn,
     MessagesRequest,
     TextBlock,
     ThinkingBlock,
     ToolResultBlock,
     ToolUseBlock,
+    validated,
 )
 from llmos.api.auth import principal
-from llmos.api.body import parse_body
+from llmos.api.body import parse_json, read_body
 from llmos.api.chat import ChatJob, ChatRun, collect, count_prompt, start_chat
 from llmos.api.errors import anthropic_error
 from llmos.api.sse import typed_sse
@@ -56,14 +58,39 @@ def _state(request: Request) -> AppState:
 # --- the request ----------------------------------------------------------------------------------------------------
 
 
+def _check_results(index: int, message: MessageIn, pending: list[str]) -> list[str]:
+    """Anthropic's rule: the ``tool_use`` blocks of an assistant turn are answered by ``tool_result`` blocks of the
+    very next (user) turn, and a ``tool_result`` answers one of them. The ids this turn leaves to answer."""
+    blocks = [] if isinstance(message.content, str) else message.content
+    results = [block for block in blocks if isinstance(block, ToolResultBlock)] if message.role == "user" else []
+    answered = [block.tool_use_id for block in results]
+    for tool_use_id in answered:
+        if tool_use_id not in pending:
+            raise InvalidInputError(
+                f"messages.{index}: the tool_result block for {tool_use_id!r} answers no tool_use block of the"
+                " previous (assistant) message",
+                param=f"messages.{index}.content",
+            )
+    unanswered = [tool_use_id for tool_use_id in pending if tool_use_id not in answered]
+    if unanswered:
+        raise InvalidInputError(
+            f"messages.{index}: tool_use ids {unanswered} of messages.{index - 1} have no tool_result block in the"
+            " message right after them",
+            param=f"messages.{index}.content",
+        )
+    return [block.id for block in blocks if isinstance(block, ToolUseBlock)]
+
+
 def chat_messages(body: CountTokensRequest) -> list[ChatMessage]:
     """The conversation in llmos's form: system first, tool results as tool messages after the turn that called."""
     messages: list[ChatMessage] = []
     system = body.system_text()
     if system:
         messages.append(ChatMessage("system", system))
+    pending: list[str] = []
     for index, message in enumerate(body.messages):
         param = f"messages.{index}.content"
+        pending = _check_results(index, message, pending)
         if isinstance(message.content, str):
             messages.append(ChatMessage(message.role, message.content))
             continue
@@ -83,6 +110,8 @@ def chat_messages(body: CountTokensRequest) -> list[ChatMessage]:
             elif isinstance(block, ToolResultBlock):
                 if message.role != "user":
                     raise InvalidInputError("tool_result blocks belong to user messages", param=param)
+                if (media := block.media()) is not None:
+                    raise InvalidInputError(f"{media} content blocks are not supported by llmos", param=param)
                 result = ("Error: " if block.is_error else "") + block.text()
                 messages.append(ChatMessage("tool", result, tool_call_id=block.tool_use_id))
         if calls or texts or message.role == "assistant":
@@ -92,6 +121,17 @@ def chat_messages(body: CountTokensRequest) -> list[ChatMessage]:
 
 
 def tool_plan(body: CountTokensRequest) -> ToolPlan:
+    for index, tool in enumerate(body.tools or []):
+        if tool.type not in (None, "custom"):
+            raise InvalidInputError(
+                f"tools.{index}: Anthropic's server tool {tool.type!r} is not supported by llmos; give a client tool"
+                " (name, description, input_schema)",
+                param=f"tools.{index}.type",
+            )
+        if tool.input_schema is None:
+            raise InvalidInputError(
+                f"invalid value for 'tools.{index}.input_schema': Field required", param=f"tools.{index}.input_schema"
+            )
     tools = [Tool(t.name, t.description or "", t.input_schema or EMPTY_OBJECT) for t in body.tools or []]
     choice = body.tool_choice
     if choice is None:
@@ -163,7 +203,7 @@ def _message(message_id: str, model: str, content: list[dict[str, Any]], **rest:
 @router.post("/v1/messages")
 async def create_message(request: Request) -> Any:
     state = _state(request)
-    body = await parse_body(request, MessagesRequest, state.settings.max_request_bytes)
+    body = validated(MessagesRequest, parse_json(await read_body(request, state.settings.max_request_bytes)))
     messages = chat_messages(body)
     tools = await to_thread.run_sync(tool_plan, body)
     run = await start_chat(state, request, principal(request), chat_job(body, messages, tools))
@@ -172,7 +212,7 @@ async def create_message(request: Request) -> Any:
         return StreamingResponse(
             _stream(run, message_id), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    (result,) = await collect(run)
+    (result,) = await collect(run, request)
     text, calls = split_output(result.text, tools)
     content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text or not calls else []
     content += [_tool_use(call) for call in calls]
@@ -246,11 +286,11 @@ async def _stream(run: ChatRun, message_id: str) -> AsyncIterator[bytes]:
                 called = splitter is not None and splitter.called and not splitter.cut_off
                 sequence = None if called else output.stop_sequence
                 reason = stop_reason(output.finish_reason, sequence, called)
-                yield typed_sse(
+                yield typed_sse(  # usage here is the final count (cache reads are known once the prompt ran)
                     {
                         "type": "message_delta",
                         "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                        "usage": {"output_tokens": output.completion_tokens},
+                        "usage": usage(run, output.completion_tokens),
                     }
                 )
         yield typed_sse({"type": "message_stop"})
@@ -261,7 +301,7 @@ async def _stream(run: ChatRun, message_id: str) -> AsyncIterator[bytes]:
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request) -> dict[str, int]:
     state = _state(request)
-    body = await parse_body(request, CountTokensRequest, state.settings.max_request_bytes)
+    body = validated(CountTokensRequest, parse_json(await read_body(request, state.settings.max_request_bytes)))
     messages = chat_messages(body)
     tools = await to_thread.run_sync(tool_plan, body)
     job = ChatJob(body.model, messages, SamplingParams(), plan=tools, keep_alive=body.keep_alive)

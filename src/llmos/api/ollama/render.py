@@ -5,8 +5,8 @@ are llmos's (``smollm2:latest``, ``team/model:tag``); digests are hex without ``
 times are RFC 3339 in UTC; durations are integer nanoseconds. ``details`` maps llmos's metadata onto Ollama's
 fields (``family`` is the architecture, ``parent_model`` the version's recorded parent, ``format`` llmos's format
 name, ``hf`` for Hugging Face directories). ``template`` in ``/api/show`` is the model's chat template as llmos
-uses it (Jinja, not Go), and ``capabilities`` are ``completion`` (``embedding`` for embedding models) plus
-``tools`` when that template renders tools itself. :func:`ndjson` is one line of a streamed answer.
+uses it (Jinja, not Go), and ``capabilities`` are ``embedding`` for embedding models, else ``completion`` plus
+``tools`` for GGUF models (see :func:`capabilities`). :func:`ndjson` is one line of a streamed answer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from llmos.api.openai.render import chat_logprobs
-from llmos.engine.chat_template import supports_tools, template_for
+from llmos.engine.chat_template import template_for
 from llmos.engine.request import Logprob
 from llmos.registry.views import VersionView
 from llmos.types import FunctionCall
@@ -79,12 +79,12 @@ def model_entry(view: VersionView) -> dict[str, Any]:
 
 
 def capabilities(view: VersionView) -> list[str]:
+    """``embedding`` for an embedding model; else ``completion``, and ``tools`` where llmos can call tools with it:
+    every GGUF model (llama.cpp constrains the calls with a grammar; a template that does not render tools itself
+    gets llmos's generic format), not the PyTorch backend's models, which cannot constrain output."""
     if is_embedding(view):
         return ["embedding"]
-    found = ["completion"]
-    if supports_tools(template_for(view.chat_template, view.architecture)):
-        found.append("tools")
-    return found
+    return ["completion", "tools"] if view.format == "gguf" else ["completion"]
 
 
 def model_info(view: VersionView) -> dict[str, Any]:

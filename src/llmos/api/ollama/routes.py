@@ -2,7 +2,9 @@
 
 Contract:
 
-* ``GET /api/version`` names llmos's version. ``GET /api/tags`` lists every model tag the caller may see and use,
+* ``GET /`` (and ``HEAD /``) answers ``Ollama is running`` in plain text, as Ollama does (the web console lives
+  under ``/console``; like every route but ``/health`` and ``/ready`` it needs a key when keys are required).
+  ``GET /api/version`` names llmos's version. ``GET /api/tags`` lists every model tag the caller may see and use,
   ``POST /api/show`` one of them (404 for one it may not see), ``GET /api/ps`` the resident ones the caller may
   see (from the residency manager; ``size`` is the memory accounted to the model, ``size_vram`` 0).
 * ``POST /api/chat`` and ``POST /api/generate`` go through the chat machinery every surface shares
@@ -43,13 +45,14 @@ from typing import Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from llmos import __version__
 from llmos.api.auth import principal, visible_view
 from llmos.api.body import parse_body
 from llmos.api.chat import ChatJob, start_chat
-from llmos.api.generation import Call, acquire, authorised_view, engine_options, meter, submit_all
+from llmos.api.embedding import embed_texts
+from llmos.api.generation import Call, acquire, authorised_view, engine_options, meter, submit_all, unless_disconnected
 from llmos.api.ollama import render
 from llmos.api.ollama.schemas import (
     ChatRequest,
@@ -67,10 +70,9 @@ from llmos.api.state import AppState
 from llmos.api.tool_plan import ToolPlan, ToolStream, split_output
 from llmos.engine.grammar import json_object_grammar, json_schema_grammar
 from llmos.engine.request import GenerationOutput, GenerationRequest, Logprob
-from llmos.errors import ContextLengthExceededError, InvalidInputError, LlmosError, PermissionDeniedError
+from llmos.errors import ContextLengthExceededError, LlmosError, PermissionDeniedError
 from llmos.registry import sources
 from llmos.registry.views import VersionView
-from llmos.runtime.embedding import EmbeddingModel
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.replicas import ReplicaSet
 from llmos.runtime.residency import parse_keep_alive
@@ -78,8 +80,9 @@ from llmos.security.principal import Principal
 from llmos.types import ChatMessage, FunctionCall
 
 log = logging.getLogger("llmos.api")
-router = APIRouter(prefix="/api")
-MAX_EMBED_INPUTS = 2048
+router = APIRouter()
+"""Every route of this module: ``/`` and, included at the end, :data:`api`."""
+api = APIRouter(prefix="/api")
 
 
 def _state(request: Request) -> AppState:
@@ -90,12 +93,18 @@ def _state(request: Request) -> AppState:
 # --- models ---------------------------------------------------------------------------------------------------------
 
 
-@router.get("/version")
+@router.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse, include_in_schema=False)
+async def root() -> str:
+    """What Ollama answers at its root, which its tools probe to see whether a server is up."""
+    return "Ollama is running"
+
+
+@api.get("/version")
 async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.get("/tags")
+@api.get("/tags")
 async def tags(request: Request) -> dict[str, Any]:
     state = _state(request)
     caller = principal(request)
@@ -104,7 +113,7 @@ async def tags(request: Request) -> dict[str, Any]:
     return {"models": [render.model_entry(v) for v in visible]}
 
 
-@router.post("/show")
+@api.post("/show")
 async def show(request: Request) -> dict[str, Any]:
     state = _state(request)
     body = await parse_body(request, ModelRequest, state.settings.max_request_bytes)
@@ -119,7 +128,7 @@ def _context_length(instance: object) -> int | None:
     return instance.engine.max_context if isinstance(instance, LoadedModel) else None
 
 
-@router.get("/ps")
+@api.get("/ps")
 async def ps(request: Request) -> dict[str, Any]:
     state = _state(request)
     caller = principal(request)
@@ -237,10 +246,10 @@ async def _whole(gen: Generation) -> dict[str, Any]:
     return {**gen.piece(text, logprobs, render.tool_calls(calls)), **gen.progress.final()}
 
 
-async def _answer(gen: Generation, stream: bool) -> Any:
+async def _answer(request: Request, gen: Generation, stream: bool) -> Any:
     if stream:
         return StreamingResponse(_lines(gen), media_type="application/x-ndjson")
-    return await _whole(gen)
+    return await unless_disconnected(request, _whole(gen))
 
 
 def _grammar(fmt: str | dict[str, Any] | None) -> str | None:
@@ -264,21 +273,13 @@ async def _start_chat(state: AppState, request: Request, caller: Principal, job:
     return Generation(run.call, run.model, run.plan, progress, job.logprobs is not None, key)
 
 
-def _raw_tokens(model: LoadedModel, text: str) -> list[int]:
-    """A raw prompt as the model reads it: special tokens parsed, BOS added unless the text starts with it."""
-    model._guard_length(text)
-    bos = model.view.tokenizer.get("bos_token")
-    starts_with_bos = bool(bos) and text.startswith(str(bos))
-    return model.backend.tokenize(text, add_special=not starts_with_bos, parse_special=True)
-
-
 async def _start_raw(
     state: AppState, request: Request, caller: Principal, body: GenerateRequest, grammar: str | None, arrived: float
 ) -> Generation:
     target = await acquire(state, caller, body.model, body.keep_alive)
     try:
         model = target.model
-        prompt = await to_thread.run_sync(_raw_tokens, model, body.prompt or "")
+        prompt = await to_thread.run_sync(model.raw_tokens, body.prompt or "")
         model.engine.check_fits(len(prompt))
         rest = model.engine.max_context - len(prompt)
         limit = max_tokens(body.options)
@@ -324,7 +325,7 @@ async def _load_only(state: AppState, caller: Principal, name: str, keep_alive: 
     return {**body, "done": True, "done_reason": "unload" if unload else "load"}
 
 
-@router.post("/chat")
+@api.post("/chat")
 async def chat(request: Request) -> Any:
     arrived = time.monotonic()
     state = _state(request)
@@ -347,10 +348,10 @@ async def chat(request: Request) -> Any:
         logprobs=body.logprob_count(),
         keep_alive=body.keep_alive,
     )
-    return await _answer(await _start_chat(state, request, caller, job, arrived), body.stream)
+    return await _answer(request, await _start_chat(state, request, caller, job, arrived), body.stream)
 
 
-@router.post("/generate")
+@api.post("/generate")
 async def generate(request: Request) -> Any:
     arrived = time.monotonic()
     state = _state(request)
@@ -361,7 +362,7 @@ async def generate(request: Request) -> Any:
         return await _load_only(state, caller, body.model, body.keep_alive, "response")
     grammar = await to_thread.run_sync(_grammar, body.format)
     if body.raw:
-        return await _answer(await _start_raw(state, request, caller, body, grammar, arrived), body.stream)
+        return await _answer(request, await _start_raw(state, request, caller, body, grammar, arrived), body.stream)
     messages = [ChatMessage("system", body.system)] if body.system else []
     messages.append(ChatMessage("user", body.prompt))
     job = ChatJob(
@@ -374,99 +375,57 @@ async def generate(request: Request) -> Any:
         logprobs=body.logprob_count(),
         keep_alive=body.keep_alive,
     )
-    return await _answer(await _start_chat(state, request, caller, job, arrived), body.stream)
+    return await _answer(request, await _start_chat(state, request, caller, job, arrived), body.stream)
 
 
 # --- embeddings -----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Embedded:
-    model: str
-    vectors: list[list[float]]
-    tokens: int
-    loaded: float
-    """``time.monotonic()`` once the model was resident."""
-
-
-def _truncated(model: EmbeddingModel, texts: list[str]) -> list[str]:
-    """Each text cut to the model's token limit (at the end of the last token that fits)."""
-    result = []
-    for text, count in zip(texts, model.count_tokens(texts), strict=True):
-        if count <= model.max_tokens:
-            result.append(text)
-            continue
-        encoded = model.model.tokenizer(
-            text, add_special_tokens=True, truncation=True, max_length=model.max_tokens, return_offsets_mapping=True
-        )
-        result.append(text[: max((end for _start, end in encoded["offset_mapping"]), default=0)])
-    return result
-
-
-async def _embed(
-    request: Request, name: str, texts: list[str], keep_alive_value: object, truncate: bool, endpoint: str
-) -> Embedded:
-    """Embed ``texts`` with the embedding model ``name`` (none: only load it), metered as ``endpoint``."""
-    arrived = time.monotonic()
-    state = _state(request)
-    caller = principal(request)
-    keep_alive = parse_keep_alive(keep_alive_value)  # type: ignore[arg-type]
-    if len(texts) > MAX_EMBED_INPUTS:
-        raise InvalidInputError(f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(texts)}", param="input")
-    view = await authorised_view(state, caller, name)
-    lease = await to_thread.run_sync(state.residency.lease, view, keep_alive)
-    loaded = time.monotonic()
-    metering = None
-    try:
-        model = lease.instance
-        if not isinstance(model, EmbeddingModel):
-            raise InvalidInputError(f"{view.name} is not an embedding model", param="model")
-        if not texts:
-            return Embedded(view.name, [], 0, loaded)
-        if truncate:
-            texts = await to_thread.run_sync(_truncated, model, texts)
-        counts = await to_thread.run_sync(model.count_tokens, texts)
-        metering = meter(state, request, caller, sum(counts), endpoint, arrived)
-        vectors, tokens = await to_thread.run_sync(model.embed, texts)
-        metering.finish(view.name, tokens, 0)
-    except BaseException as exc:
-        if metering is not None:
-            metering.finish(view.name, 0, 0, exc.status if isinstance(exc, LlmosError) else 500)
-        raise
-    finally:
-        lease.release(keep_alive)
-    state.metrics.embedding_inputs.labels(view.name).inc(len(texts))
-    state.metrics.count_tokens(view.name, caller.tenant, prompt=tokens)
-    return Embedded(view.name, vectors.tolist(), tokens, loaded)
-
-
-@router.post("/embed")
+@api.post("/embed")
 async def embed(request: Request) -> dict[str, Any]:
     arrived = time.monotonic()
     state = _state(request)
     body = await parse_body(request, EmbedRequest, state.settings.max_request_bytes)
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
-    result = await _embed(request, body.model, texts, body.keep_alive, body.truncate, "ollama_embed")
-    if body.dimensions is not None and result.vectors and body.dimensions != len(result.vectors[0]):
-        raise InvalidInputError(
-            f"{result.model} produces {len(result.vectors[0])} dimensions; it cannot shorten them", param="dimensions"
-        )
+    result = await embed_texts(
+        state,
+        request,
+        principal(request),
+        body.model,
+        texts,
+        endpoint="ollama_embed",
+        keep_alive=body.keep_alive,
+        truncate=body.truncate,
+        dimensions=body.dimensions,
+        arrived=arrived,
+    )
     return {
         "model": result.model,
-        "embeddings": result.vectors,
+        "embeddings": result.vectors.tolist(),
         "total_duration": render.nanoseconds(time.monotonic() - arrived),
         "load_duration": render.nanoseconds(result.loaded - arrived),
         "prompt_eval_count": result.tokens,
     }
 
 
-@router.post("/embeddings")
+@api.post("/embeddings")
 async def embeddings(request: Request) -> dict[str, Any]:
+    arrived = time.monotonic()
     state = _state(request)
     body = await parse_body(request, EmbeddingsRequest, state.settings.max_request_bytes)
     texts = [body.prompt] if body.prompt else []
-    result = await _embed(request, body.model, texts, body.keep_alive, True, "ollama_embed")
-    return {"embedding": result.vectors[0] if result.vectors else []}
+    result = await embed_texts(
+        state,
+        request,
+        principal(request),
+        body.model,
+        texts,
+        endpoint="ollama_embed",
+        keep_alive=body.keep_alive,
+        truncate=True,
+        arrived=arrived,
+    )
+    return {"embedding": result.vectors[0].tolist() if len(result.vectors) else []}
 
 
 # --- pull, delete, copy ---------------------------------------------------------------------------------------------
@@ -540,7 +499,7 @@ async def _pull_lines(pull: Pull, first: dict[str, Any] | VersionView) -> AsyncI
         yield render.ndjson({"status": status})
 
 
-@router.post("/pull")
+@api.post("/pull")
 async def pull(request: Request) -> Any:
     state = _state(request)
     caller = principal(request)
@@ -559,7 +518,7 @@ async def pull(request: Request) -> Any:
     return {"status": "success"}
 
 
-@router.delete("/delete")
+@api.delete("/delete")
 async def delete(request: Request) -> Response:
     """Remove a model tag, as ``DELETE /v1/models/{model}`` does (the owner tenant's developers or an admin)."""
     state = _state(request)
@@ -575,7 +534,7 @@ async def delete(request: Request) -> Response:
     return Response(status_code=200)
 
 
-@router.post("/copy")
+@api.post("/copy")
 async def copy(request: Request) -> Response:
     """Point ``destination`` at the version ``source`` names, as ``POST /admin/models/tag`` does (admins only)."""
     state = _state(request)
@@ -590,3 +549,6 @@ async def copy(request: Request) -> Response:
     )
     state.security.audit(caller.actor, caller.tenant, "model.tag", tagged.name, "ok")
     return Response(status_code=200)
+
+
+router.include_router(api)

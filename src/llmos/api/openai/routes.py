@@ -27,7 +27,7 @@ from llmos.api.auth import principal, visible_view
 from llmos.api.body import parse_body
 from llmos.api.chat import ChatJob, ChatRun, check_logit_bias, collect, start_chat
 from llmos.api.errors import error_body
-from llmos.api.generation import Call, acquire, engine_options, meter, submit_all
+from llmos.api.generation import Call, acquire, engine_options, meter, submit_all, unless_disconnected
 from llmos.api.openai import render, tools
 from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from llmos.api.pipelines import start_for_missing_model
@@ -162,7 +162,7 @@ async def chat_completions(request: Request) -> Any:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    results = await collect(run)
+    results = await collect(run, request)
     choices = []
     for i, result in enumerate(results):
         message, called = tools.message(result.text, plan)
@@ -312,14 +312,19 @@ async def completions(request: Request) -> Any:
     prompt_lps: dict[int, list[Logprob]] = {i: [] for i in range(count)}
     output_lps: dict[int, list[Logprob]] = {i: [] for i in range(count)}
     reasons: dict[int, str] = {}
-    completion_tokens = 0
-    async for index, output in call.outputs():
-        texts[index].append(output.text)
-        prompt_lps[index].extend(output.prompt_logprobs or [])
-        output_lps[index].extend(output.logprobs or [])
-        if output.finished:
-            reasons[index] = output.finish_reason or "stop"
-            completion_tokens += output.completion_tokens
+
+    async def gather() -> int:
+        completion_tokens = 0
+        async for index, output in call.outputs():
+            texts[index].append(output.text)
+            prompt_lps[index].extend(output.prompt_logprobs or [])
+            output_lps[index].extend(output.logprobs or [])
+            if output.finished:
+                reasons[index] = output.finish_reason or "stop"
+                completion_tokens += output.completion_tokens
+        return completion_tokens
+
+    completion_tokens = await unless_disconnected(request, gather())
     choices = []
     for i in range(count):
         text = "".join(texts[i])

@@ -277,7 +277,7 @@ async def create_response(request: Request) -> Any:
     if body.stream:
         events = _stream(state, caller, run, response_object(response_id, created, body, run.model, "", []), items)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    (result,) = await collect(run)
+    (result,) = await collect(run, request)
     output = output_items(result.text, tools)
     called = any(item["type"] == "function_call" for item in output)
     status = "incomplete" if result.finish_reason == "length" and not called else "completed"
