@@ -227,6 +227,14 @@ class Settings(BaseSettings):
             " byte on a kept-alive connection): slower gets 408 and the connection is closed."
         ),
     )
+    shutdown_grace_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "On SIGTERM / Ctrl-C, how long `llmos serve` lets requests in flight finish before it cancels them and"
+            " exits."
+        ),
+    )
     request_read_seconds: float = Field(
         default=30.0,
         gt=0,

@@ -292,3 +292,25 @@ def test_a_client_that_leaves_a_non_streamed_request_aborts_it(
         time.sleep(0.1)
     assert cancelled_count(server.base) == before + 1
     assert httpx.get(f"{server.base}/admin/runtime").json()["models"][0]["running"] == 0
+
+
+def test_shutdown_cancels_requests_still_in_flight_after_the_grace_period(pulled_settings: Settings) -> None:
+    """SIGTERM lets requests finish for LLMOS_SHUTDOWN_GRACE_SECONDS, then cancels them: a server never hangs in
+    shutdown behind a request that still has thousands of tokens to generate."""
+    process = ServerProcess(pulled_settings.home, "--model", "smollm2", env={"LLMOS_SHUTDOWN_GRACE_SECONDS": "2"})
+    body = {"model": "smollm2", "messages": STORY, "max_tokens": 8000, "temperature": 1.0, "seed": 3}
+    waiting = threading.Thread(
+        target=lambda: httpx.post(f"{process.base}/v1/chat/completions", json=body, timeout=120), daemon=True
+    )
+    waiting.start()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{process.base}/admin/runtime").json()["models"][0]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    started = time.monotonic()
+    process.process.terminate()
+    try:
+        assert process.process.wait(20) is not None
+        assert time.monotonic() - started < 15
+    finally:
+        process.stop()

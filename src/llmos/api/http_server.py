@@ -303,6 +303,8 @@ def run(app: Any, settings: Settings) -> None:
         log_level="warning",
         access_log=False,
         log_config=None,
+        # without a bound, a shutdown waits for every request in flight, however long it still has to generate
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
     )
 
 
