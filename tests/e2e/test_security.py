@@ -164,12 +164,18 @@ def test_every_api_surface_hides_other_tenants_and_records_usage(server: ServerP
     key = world.keys["surfaces"]
     for path, (fields, _endpoint) in SURFACES.items():
         for header in ({"Authorization": f"Bearer {key}"}, {"x-api-key": key}):
-            hidden = httpx.post(f"{server.base}{path}", json={"model": "globex-private", **fields}, headers=header)
+            hidden = httpx.post(
+                f"{server.base}{path}", json={"model": "globex-private", **fields}, headers=header, timeout=60
+            )
             assert hidden.status_code == 404, (path, hidden.text)
             assert "globex-private" in _error_message(path, hidden.json())
-        served = httpx.post(f"{server.base}{path}", json={"model": "smollm2", **fields}, headers={"x-api-key": key})
+        served = httpx.post(
+            f"{server.base}{path}", json={"model": "smollm2", **fields}, headers={"x-api-key": key}, timeout=60
+        )
         assert served.status_code == 200, (path, served.text)
-        wrong = httpx.post(f"{server.base}{path}", json={"model": "smollm2", **fields}, headers={"x-api-key": "nope"})
+        wrong = httpx.post(
+            f"{server.base}{path}", json={"model": "smollm2", **fields}, headers={"x-api-key": "nope"}, timeout=60
+        )
         assert wrong.status_code == 401 and _error_message(path, wrong.json())
     prefix = key.split("_")[1]
     with sqlite3.connect(world.home / "llmos.db") as conn:
