@@ -194,7 +194,7 @@ def test_chat_with_tools(client: ollama.Client) -> None:
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "tool_name": "get_weather", "content": '{"forecast": "rain", "celsius": 12}'},
     ]
-    answer = client.chat(model="smollm2", messages=history, tools=[WEATHER], options=GREEDY)
+    answer = client.chat(model="smollm2", messages=history, tools=[WEATHER], options=GREEDY | {"num_predict": 60})
     check_calls(answer.message)
     orphan = [*ask, {"role": "tool", "tool_name": "get_weather", "content": "rain"}]
     with pytest.raises(ollama.ResponseError) as refused:
