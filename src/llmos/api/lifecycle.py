@@ -25,7 +25,7 @@ from pydantic import Field, RootModel
 
 from llmos.api.auth import require_role
 from llmos.api.body import AdminBody, no_body, parse_body, parse_json, read_body, validate
-from llmos.api.state import AppState
+from llmos.api.state import app_state
 from llmos.errors import InvalidInputError, NotFoundError
 from llmos.evaluation.reports import comparison, reports
 from llmos.evaluation.tasks import is_task_file
@@ -88,11 +88,6 @@ class JobRequest(RootModel[TrainRequest | EvalRequest]):
     """The body of ``POST /admin/jobs``: a training job (``kind`` train, the default) or an evaluation job."""
 
 
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.llmos
-    return state
-
-
 def _jobs(request: Request) -> JobService:
     jobs: JobService = request.app.state.jobs
     return jobs
@@ -119,7 +114,7 @@ def _visible_dataset(caller: Principal, view: VersionView, name: str) -> Version
 @router.get("/datasets")
 async def list_datasets(request: Request) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    views = await to_thread.run_sync(lambda: _state(request).registry.list_versions(kind="dataset"))
+    views = await to_thread.run_sync(lambda: app_state(request).registry.list_versions(kind="dataset"))
     data = [_dataset_dict(v) for v in views if caller.may_see(v.tenant_id)]
     return {"object": "list", "data": data}
 
@@ -127,7 +122,7 @@ async def list_datasets(request: Request) -> dict[str, Any]:
 @router.get("/datasets/{name:path}/preview")
 async def preview_dataset(request: Request, name: str, rows: int = 5, split: str | None = None) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    registry = _state(request).registry
+    registry = app_state(request).registry
     _visible_dataset(caller, await to_thread.run_sync(show_dataset, registry, name), name)
     _, all_rows = await to_thread.run_sync(load_rows, registry, name)
     return {"object": "list", "data": rows_of_split(all_rows, split)[: max(0, min(rows, 1000))]}
@@ -136,15 +131,15 @@ async def preview_dataset(request: Request, name: str, rows: int = 5, split: str
 @router.get("/datasets/{name:path}")
 async def get_dataset(request: Request, name: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    view = await to_thread.run_sync(show_dataset, _state(request).registry, name)
+    view = await to_thread.run_sync(show_dataset, app_state(request).registry, name)
     return _dataset_dict(_visible_dataset(caller, view, name))
 
 
 @router.post("/datasets")
 async def create_dataset(request: Request) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    body = await parse_body(request, DatasetRequest, _state(request).settings.max_request_bytes)
-    state = _state(request)
+    body = await parse_body(request, DatasetRequest, app_state(request).settings.max_request_bytes)
+    state = app_state(request)
 
     def store() -> VersionView:
         return store_rows(
@@ -164,7 +159,7 @@ async def create_dataset(request: Request) -> dict[str, Any]:
 @router.delete("/datasets/{name:path}")
 async def delete_dataset(request: Request, name: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    state = _state(request)
+    state = app_state(request)
     _visible_dataset(caller, await to_thread.run_sync(show_dataset, state.registry, name), name)
     await to_thread.run_sync(state.registry.remove, name)
     state.security.audit(caller.actor, caller.tenant, "data.rm", name, "ok")
@@ -182,7 +177,7 @@ async def list_jobs(request: Request, state: str | None = None) -> dict[str, Any
 async def _queue_eval(request: Request, caller: Principal, body: EvalRequest) -> dict[str, Any]:
     if is_task_file(body.task):
         raise InvalidInputError("give a custom task inline as 'spec', not as a file path", param="task")
-    state = _state(request)
+    state = app_state(request)
     raw = body.model_dump(exclude={"kind"})
     params = await to_thread.run_sync(lambda: eval_params(state.registry, raw, caller.may_see))
     jobs = _jobs(request)
@@ -199,7 +194,7 @@ async def _queue_eval(request: Request, caller: Principal, body: EvalRequest) ->
 @router.post("/jobs")
 async def create_job(request: Request) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    data = parse_json(await read_body(request, _state(request).settings.max_request_bytes))
+    data = parse_json(await read_body(request, app_state(request).settings.max_request_bytes))
     kind = data.get("kind", "train")
     if kind == "eval":
         return await _queue_eval(request, caller, validate(EvalRequest, data))
@@ -208,7 +203,7 @@ async def create_job(request: Request) -> dict[str, Any]:
     body = validate(TrainRequest, data)
     params = body.model_dump(exclude={"auto_resume", "kind"})
     config_from_params(params)
-    state = _state(request)
+    state = app_state(request)
 
     await to_thread.run_sync(lambda: check_inputs(state.registry, params, caller.may_see))
     jobs = _jobs(request)
@@ -255,20 +250,20 @@ async def job_logs(request: Request, job_id: str) -> PlainTextResponse:
 @router.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    await no_body(request, _state(request).settings.max_request_bytes)
+    await no_body(request, app_state(request).settings.max_request_bytes)
     jobs = _jobs(request)
     view = await to_thread.run_sync(lambda: jobs.cancel(job_id, tenant_id=_scope(caller)))
-    _state(request).security.audit(caller.actor, caller.tenant, "jobs.cancel", job_id, "ok")
+    app_state(request).security.audit(caller.actor, caller.tenant, "jobs.cancel", job_id, "ok")
     return view.to_dict()
 
 
 @router.post("/jobs/{job_id}/resume")
 async def resume_job(request: Request, job_id: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    await no_body(request, _state(request).settings.max_request_bytes)
+    await no_body(request, app_state(request).settings.max_request_bytes)
     jobs = _jobs(request)
     view = await to_thread.run_sync(lambda: jobs.resume(job_id, tenant_id=_scope(caller)))
-    _state(request).security.audit(caller.actor, caller.tenant, "jobs.resume", job_id, "ok")
+    app_state(request).security.audit(caller.actor, caller.tenant, "jobs.resume", job_id, "ok")
     return view.to_dict()
 
 
@@ -283,7 +278,7 @@ async def list_evaluations(
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many reports, newest first.")] = 100,
 ) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    state = _state(request)
+    state = app_state(request)
     names = model or []
 
     def visible(name: str) -> None:
@@ -311,5 +306,5 @@ async def list_evaluations(
 @router.post("/evaluations")
 async def create_evaluation(request: Request) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    body = await parse_body(request, EvalRequest, _state(request).settings.max_request_bytes)
+    body = await parse_body(request, EvalRequest, app_state(request).settings.max_request_bytes)
     return await _queue_eval(request, caller, body)

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from llmos.api.auth import principal, require_role, visible_view
 from llmos.api.body import AdminBody, parse_body
-from llmos.api.state import AppState
+from llmos.api.state import app_state
 from llmos.errors import LlmosError
 from llmos.evaluation.compression import latest_report
 from llmos.evaluation.reports import reports
@@ -36,11 +36,6 @@ class TagRequest(AdminBody):
     target: str = Field(min_length=1, max_length=300, description="The new tag, as name:tag.")
 
 
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.llmos
-    return state
-
-
 def _model_dict(view: VersionView) -> dict[str, Any]:
     data = view.to_dict()
     data["short_digest"] = view.short_digest
@@ -50,14 +45,14 @@ def _model_dict(view: VersionView) -> dict[str, Any]:
 @router.get("/me")
 async def me(request: Request) -> dict[str, Any]:
     caller = principal(request)
-    auth = await to_thread.run_sync(_state(request).security.auth_required)
+    auth = await to_thread.run_sync(app_state(request).security.auth_required)
     return {"actor": caller.actor, "tenant": caller.tenant, "role": caller.role, "auth": auth}
 
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     caller = require_role(request, "consumer")
-    views = await to_thread.run_sync(lambda: _state(request).registry.list_versions(kind="model"))
+    views = await to_thread.run_sync(lambda: app_state(request).registry.list_versions(kind="model"))
     visible = [v for v in views if caller.may_see(v.tenant_id) and caller.may_use(v.repository, v.name)]
     return {"object": "list", "data": [_model_dict(v) for v in visible]}
 
@@ -109,7 +104,7 @@ def lineage_graph(registry: Registry, view: VersionView, depth: int = LINEAGE_DE
 @router.get("/models/{name:path}")
 async def get_model(request: Request, name: str) -> dict[str, Any]:
     caller = require_role(request, "consumer")
-    state = _state(request)
+    state = app_state(request)
     view = visible_view(caller, await to_thread.run_sync(state.registry.show, name), name)
 
     def details() -> dict[str, Any]:
@@ -126,7 +121,7 @@ async def get_model(request: Request, name: str) -> dict[str, Any]:
 @router.post("/models/tag")
 async def tag_model(request: Request) -> dict[str, Any]:
     caller = require_role(request, "admin")
-    state = _state(request)
+    state = app_state(request)
     body = await parse_body(request, TagRequest, state.settings.max_request_bytes)
     tagged = await to_thread.run_sync(
         lambda: state.registry.tag(body.source, body.target, reason=f"tag ({caller.actor})")

@@ -20,7 +20,8 @@ from pydantic import Field
 
 from llmos.api.auth import require_role
 from llmos.api.body import AdminBody, no_body, parse_body
-from llmos.api.lifecycle import _jobs, _scope, _state
+from llmos.api.lifecycle import _jobs, _scope
+from llmos.api.state import app_state
 from llmos.errors import InvalidInputError, ModelNotFoundError, NotFoundError, PermissionDeniedError
 from llmos.jobs import pipeline as pipelines
 from llmos.registry import aliases
@@ -41,7 +42,7 @@ class RollbackRequest(AdminBody):
 
 
 async def _queue(request: Request, caller: Principal, recipe: pipelines.Recipe) -> str:
-    state = _state(request)
+    state = app_state(request)
     await to_thread.run_sync(lambda: pipelines.check_recipe(state.registry, recipe, caller.may_see))
     jobs = _jobs(request)
     view = await to_thread.run_sync(
@@ -54,7 +55,7 @@ async def _queue(request: Request, caller: Principal, recipe: pipelines.Recipe) 
 @router.post("/pipelines")
 async def create_pipeline(request: Request) -> JSONResponse:
     caller = require_role(request, "developer")
-    state = _state(request)
+    state = app_state(request)
     body = await parse_body(request, PipelineRequest, state.settings.max_request_bytes)
     if (body.recipe is None) == (body.yaml is None):
         raise InvalidInputError("give the recipe either as 'recipe' (an object) or as 'yaml' (text)", param="recipe")
@@ -77,22 +78,22 @@ async def create_pipeline(request: Request) -> JSONResponse:
 @router.get("/pipelines")
 async def list_pipelines(request: Request) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    stored = await to_thread.run_sync(lambda: pipelines.list_pipelines(_state(request).registry, _scope(caller)))
+    stored = await to_thread.run_sync(lambda: pipelines.list_pipelines(app_state(request).registry, _scope(caller)))
     return {"object": "list", "data": [s.to_dict() for s in stored]}
 
 
 @router.get("/pipelines/{name}")
 async def get_pipeline(request: Request, name: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(_state(request).registry, name, _scope(caller)))
+    stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(app_state(request).registry, name, _scope(caller)))
     return stored.to_dict()
 
 
 @router.post("/pipelines/{name}/runs")
 async def run_pipeline(request: Request, name: str) -> JSONResponse:
     caller = require_role(request, "developer")
-    await no_body(request, _state(request).settings.max_request_bytes)
-    stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(_state(request).registry, name, _scope(caller)))
+    await no_body(request, app_state(request).settings.max_request_bytes)
+    stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(app_state(request).registry, name, _scope(caller)))
     recipe = pipelines.recipe_from_stored(stored.recipe)
     job = await _queue(request, caller, recipe)
     return JSONResponse({"object": "pipeline.run", "pipeline": name, "job": job, "status": "queued"}, status_code=202)
@@ -101,7 +102,7 @@ async def run_pipeline(request: Request, name: str) -> JSONResponse:
 @router.get("/models/{name:path}/history")
 async def alias_history(request: Request, name: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    registry = _state(request).registry
+    registry = app_state(request).registry
     view = await to_thread.run_sync(registry.show, name)
     if not caller.may_see(view.tenant_id):
         raise ModelNotFoundError(f"model {name!r} not found")
@@ -112,7 +113,7 @@ async def alias_history(request: Request, name: str) -> dict[str, Any]:
 @router.post("/rollback")
 async def rollback(request: Request) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    state = _state(request)
+    state = app_state(request)
     body = await parse_body(request, RollbackRequest, state.settings.max_request_bytes)
     view = await to_thread.run_sync(state.registry.show, body.alias)
     if not caller.may_see(view.tenant_id):
@@ -133,7 +134,7 @@ async def start_for_missing_model(request: Request, caller: Principal, model: st
     """
     if not caller.at_least("developer"):
         raise PermissionDeniedError("starting a pipeline needs a developer or admin key")
-    registry = _state(request).registry
+    registry = app_state(request).registry
     try:
         stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(registry, pipeline, _scope(caller)))
     except NotFoundError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmos.config import Settings
 from llmos.observability.metrics import Metrics
@@ -12,6 +13,9 @@ from llmos.runtime.loader import Loader
 from llmos.runtime.residency import Residency
 from llmos.security.quotas import QuotaManager
 from llmos.security.service import SecurityService
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 
 @dataclass
@@ -26,3 +30,9 @@ class AppState:
     preload: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     preload_error: str | None = None
+
+
+def app_state(request: Request) -> AppState:
+    """The state of the app serving ``request`` (set by the app factory)."""
+    state: AppState = request.app.state.llmos
+    return state

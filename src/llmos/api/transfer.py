@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from llmos.api.auth import require_role
 from llmos.api.body import parse_json, read_body
-from llmos.api.state import AppState
+from llmos.api.state import AppState, app_state
 from llmos.errors import DiskFullError, InvalidInputError, ModelNotFoundError, NotFoundError, PayloadTooLargeError
 from llmos.registry.transfer import (
     KINDS,
@@ -52,11 +52,6 @@ UPLOAD_REQUEST_MAX = 64 * 1024 * 1024
 """Most bytes one PATCH may carry; clients send blobs in chunks (each request must also beat the read deadline)."""
 WRITE_BATCH = 1024 * 1024
 _RANGE = re.compile(r"^bytes=(\d+)-$")
-
-
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.llmos
-    return state
 
 
 def _readable(caller: Principal, view: VersionView) -> bool:
@@ -87,7 +82,7 @@ def _readable_sizes(state: AppState, caller: Principal, digest: str) -> int | No
 @router.get("/blobs/{digest}", include_in_schema=False)  # binary, resumable: not a JSON operation
 async def get_blob(request: Request, digest: str) -> Response:
     caller = require_role(request, "developer")
-    state = _state(request)
+    state = app_state(request)
     validate_digest(digest)
     size = await to_thread.run_sync(_readable_sizes, state, caller, digest)
     if size is None or not state.registry.blobs.exists(digest):
@@ -119,7 +114,7 @@ def _usable(state: AppState, caller: Principal, digest: str) -> bool:
 @router.head("/blobs/{digest}", include_in_schema=False)
 async def head_blob(request: Request, digest: str) -> Response:
     caller = require_role(request, "developer")
-    state = _state(request)
+    state = app_state(request)
     validate_digest(digest)
     staged = _staging(state, caller).complete(digest)
     present = staged is not None or await to_thread.run_sync(_usable, state, caller, digest)
@@ -134,7 +129,7 @@ def _upload_status(staging: Staging, digest: str, present: bool) -> dict[str, An
 @router.get("/uploads/{digest}")
 async def upload_status(request: Request, digest: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    state = _state(request)
+    state = app_state(request)
     validate_digest(digest)
     present = await to_thread.run_sync(_usable, state, caller, digest)
     return _upload_status(_staging(state, caller), digest, present)
@@ -148,7 +143,7 @@ async def upload_chunk(
     size: int = Query(ge=0, le=2**62),
 ) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    state = _state(request)
+    state = app_state(request)
     validate_digest(digest)
     staging = _staging(state, caller)
     if staging.complete(digest) is not None:
@@ -189,7 +184,7 @@ async def upload_chunk(
 async def get_manifest(request: Request, kind: str, name: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
     wanted = _kind(kind)
-    state = _state(request)
+    state = app_state(request)
     view = await to_thread.run_sync(state.registry.show, name)
     if kind_of(view) != wanted or not _readable(caller, view):
         raise ModelNotFoundError(f"{wanted} {name!r} not found")
@@ -200,7 +195,7 @@ async def get_manifest(request: Request, kind: str, name: str) -> dict[str, Any]
 async def register(request: Request, kind: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
     wanted = _kind(kind)
-    state = _state(request)
+    state = app_state(request)
     document = parse_document(parse_json(await read_body(request, state.settings.max_request_bytes)), kind=wanted)
     staging = _staging(state, caller)
 

@@ -41,18 +41,13 @@ from llmos.api.body import parse_json, read_body
 from llmos.api.chat import ChatJob, ChatRun, collect, count_prompt, start_chat
 from llmos.api.errors import anthropic_error
 from llmos.api.sse import typed_sse
-from llmos.api.state import AppState
+from llmos.api.state import app_state
 from llmos.api.tool_plan import EMPTY_OBJECT, ToolPlan, ToolStream, plan, split_output
 from llmos.engine.tool_calls import Tool, check_history
 from llmos.errors import InvalidInputError, LlmosError
 from llmos.types import ChatMessage, FunctionCall, SamplingParams
 
 router = APIRouter()
-
-
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.llmos
-    return state
 
 
 # --- the request ----------------------------------------------------------------------------------------------------
@@ -202,7 +197,7 @@ def _message(message_id: str, model: str, content: list[dict[str, Any]], **rest:
 
 @router.post("/v1/messages")
 async def create_message(request: Request) -> Any:
-    state = _state(request)
+    state = app_state(request)
     body = validated(MessagesRequest, parse_json(await read_body(request, state.settings.max_request_bytes)))
     messages = chat_messages(body)
     tools = await to_thread.run_sync(tool_plan, body)
@@ -300,7 +295,7 @@ async def _stream(run: ChatRun, message_id: str) -> AsyncIterator[bytes]:
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request) -> dict[str, int]:
-    state = _state(request)
+    state = app_state(request)
     body = validated(CountTokensRequest, parse_json(await read_body(request, state.settings.max_request_bytes)))
     messages = chat_messages(body)
     tools = await to_thread.run_sync(tool_plan, body)

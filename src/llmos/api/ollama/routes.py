@@ -66,7 +66,7 @@ from llmos.api.ollama.schemas import (
     sampling,
     tool_plan,
 )
-from llmos.api.state import AppState
+from llmos.api.state import AppState, app_state
 from llmos.api.tool_plan import ToolPlan, ToolStream, split_output
 from llmos.engine.grammar import json_object_grammar, json_schema_grammar
 from llmos.engine.request import GenerationOutput, GenerationRequest, Logprob
@@ -85,11 +85,6 @@ router = APIRouter()
 api = APIRouter(prefix="/api")
 
 
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.llmos
-    return state
-
-
 # --- models ---------------------------------------------------------------------------------------------------------
 
 
@@ -106,7 +101,7 @@ async def version() -> dict[str, str]:
 
 @api.get("/tags")
 async def tags(request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = app_state(request)
     caller = principal(request)
     views = await to_thread.run_sync(state.registry.list_versions)
     visible = [v for v in views if caller.may_see(v.tenant_id) and caller.may_use(v.repository, v.name)]
@@ -115,7 +110,7 @@ async def tags(request: Request) -> dict[str, Any]:
 
 @api.post("/show")
 async def show(request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = app_state(request)
     body = await parse_body(request, ModelRequest, state.settings.max_request_bytes)
     name = body.model
     view = visible_view(principal(request), await to_thread.run_sync(state.registry.show, name), name)
@@ -130,7 +125,7 @@ def _context_length(instance: object) -> int | None:
 
 @api.get("/ps")
 async def ps(request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = app_state(request)
     caller = principal(request)
     residency = state.residency
     models = [
@@ -328,7 +323,7 @@ async def _load_only(state: AppState, caller: Principal, name: str, keep_alive: 
 @api.post("/chat")
 async def chat(request: Request) -> Any:
     arrived = time.monotonic()
-    state = _state(request)
+    state = app_state(request)
     body = await parse_body(request, ChatRequest, state.settings.max_request_bytes)
     body.check_unsupported()
     messages = chat_messages(body.messages)
@@ -354,7 +349,7 @@ async def chat(request: Request) -> Any:
 @api.post("/generate")
 async def generate(request: Request) -> Any:
     arrived = time.monotonic()
-    state = _state(request)
+    state = app_state(request)
     body = await parse_body(request, GenerateRequest, state.settings.max_request_bytes)
     body.check_unsupported()
     caller = principal(request)
@@ -384,7 +379,7 @@ async def generate(request: Request) -> Any:
 @api.post("/embed")
 async def embed(request: Request) -> dict[str, Any]:
     arrived = time.monotonic()
-    state = _state(request)
+    state = app_state(request)
     body = await parse_body(request, EmbedRequest, state.settings.max_request_bytes)
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     result = await embed_texts(
@@ -411,7 +406,7 @@ async def embed(request: Request) -> dict[str, Any]:
 @api.post("/embeddings")
 async def embeddings(request: Request) -> dict[str, Any]:
     arrived = time.monotonic()
-    state = _state(request)
+    state = app_state(request)
     body = await parse_body(request, EmbeddingsRequest, state.settings.max_request_bytes)
     texts = [body.prompt] if body.prompt else []
     result = await embed_texts(
@@ -501,7 +496,7 @@ async def _pull_lines(pull: Pull, first: dict[str, Any] | VersionView) -> AsyncI
 
 @api.post("/pull")
 async def pull(request: Request) -> Any:
-    state = _state(request)
+    state = app_state(request)
     caller = principal(request)
     body = await parse_body(request, ModelRequest, state.settings.max_request_bytes)
     name = body.model
@@ -521,7 +516,7 @@ async def pull(request: Request) -> Any:
 @api.delete("/delete")
 async def delete(request: Request) -> Response:
     """Remove a model tag, as ``DELETE /v1/models/{model}`` does (the owner tenant's developers or an admin)."""
-    state = _state(request)
+    state = app_state(request)
     caller = principal(request)
     body = await parse_body(request, ModelRequest, state.settings.max_request_bytes)
     name = body.model
@@ -537,7 +532,7 @@ async def delete(request: Request) -> Response:
 @api.post("/copy")
 async def copy(request: Request) -> Response:
     """Point ``destination`` at the version ``source`` names, as ``POST /admin/models/tag`` does (admins only)."""
-    state = _state(request)
+    state = app_state(request)
     caller = principal(request)
     body = await parse_body(request, CopyRequest, state.settings.max_request_bytes)
     if not caller.is_admin:

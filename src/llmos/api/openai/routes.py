@@ -32,7 +32,7 @@ from llmos.api.openai import render, tools
 from llmos.api.openai.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from llmos.api.pipelines import start_for_missing_model
 from llmos.api.sse import sse
-from llmos.api.state import AppState
+from llmos.api.state import app_state
 from llmos.api.tool_plan import ToolPlan, ToolStream
 from llmos.engine.grammar import json_object_grammar, json_schema_grammar
 from llmos.engine.request import GenerationRequest, Logprob
@@ -41,11 +41,6 @@ from llmos.runtime.model import LoadedModel
 from llmos.types import ChatMessage, SamplingParams
 
 router = APIRouter()
-
-
-def app_state(request: Request) -> AppState:
-    state: AppState = request.app.state.llmos
-    return state
 
 
 def sampling(body: SamplingFields, max_tokens: int, index: int) -> SamplingParams:

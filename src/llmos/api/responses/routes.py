@@ -45,7 +45,7 @@ from llmos.api.responses.schemas import (
 )
 from llmos.api.responses.store import ResponseStore
 from llmos.api.sse import typed_sse
-from llmos.api.state import AppState
+from llmos.api.state import AppState, app_state
 from llmos.api.tool_plan import EMPTY_OBJECT, ToolPlan, ToolStream, plan, split_output
 from llmos.engine.grammar import json_object_grammar, json_schema_grammar
 from llmos.engine.tool_calls import Tool
@@ -54,11 +54,6 @@ from llmos.security.principal import Principal
 from llmos.types import ChatMessage, FunctionCall, SamplingParams
 
 router = APIRouter()
-
-
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.llmos
-    return state
 
 
 def _store(state: AppState) -> ResponseStore:
@@ -243,7 +238,7 @@ def output_items(text: str, tools: ToolPlan) -> list[dict[str, Any]]:
 
 @router.post("/v1/responses")
 async def create_response(request: Request) -> Any:
-    state = _state(request)
+    state = app_state(request)
     caller = principal(request)
     body = await parse_body(request, ResponsesRequest, state.settings.max_request_bytes)
     if body.background:
@@ -301,7 +296,7 @@ def _record(response: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, 
 
 @router.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = app_state(request)
     record = await to_thread.run_sync(_store(state).load, response_id, principal(request).tenant_id)
     response: dict[str, Any] = record["response"]
     return response
@@ -309,7 +304,7 @@ async def get_response(response_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/v1/responses/{response_id}/input_items")
 async def get_input_items(response_id: str, request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = app_state(request)
     record = await to_thread.run_sync(_store(state).load, response_id, principal(request).tenant_id)
     items = [{"id": f"{response_id}_item_{i}", **item} for i, item in enumerate(record["items"])]
     first, last = (items[0]["id"], items[-1]["id"]) if items else (None, None)
@@ -318,7 +313,7 @@ async def get_input_items(response_id: str, request: Request) -> dict[str, Any]:
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
-    state = _state(request)
+    state = app_state(request)
     await to_thread.run_sync(_store(state).delete, response_id, principal(request).tenant_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
