@@ -127,9 +127,18 @@ def require_role(request: Request, role: str) -> Principal:
     return caller
 
 
+def _visible(caller: Principal, view: VersionView) -> bool:
+    return caller.may_see(view.tenant_id) and caller.may_use(view.repository, view.name)
+
+
+def visible_views(caller: Principal, views: list[VersionView]) -> list[VersionView]:
+    """The models of ``views`` the caller may see and use (model lists show nothing else)."""
+    return [view for view in views if _visible(caller, view)]
+
+
 def visible_view(caller: Principal, view: VersionView, requested: str) -> VersionView:
     """``view`` if the caller may see and use it; otherwise the same 404 as a model that does not exist."""
-    if not caller.may_see(view.tenant_id) or not caller.may_use(view.repository, view.name):
+    if not _visible(caller, view):
         raise ModelNotFoundError(f"model {requested!r} not found; `llmos list` shows what is available")
     return view
 
@@ -139,4 +148,12 @@ def set_response_headers(request: Request, headers: dict[str, str]) -> None:
     request.scope.setdefault("state", {}).setdefault("response_headers", {}).update(headers)
 
 
-__all__ = ["AuthMiddleware", "LlmosError", "principal", "require_role", "set_response_headers", "visible_view"]
+__all__ = [
+    "AuthMiddleware",
+    "LlmosError",
+    "principal",
+    "require_role",
+    "set_response_headers",
+    "visible_view",
+    "visible_views",
+]

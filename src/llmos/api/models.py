@@ -17,7 +17,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from llmos.api.auth import principal, require_role, visible_view
+from llmos.api.auth import principal, require_role, visible_view, visible_views
 from llmos.api.body import AdminBody, parse_body
 from llmos.api.state import app_state
 from llmos.errors import LlmosError
@@ -53,7 +53,7 @@ async def me(request: Request) -> dict[str, Any]:
 async def list_models(request: Request) -> dict[str, Any]:
     caller = require_role(request, "consumer")
     views = await to_thread.run_sync(lambda: app_state(request).registry.list_versions(kind="model"))
-    visible = [v for v in views if caller.may_see(v.tenant_id) and caller.may_use(v.repository, v.name)]
+    visible = visible_views(caller, views)
     return {"object": "list", "data": [_model_dict(v) for v in visible]}
 
 

@@ -48,7 +48,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from llmos import __version__
-from llmos.api.auth import principal, visible_view
+from llmos.api.auth import principal, visible_view, visible_views
 from llmos.api.body import parse_body
 from llmos.api.chat import ChatJob, start_chat
 from llmos.api.embedding import embed_texts
@@ -104,7 +104,7 @@ async def tags(request: Request) -> dict[str, Any]:
     state = app_state(request)
     caller = principal(request)
     views = await to_thread.run_sync(state.registry.list_versions)
-    visible = [v for v in views if caller.may_see(v.tenant_id) and caller.may_use(v.repository, v.name)]
+    visible = visible_views(caller, views)
     return {"models": [render.model_entry(v) for v in visible]}
 
 

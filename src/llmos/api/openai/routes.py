@@ -23,7 +23,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from llmos.api.auth import principal, visible_view
+from llmos.api.auth import principal, visible_view, visible_views
 from llmos.api.body import parse_body
 from llmos.api.chat import ChatJob, ChatRun, check_logit_bias, collect, start_chat
 from llmos.api.errors import error_body
@@ -77,7 +77,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     state = app_state(request)
     caller = principal(request)
     views = await to_thread.run_sync(state.registry.list_versions)
-    visible = [v for v in views if caller.may_see(v.tenant_id) and caller.may_use(v.repository, v.name)]
+    visible = visible_views(caller, views)
     return {"object": "list", "data": [render.model_object(v) for v in visible]}
 
 
