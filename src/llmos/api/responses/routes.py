@@ -275,12 +275,17 @@ async def create_response(request: Request) -> Any:
     (result,) = await collect(run, request)
     output = output_items(result.text, tools)
     called = any(item["type"] == "function_call" for item in output)
-    status = "incomplete" if result.finish_reason == "length" and not called else "completed"
+    status = _status(result.finish_reason, called)
     response = response_object(response_id, created, body, run.model, status, output)
     response["usage"] = usage(run, result.completion_tokens)
     if body.store:
         await to_thread.run_sync(_store(state).save, response_id, caller.tenant_id, run.model, _record(response, items))
     return response
+
+
+def _status(finish_reason: str | None, called: bool) -> str:
+    """``incomplete`` when the token limit cut a text answer off (a call cut off is still reported as made)."""
+    return "incomplete" if finish_reason == "length" and not called else "completed"
 
 
 def _as_input(item: dict[str, Any]) -> dict[str, Any]:
@@ -350,7 +355,8 @@ class ResponseEvents:
                 events += self.open_message()
                 index = len(self.output) - 1
             self._text.append(text)
-            events.append(self._text_event("response.output_text.delta", delta=text))
+            assert self._open is not None
+            events.append(self._in_message("response.output_text.delta", self._open, delta=text, logprobs=[]))
         for call in delta.get("tool_calls", ()):
             function = call.get("function", {})
             if "id" in call:
@@ -374,17 +380,11 @@ class ResponseEvents:
         item = {"id": _id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
         events = self._add(item)
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        return [*events, self._part_event("response.content_part.added", part)]
+        return [*events, self._in_message("response.content_part.added", item, part=part)]
 
-    def _text_event(self, kind: str, **fields: Any) -> bytes:
-        assert self._open is not None
-        where = {"item_id": self._open["id"], "output_index": len(self.output) - 1, "content_index": 0}
-        return self.event(kind, **where, **fields, logprobs=[])
-
-    def _part_event(self, kind: str, part: dict[str, Any]) -> bytes:
-        assert self._open is not None
-        where = {"item_id": self._open["id"], "output_index": len(self.output) - 1, "content_index": 0}
-        return self.event(kind, **where, part=part)
+    def _in_message(self, kind: str, item: dict[str, Any], **fields: Any) -> bytes:
+        """An event about the (only) content part of the message ``item``, the last output item."""
+        return self.event(kind, item_id=item["id"], output_index=len(self.output) - 1, content_index=0, **fields)
 
     def close(self) -> list[bytes]:
         item, index = self._open, len(self.output) - 1
@@ -395,10 +395,8 @@ class ResponseEvents:
         if item["type"] == "message":
             text, self._text = "".join(self._text), []
             part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            self._open = item  # for the item id of the closing events
-            events.append(self._text_event("response.output_text.done", text=text))
-            events.append(self._part_event("response.content_part.done", part))
-            self._open = None
+            events.append(self._in_message("response.output_text.done", item, text=text, logprobs=[]))
+            events.append(self._in_message("response.content_part.done", item, part=part))
             item["content"] = [part]
         else:
             fields = {"item_id": item["id"], "output_index": index, "name": item["name"]}
@@ -431,7 +429,7 @@ async def _stream(
             for event in events.close():
                 yield event
             called = splitter is not None and splitter.called and not splitter.cut_off
-            status = "incomplete" if output.finish_reason == "length" and not called else "completed"
+            status = _status(output.finish_reason, called)
             final = {**response, "status": status, "output": events.output}
             final["incomplete_details"] = {"reason": "max_output_tokens"} if status == "incomplete" else None
             final["usage"] = usage(run, output.completion_tokens)
