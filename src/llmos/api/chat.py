@@ -24,6 +24,7 @@ from llmos.api.state import AppState
 from llmos.api.tool_plan import ToolPlan
 from llmos.engine.request import GenerationRequest, Logprob
 from llmos.errors import InvalidInputError
+from llmos.runtime.model import LoadedModel
 from llmos.security.principal import Principal
 from llmos.types import ChatMessage, SamplingParams
 
@@ -83,6 +84,11 @@ def check_logit_bias(bias: dict[str, float] | dict[int, float] | None, n_vocab: 
             raise InvalidInputError(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
 
 
+def _prompt(model: LoadedModel, job: ChatJob) -> list[int]:
+    """The job's conversation rendered with its tools and tokenized (blocking: call from a worker thread)."""
+    return model.chat_tokens(job.messages, tools=job.plan.offered, tool_required=job.plan.required)
+
+
 async def start_chat(state: AppState, request: Request, caller: Principal, job: ChatJob) -> ChatRun:
     """Lease the model, tokenize, check the window, reserve quota and submit every choice (see the module contract)."""
     arrived = time.monotonic()
@@ -91,9 +97,7 @@ async def start_chat(state: AppState, request: Request, caller: Principal, job: 
         model = target.model
         check_logit_bias(dict(job.sampling.logit_bias), model.backend.n_vocab)
         plan = job.plan
-        prompt = await to_thread.run_sync(
-            lambda: model.chat_tokens(job.messages, tools=plan.offered, tool_required=plan.required)
-        )
+        prompt = await to_thread.run_sync(_prompt, model, job)
         model.engine.check_fits(len(prompt), job.max_tokens)
         max_tokens = job.max_tokens if job.max_tokens is not None else model.engine.max_context - len(prompt)
         options = engine_options(state.settings, caller, cache_prompt=job.cache_prompt, speculative=job.speculative)
@@ -147,10 +151,7 @@ async def count_prompt(state: AppState, caller: Principal, job: ChatJob) -> int:
     target = await acquire(state, caller, job.model, job.keep_alive)
     try:
         model = target.model
-        plan = job.plan
-        tokens = await to_thread.run_sync(
-            lambda: model.chat_tokens(job.messages, tools=plan.offered, tool_required=plan.required)
-        )
+        tokens = await to_thread.run_sync(_prompt, model, job)
     finally:
         target.release()
     return len(tokens)
