@@ -227,6 +227,22 @@ class Settings(BaseSettings):
             " byte on a kept-alive connection): slower gets 408 and the connection is closed."
         ),
     )
+    model_processes: bool = Field(
+        default=True,
+        description=(
+            "`llmos serve` runs each loaded model (each replica) in a process of its own, forked from a per-backend"
+            " zygote, so that a crash in native code takes down that model only. Off: models run inside the server"
+            " process (the SDK always does)."
+        ),
+    )
+    model_process_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "A model process that sends nothing (not even its once-a-second heartbeat) for this long is killed and"
+            " treated as crashed."
+        ),
+    )
     shutdown_grace_seconds: float = Field(
         default=30.0,
         gt=0,

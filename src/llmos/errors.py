@@ -204,6 +204,25 @@ class EngineStoppedError(LlmosError):
     status = 503
 
 
+class ModelCrashedError(EngineStoppedError):
+    """The process running the model died (a signal, an OOM kill, a native abort) or stopped answering; requests in
+    flight on it end with this. The next request restarts the model."""
+
+    code = "model_crashed"
+
+
+class ModelRestartingError(LlmosError):
+    """The model crashed several times in a row; it is restarted after a back-off of ``retry_after`` seconds."""
+
+    code = "model_restarting"
+    type = "server_error"
+    status = 503
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ModelUnavailableError(LlmosError):
     """A registered model cannot be served now: its files are missing or damaged, or it failed to load."""
 

@@ -228,6 +228,7 @@ def test_health_is_alive_and_ready_reports_each_check(server: ServerProcess) -> 
             "preload": {"ok": True},
             "database": {"ok": True},
             "disk": {"ok": True},
+            "models": {"ok": True, "crashed": [], "recent_crashes": []},
             "audit": {"ok": True},
             "usage": {"ok": True},
         },
@@ -250,6 +251,7 @@ def test_ready_fails_with_the_reason_while_preloading_without_disk_or_database(t
         ready=threading.Event(),
         preload=["smollm2"],
         preload_error=None,
+        residency=SimpleNamespace(failures=None, snapshot=list),
     )
     app = FastAPI()
     app.include_router(router)

@@ -230,3 +230,38 @@ def test_memory_sizes() -> None:
     for bad in ("lots", "150%", "-3GB", "8XB"):
         with pytest.raises(InvalidInputError):
             parse_size(bad)
+
+
+def test_a_dead_instance_is_loaded_afresh_by_the_next_lease_until_it_keeps_crashing(
+    settings: Settings, registry: Registry
+) -> None:
+    from llmos.errors import ModelRestartingError
+    from llmos.runtime.failures import FREE_RESTARTS, FailureLog, ModelFailure
+
+    residency, events, loads = make(settings, registry, "1GiB")
+    failures = FailureLog()
+    residency.failures = failures
+    try:
+        with residency.lease("a") as lease:
+            first = lease.instance
+        for crash in range(FREE_RESTARTS):
+            first.alive = False  # its process died
+            failures.record(ModelFailure("a:latest", 1, "killed by SIGSEGV", "SIGSEGV", None, [], 0.5))
+            with residency.lease("a") as lease:
+                assert lease.instance is not first and getattr(lease.instance, "alive", True)
+            assert first.closed and loads == ["a"] * (crash + 2)
+            first = lease.instance
+        assert failures.restarts == {"a:latest": FREE_RESTARTS}
+        assert ("crashed", "a:latest") in events.log
+
+        first.alive = False  # one crash too many in a row: a back-off before the next start
+        failures.record(ModelFailure("a:latest", 1, "killed by SIGSEGV", "SIGSEGV", None, [], 0.5))
+        with pytest.raises(ModelRestartingError) as refused:
+            residency.lease("a")
+        assert "SIGSEGV" in refused.value.message and 0 < refused.value.retry_after <= 1
+        assert len(loads) == FREE_RESTARTS + 1
+        time.sleep(refused.value.retry_after)
+        with residency.lease("a") as lease:
+            assert lease.instance is not first
+    finally:
+        residency.close()

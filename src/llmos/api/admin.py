@@ -21,10 +21,10 @@ from pydantic import Field
 from llmos.api.auth import require_role
 from llmos.api.body import AdminBody, parse_body
 from llmos.api.state import AppState
-from llmos.engine.backends import llamacpp_path
 from llmos.runtime.memory import process_rss
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.replicas import ReplicaSet
+from llmos.runtime.residency import alive
 from llmos.security.principal import Limits
 
 router = APIRouter(prefix="/admin")
@@ -42,6 +42,7 @@ async def runtime(request: Request) -> dict[str, Any]:
     models = []
     for entry in residency.snapshot():
         expires_in = residency.expires_in(entry)
+        failure = residency.failures.last(entry.view.name) if residency.failures else None
         item: dict[str, Any] = {
             "name": entry.view.name,
             "digest": entry.view.digest,
@@ -53,6 +54,9 @@ async def runtime(request: Request) -> dict[str, Any]:
             "expires_at": None if expires_in is None else time.time() + expires_in,
             "loaded_at": entry.loaded_at,
             "load_seconds": round(entry.load_seconds, 3),
+            "alive": alive(entry.instance),
+            "pid": getattr(getattr(entry.instance, "engine", None), "pid", None),
+            "last_failure": failure.to_json() if failure is not None else None,
         }
         instance = entry.instance
         replicas: list[object] = list(instance.replicas) if isinstance(instance, ReplicaSet) else [instance]
@@ -79,7 +83,7 @@ async def runtime(request: Request) -> dict[str, Any]:
                 }
             )
         models.append(item)
-    verdict = llamacpp_path.chosen()
+    verdict = state.loader.llamacpp_verdict()
     llamacpp = None
     if verdict is not None:
         llamacpp = {"path": verdict.describe, "extra_buffers": verdict.extra_buffers, "build": verdict.build}
@@ -90,13 +94,24 @@ async def runtime(request: Request) -> dict[str, Any]:
         "rss": process_rss(),
         "llamacpp": llamacpp,
         "models": models,
+        "model_processes": state.loader.launcher is not None,
+        "zygotes": state.loader.launcher.pids() if state.loader.launcher is not None else {},
+        "failures": [failure.to_json() for failure in residency.failures.recent()] if residency.failures else [],
+        "restarts": dict(residency.failures.restarts) if residency.failures else {},
     }
 
 
 def _placement(replica: LoadedModel) -> dict[str, Any]:
-    """Where a replica runs: its Ray node and worker process, for replicas on a Ray cluster."""
+    """Where a replica runs: its model process (pid), and for replicas on a Ray cluster, its node; and why it died
+    if it did."""
     info = getattr(replica.engine, "info", None)
-    return {"node": info["node"], "pid": info["pid"]} if isinstance(info, dict) else {}
+    placement: dict[str, Any] = {}
+    if isinstance(info, dict):
+        placement = {key: info[key] for key in ("node", "pid") if key in info}
+    failure = getattr(replica.engine, "failure", None)
+    if failure is not None:
+        placement["failure"] = failure.to_json()
+    return placement
 
 
 @router.post("/runtime/unload")

@@ -43,6 +43,8 @@ from llmos.jobs.service import JobService
 from llmos.observability.metrics import CONTENT_TYPE, Metrics
 from llmos.observability.tracing import Tracing
 from llmos.registry.service import Registry
+from llmos.runtime.failures import FailureLog, ModelFailure
+from llmos.runtime.launcher import Launcher
 from llmos.runtime.loader import Loader
 from llmos.runtime.memory import process_rss
 from llmos.runtime.model import LoadedModel
@@ -60,10 +62,21 @@ def _make_loader(
     overrides: dict[str, str] | None,
     replicas: dict[str, int] | None,
     metrics: Metrics,
+    failures: FailureLog,
 ) -> Loader:
-    """The local loader, or with ``ray_address`` set, one that runs model replicas on the Ray cluster."""
+    """The local loader (each model in a process of its own unless ``model_processes`` is off), or with
+    ``ray_address`` set, one that runs model replicas on the Ray cluster."""
     if not settings.ray_address:
-        return Loader(settings, registry, overrides=overrides, replicas=replicas, step_listener=metrics.observe_step)
+        launcher = Launcher(settings) if settings.model_processes else None
+        return Loader(
+            settings,
+            registry,
+            overrides=overrides,
+            replicas=replicas,
+            step_listener=metrics.observe_step,
+            launcher=launcher,
+            failures=failures,
+        )
     from llmos.distributed.cluster import LocalCluster, connect
     from llmos.distributed.serving import RayLoader
 
@@ -82,6 +95,18 @@ def _make_loader(
         min_replicas=settings.ray_min_replicas,
         max_replicas=settings.ray_max_replicas,
     )
+
+
+def _cause(failure: ModelFailure) -> str:
+    """The metric label of a failure: ``SIGSEGV``, ``exit_1``, ``hang`` (plus ``_recovered`` for a safe-path
+    restart that lost no request)."""
+    if failure.signal is not None and not failure.reason.startswith("stopped answering"):
+        cause = failure.signal
+    elif failure.exit_code is not None:
+        cause = f"exit_{failure.exit_code}"
+    else:
+        cause = "hang" if failure.reason.startswith("stopped answering") else "unknown"
+    return cause + ("_recovered" if failure.recovered else "")
 
 
 def create_app(
@@ -116,7 +141,9 @@ def create_app(
     metrics = Metrics(engine_stats, memory, jobs=jobs.gauges, home=settings.home)
     tracing = Tracing.from_env()
     registry = Registry(settings)
-    loader = _make_loader(settings, registry, backend_overrides, replicas, metrics)
+    failures = FailureLog(lambda failure: metrics.model_crashed(failure.model, _cause(failure)))
+    failures.restart_listener = metrics.model_restarted
+    loader = _make_loader(settings, registry, backend_overrides, replicas, metrics, failures)
     residency = Residency(
         settings,
         registry,
@@ -126,6 +153,7 @@ def create_app(
         pinned=pinned,
         estimator=loader.estimate,
         prepare=loader.prepare,
+        failures=failures,
     )
     holder["residency"] = residency
     security = SecurityService(settings)
@@ -163,6 +191,8 @@ def create_app(
             stop_dispatch.set()
             jobs.close()
             await to_thread.run_sync(residency.close)
+            if loader.launcher is not None:
+                await to_thread.run_sync(loader.launcher.close)
             await to_thread.run_sync(security.close)
             registry.close()
             tracing.shutdown()

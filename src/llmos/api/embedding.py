@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from anyio import to_thread
@@ -25,7 +26,7 @@ from fastapi import Request
 from llmos.api.generation import Metering, authorised_view, meter
 from llmos.api.state import AppState
 from llmos.errors import InvalidInputError, LlmosError
-from llmos.runtime.embedding import EmbeddingModel
+from llmos.runtime.embedding import Embedder
 from llmos.runtime.residency import parse_keep_alive
 from llmos.security.principal import Principal
 
@@ -47,23 +48,9 @@ class Embedded:
     """``time.monotonic()`` once the model was resident."""
 
 
-def truncated(model: EmbeddingModel, texts: list[str]) -> list[str]:
-    """Each text cut to the model's token limit (at the end of the last token that fits)."""
-    result = []
-    for text, count in zip(texts, model.count_tokens(texts), strict=True):
-        if count <= model.max_tokens:
-            result.append(text)
-            continue
-        encoded = model.model.tokenizer(
-            text, add_special_tokens=True, truncation=True, max_length=model.max_tokens, return_offsets_mapping=True
-        )
-        result.append(text[: max((end for _start, end in encoded["offset_mapping"]), default=0)])
-    return result
-
-
-def _texts(model: EmbeddingModel, inputs: Sequence[str | list[int]], truncate: bool) -> list[str]:
-    texts = [item if isinstance(item, str) else str(model.model.tokenizer.decode(item)) for item in inputs]
-    return truncated(model, texts) if truncate else texts
+def _texts(model: Embedder, inputs: Sequence[str | list[int]], truncate: bool) -> list[str]:
+    texts = [item if isinstance(item, str) else model.decode(item) for item in inputs]
+    return model.truncate(texts) if truncate else texts
 
 
 async def embed_texts(
@@ -91,8 +78,9 @@ async def embed_texts(
     metering: Metering | None = None
     try:
         instance = lease.instance
-        if not isinstance(instance, EmbeddingModel):
+        if getattr(instance, "kind", None) != "embed":
             raise InvalidInputError(f"{view.name} is not an embedding model", param="model")
+        instance = cast(Embedder, instance)
         if dimensions is not None and dimensions != instance.dimension:
             raise InvalidInputError(
                 f"{view.name} produces {instance.dimension} dimensions; it cannot shorten them", param="dimensions"

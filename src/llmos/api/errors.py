@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmos.errors import LlmosError, OverloadedError, RateLimitError
+from llmos.errors import LlmosError, ModelRestartingError, OverloadedError, RateLimitError
 
 log = logging.getLogger("llmos.api")
 
@@ -59,7 +59,7 @@ def shaped(
 
 def error_response(exc: LlmosError, path: str = "") -> JSONResponse:
     headers: dict[str, str] = {}
-    if isinstance(exc, OverloadedError | RateLimitError):
+    if isinstance(exc, OverloadedError | RateLimitError | ModelRestartingError):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, RateLimitError):
         headers.update(exc.headers)

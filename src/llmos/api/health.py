@@ -9,12 +9,15 @@ Contract: both are open (no API key) and cheap.
   models named with ``--model`` / ``--pin`` are loaded: ``loading`` while they load, the load error's message if one
   failed), ``database`` (a ``SELECT 1`` on the registry database), ``disk`` (free space where ``LLMOS_HOME`` lives
   is at least ``ready_min_free_bytes``), ``audit`` (the last audit write succeeded, or a trial write does now) and
-  ``usage`` (no usage record waits to be written). Bodies name no paths and no sizes (the probes need no key).
+  ``usage`` (no usage record waits to be written); ``models`` lists the models whose process died and that were not
+started again yet, and the crashes of the last ten minutes (model, signal or exit code; a crashed model restarts on
+its next request, so this check never fails). Bodies name no paths and no sizes (the probes need no key).
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Any
 
 from anyio import to_thread
@@ -23,8 +26,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from llmos.api.state import AppState
+from llmos.runtime.residency import alive
 
 router = APIRouter()
+RECENT_SECONDS = 600.0
 
 
 @router.get("/health")
@@ -60,9 +65,23 @@ def _preload(state: AppState) -> dict[str, Any]:
     return {"ok": True}
 
 
+def _models(state: AppState) -> dict[str, Any]:
+    """Models whose process died and has not been started again: named with how it ended. A crashed model is
+    restarted by its next request, so the server stays ready; the check reports, it does not fail."""
+    failures = state.residency.failures
+    crashed = []
+    for entry in state.residency.snapshot():
+        last = failures.last(entry.view.name) if failures is not None else None
+        if not alive(entry.instance):
+            crashed.append(last.public() if last is not None else {"model": entry.view.name, "reason": "stopped"})
+    horizon = time.time() - RECENT_SECONDS
+    recent = [f.public() for f in (failures.recent() if failures is not None else []) if f.at >= horizon]
+    return {"ok": True, "crashed": crashed, "recent_crashes": recent}
+
+
 def readiness(state: AppState) -> dict[str, dict[str, Any]]:
     return {"preload": _preload(state), "database": _database(state), "disk": _disk(state),
-            **state.security.records_health()}  # fmt: skip
+            "models": _models(state), **state.security.records_health()}  # fmt: skip
 
 
 @router.get("/ready")

@@ -1,6 +1,7 @@
 """Serving benchmark: llmos against llama-cpp-python's ``llama_cpp.server`` on the same GGUF, in one run.
 
-Contract: :func:`run_benchmark` starts both servers as subprocesses on free loopback ports, checks that both answer
+Contract: :func:`run_benchmark` starts the servers (llmos, llmos with its model inside the server process, and the
+peer) as subprocesses on free loopback ports, checks that both answer
 the Paris question correctly, then drives them in turns (never both at once) with the same streaming chat workload
 at each concurrency level (distinct prompts, ``max_tokens`` output tokens, greedy), alternating which goes first,
 and returns per side and level: aggregate output tok/s, time to first token p50/p95, end-to-end p50/p95, errors,
@@ -32,8 +33,11 @@ import httpx
 from llmos.errors import BackendUnavailableError
 
 LLMOS = "llmos"
+IN_PROCESS = "llmos-in-process"
+"""``llmos serve`` with ``LLMOS_MODEL_PROCESSES=0``: the engine inside the server process (the cost of model
+processes is the difference to :data:`LLMOS`)."""
 PEER = "llama_cpp.server"
-READY_PATHS = {LLMOS: "/ready", PEER: "/v1/models"}
+READY_PATHS = {LLMOS: "/ready", IN_PROCESS: "/ready", PEER: "/v1/models"}
 
 TOPICS = [
     "a lighthouse keeper", "a robot chef", "a lost dragon", "a desert city", "a time traveller", "a river spirit",
@@ -321,36 +325,45 @@ def peer_command(gguf: Path, port: int, threads: int, context: int) -> list[str]
 
 @contextmanager
 def running_servers(
-    model: str, gguf: Path, threads: int, context: int, home: Path | None, log_dir: Path, peer: bool = True
-) -> Iterator[dict[str, str]]:
-    """``llmos serve --model MODEL`` (with ``home`` as ``LLMOS_HOME``) and, with ``peer``, llama_cpp.server on the
-    same GGUF (:func:`peer_command`), each on a free loopback port and answering; yields their base URLs by name
-    (:data:`LLMOS`, :data:`PEER`) and stops both on exit. Their logs go to ``log_dir/NAME.log``."""
+    model: str, gguf: Path, threads: int, context: int, home: Path | None, log_dir: Path, peer: bool = True,
+    in_process: bool = False,
+) -> Iterator[dict[str, str]]:  # fmt: skip
+    """``llmos serve --model MODEL`` (with ``home`` as ``LLMOS_HOME``), with ``in_process`` also one whose model runs
+    inside the server process (:data:`IN_PROCESS`), and with ``peer``, llama_cpp.server on the same GGUF
+    (:func:`peer_command`), each on a free loopback port and answering; yields their base URLs by name
+    (:data:`LLMOS`, :data:`IN_PROCESS`, :data:`PEER`) and stops them all on exit. Logs go to ``log_dir/NAME.log``."""
     env = {**os.environ}
     if home is not None:
         env["LLMOS_HOME"] = str(home)
     ports = {LLMOS: free_port()}
     commands = {LLMOS: [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(ports[LLMOS])]}
+    envs = {LLMOS: env}
+    if in_process:
+        ports[IN_PROCESS] = free_port()
+        commands[IN_PROCESS] = [*commands[LLMOS][:-1], str(ports[IN_PROCESS])]
+        envs[IN_PROCESS] = {**env, "LLMOS_MODEL_PROCESSES": "0"}
     if peer:
         ports[PEER] = free_port()
         commands[PEER] = peer_command(gguf, ports[PEER], threads, context)
     bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     with ExitStack() as stack:
         for name, command in commands.items():
-            stack.enter_context(server(command, bases[name] + READY_PATHS[name], env, log_dir / f"{name}.log"))
+            side_env = envs.get(name, env)
+            stack.enter_context(server(command, bases[name] + READY_PATHS[name], side_env, log_dir / f"{name}.log"))
         yield bases
 
 
 def run_benchmark(
     model: str, gguf: Path, levels: list[int], max_tokens: int, threads: int, context: int, home: Path | None,
-    log_dir: Path, peer: bool = True, repeats: int = 2,
+    log_dir: Path, peer: bool = True, repeats: int = 2, in_process: bool = True,
 ) -> list[SideResult]:  # fmt: skip
-    """Start both servers, then for each level drive them in turns (llmos, peer, peer, llmos, ...).
+    """Start the servers (llmos, with ``in_process`` llmos with its model inside the server process, with ``peer``
+    llama_cpp.server), then for each level drive them in turns (llmos, in-process, peer, peer, in-process, llmos...).
 
-    A server is idle while the other is driven; alternating the order cancels slow drifts of a shared, noisy
+    A server is idle while another is driven; alternating the order cancels slow drifts of a shared, noisy
     machine, which back-to-back runs would attribute to one side.
     """
-    with running_servers(model, gguf, threads, context, home, log_dir, peer) as bases:
+    with running_servers(model, gguf, threads, context, home, log_dir, peer, in_process) as bases:
         runs: dict[str, dict[int, list[LevelResult]]] = {name: {} for name in bases}
         answers = {name: paris_check(base, model) for name, base in bases.items()}
         for level in levels:
@@ -358,7 +371,7 @@ def run_benchmark(
             for repeat in range(repeats):
                 order = list(bases) if repeat % 2 == 0 else list(bases)[::-1]
                 for name in order:
-                    probe = name == LLMOS
+                    probe = name in (LLMOS, IN_PROCESS)
                     result = asyncio.run(
                         run_level(bases[name], model, level, rounds, max_tokens, probe, f"{name}{repeat}")
                     )
@@ -385,20 +398,29 @@ def format_table(sides: list[SideResult]) -> str:
                 f" {level.pct('ttft', 0.95):>8.2f}s {level.pct('total', 0.5):>7.2f}s {level.pct('total', 0.95):>7.2f}s"
                 f" {level.errors:>6}"
             )
-    if len(sides) == 2:
+    names = [side.name for side in sides]
+    if LLMOS in names and PEER in names:
         lines += ["", f"{'clients':>7} {'tok/s ratio':>12} {'TTFT p95 ratio':>15}   (llmos / peer)"]
         for concurrency, pair in sorted(by_level.items()):
-            ours, theirs = pair.get(sides[0].name), pair.get(sides[1].name)
+            ours, theirs = pair.get(LLMOS), pair.get(PEER)
             if ours and theirs and theirs.throughput:
                 ttft_ratio = ours.pct("ttft", 0.95) / theirs.pct("ttft", 0.95)
                 lines.append(f"{concurrency:>7} {ours.throughput / theirs.throughput:>12.2f} {ttft_ratio:>15.3f}")
-    for level in sides[0].levels:
-        if level.health_latencies:
-            finite = [h for h in level.health_latencies if h != float("inf")]
-            worst = max(level.health_latencies)
-            median = statistics.median(finite) if finite else float("nan")
-            lines.append(
-                f"/health while {level.concurrency} streams decode: median {median * 1000:.1f} ms,"
-                f" max {worst * 1000:.1f} ms over {len(level.health_latencies)} probes"
-            )
+    if LLMOS in names and IN_PROCESS in names:
+        lines += ["", f"{'clients':>7} {'tok/s ratio':>12} {'TTFT p50 diff':>14}   (model processes / in-process)"]
+        for concurrency, pair in sorted(by_level.items()):
+            ours, inside = pair.get(LLMOS), pair.get(IN_PROCESS)
+            if ours and inside and inside.throughput:
+                diff_ms = (ours.pct("ttft", 0.5) - inside.pct("ttft", 0.5)) * 1000
+                lines.append(f"{concurrency:>7} {ours.throughput / inside.throughput:>12.3f} {diff_ms:>+11.1f} ms")
+    for side in sides:
+        for level in side.levels if side.name in (LLMOS, IN_PROCESS) else []:
+            if level.health_latencies:
+                finite = [h for h in level.health_latencies if h != float("inf")]
+                worst = max(level.health_latencies)
+                median = statistics.median(finite) if finite else float("nan")
+                lines.append(
+                    f"{side.name} /health while {level.concurrency} streams decode: median {median * 1000:.1f} ms,"
+                    f" max {worst * 1000:.1f} ms over {len(level.health_latencies)} probes"
+                )
     return "\n".join(lines)

@@ -30,24 +30,24 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from llmos import errors as llmos_errors
 from llmos.config import Settings
-from llmos.engine.backends.base import Backend, BatchItem, SequenceSampler, TokenLogprob
+from llmos.engine.backends.base import Backend
 from llmos.engine.core import EngineCore, EngineStats
 from llmos.engine.request import GenerationOutput, GenerationRequest
 from llmos.engine.streams import OutputStream
 from llmos.errors import EngineStoppedError, LlmosError, ModelLoadError
 from llmos.registry.service import Registry, ResolvedModel
 from llmos.registry.views import VersionView
+from llmos.runtime.channel import portable_error, rebuild_error
 from llmos.runtime.loader import Loader
 from llmos.runtime.model import LoadedModel
+from llmos.runtime.remote import BackendClient, EngineClient
 from llmos.runtime.replicas import ReplicaSet
 from llmos.store.blobs import BlobStore
-from llmos.types import SamplingParams
 
 log = logging.getLogger("llmos.distributed")
 
@@ -99,9 +99,10 @@ class _BatchingStream(OutputStream):
 
 
 def _portable(output: GenerationOutput) -> GenerationOutput:
-    """Errors travel as (class name, message): llmos exceptions do not all pickle with their arguments."""
+    """Errors travel as :func:`~llmos.runtime.channel.portable_error`: llmos exceptions do not all pickle with their
+    arguments."""
     if output.error is not None:
-        output.state_error = (type(output.error).__name__, output.error.message)  # type: ignore[attr-defined]
+        output.state_error = portable_error(output.error)  # type: ignore[attr-defined]
         output.error = None
     return output
 
@@ -175,17 +176,14 @@ class ReplicaActor:
 # --- the front end's view of a replica --------------------------------------------------------------------------------
 
 
-class RemoteBackend:
+class RemoteBackend(BackendClient):
     """Tokenization answered by the replica (or, if it just died, by another one of the same model); the fields
     the API reads are cached at start."""
 
     def __init__(self, actor: Any, info: dict[str, Any], alternatives: Callable[[], list[Any]]) -> None:
+        super().__init__(info, f"ray:{info['backend_name']}")
         self._actor = actor
         self._alternatives = alternatives
-        self.n_vocab: int = info["n_vocab"]
-        self.n_seq_max: int = info["n_seq_max"]
-        self.backend_name: str = f"ray:{info['backend_name']}"
-        self._token_bytes: dict[int, bytes] = {}
 
     def _call(self, method: str, *args: Any) -> Any:
         import ray
@@ -197,62 +195,24 @@ class RemoteBackend:
                 log.warning("replica call %s failed (%s); trying another replica", method, type(exc).__name__)
         raise EngineStoppedError("no replica of this model answers; retry")
 
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        return cast(list[int], self._call("tokenize", text, add_special, parse_special))
-
-    def token_bytes(self, token: int) -> bytes:
-        if token not in self._token_bytes:
-            self._token_bytes[token] = self._call("token_bytes", token)
-        return self._token_bytes[token]
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return cast(str, self._call("detokenize", list(tokens)))
-
-    def is_end_of_generation(self, token: int) -> bool:
-        raise NotImplementedError("generation runs in the replica")
-
-    def new_sampler(self, params: SamplingParams, grammar: str | None = None) -> SequenceSampler:
-        raise NotImplementedError("generation runs in the replica")
-
-    def decode(self, items: Sequence[BatchItem]) -> dict[int, list[int]]:
-        raise NotImplementedError("generation runs in the replica")
-
-    def logprobs(self, output_row: int, token: int, top_n: int) -> tuple[float, list[TokenLogprob]]:
-        raise NotImplementedError("generation runs in the replica")
-
     def bind_adapter(self, seq_id: int, adapter: str | None) -> None:
         raise NotImplementedError("adapters are not served through Ray yet")
-
-    def forget_sequence(self, seq_id: int) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 Resubmit = Callable[["RemoteEngine", GenerationRequest, OutputStream, int], bool]
 
 
-class RemoteEngine:
+class RemoteEngine(EngineClient):
     """The engine interface the API uses (submit / abort / stats), forwarded to a :class:`ReplicaActor`."""
 
     def __init__(self, actor: Any, info: dict[str, Any], name: str, resubmit: Resubmit) -> None:
+        super().__init__(name, info["n_ctx_seq"])
         self.actor = actor
         self.info = info
-        self.name = name
-        self.max_context: int = info["n_ctx_seq"]
         self._resubmit = resubmit
         self._lock = threading.Lock()
         self._outstanding = 0
         self._reserved: collections.deque[float] = collections.deque()
-        self.crashed: str | None = None
-        self._closed = False
-
-    check_fits = EngineCore.check_fits
-
-    @property
-    def alive(self) -> bool:
-        return self.crashed is None and not self._closed
 
     @property
     def outstanding(self) -> int:
@@ -294,7 +254,7 @@ class RemoteEngine:
                         output.admitted_at += skew
                     state_error = getattr(output, "state_error", None)
                     if state_error is not None:
-                        output.error = _rebuild_error(*state_error)
+                        output.error = rebuild_error(*state_error)
                     produced = produced or bool(output.token_ids or output.text)
                     stream.push(output)
         except Exception as exc:  # the actor died (or its node): retry a request that produced nothing yet
@@ -334,16 +294,6 @@ class RemoteEngine:
         with contextlib.suppress(Exception):  # a dead actor has nothing left to close
             ray.get(self.actor.close.remote(), timeout=timeout)
         ray.kill(self.actor, no_restart=True)
-
-
-def _rebuild_error(name: str, message: str) -> LlmosError:
-    cls = getattr(llmos_errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, LlmosError):
-        try:
-            return cls(message)
-        except TypeError:
-            pass
-    return EngineStoppedError(message)
 
 
 # --- the replica set ------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Hand generation events from the engine thread to their consumer.
 
 Contract: the engine hands events over with :func:`deliver` (or :meth:`OutputStream.push`) from its own thread and
-never blocks doing so. An :class:`AsyncOutputStream` delivers events to an asyncio task (``async for``); a
+never blocks doing so. A :class:`SinkStream` hands them to a :class:`BatchSink` shared by many requests, all of a
+step's events in one call. An :class:`AsyncOutputStream` delivers events to an asyncio task (``async for``); a
 :class:`SyncOutputStream` to a plain thread (``for``). :func:`deliver` wakes each event loop once for a whole step's
 events rather than once per event. Iteration ends after the event with ``finished=True``; an event carrying an
 error raises it in the consumer after any text already delivered. An :class:`AsyncOutputStream` also keeps, as events
@@ -23,6 +24,23 @@ from llmos.engine.request import GenerationOutput
 class OutputStream:
     def push(self, output: GenerationOutput) -> None:
         raise NotImplementedError
+
+
+class BatchSink:
+    """Takes a whole step's events for many requests at once (a model process sends them as one message)."""
+
+    def put_all(self, outputs: list[GenerationOutput]) -> None:
+        raise NotImplementedError
+
+
+class SinkStream(OutputStream):
+    """A request's stream whose events go to a shared :class:`BatchSink`, a step's worth at a time."""
+
+    def __init__(self, sink: BatchSink) -> None:
+        self.sink = sink
+
+    def push(self, output: GenerationOutput) -> None:
+        self.sink.put_all([output])
 
 
 class SyncOutputStream(OutputStream):
@@ -88,11 +106,16 @@ def _put_all(items: list[tuple[AsyncOutputStream, GenerationOutput]]) -> None:
 def deliver(items: list[tuple[OutputStream, GenerationOutput]]) -> None:
     """Hand over one step's events: one wake-up per event loop, plain pushes for everything else."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[AsyncOutputStream, GenerationOutput]]] = {}
+    by_sink: dict[BatchSink, list[GenerationOutput]] = {}
     for stream, output in items:
         if isinstance(stream, AsyncOutputStream):
             by_loop.setdefault(stream.loop, []).append((stream, output))
+        elif isinstance(stream, SinkStream):
+            by_sink.setdefault(stream.sink, []).append(output)
         else:
             stream.push(output)
+    for sink, outputs in by_sink.items():
+        sink.put_all(outputs)
     for loop, batch in by_loop.items():
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
             loop.call_soon_threadsafe(_put_all, batch)

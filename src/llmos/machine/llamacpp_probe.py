@@ -345,11 +345,17 @@ def cached_probe(
             on_probe()
         result = probe(native, variants, timeout=timeout)
         result.key = key
-        with contextlib.suppress(OSError):
-            tmp = cache_dir / f".llamacpp-{key}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(result.to_json(), indent=1), encoding="utf-8")
-            os.replace(tmp, cache_dir / f"llamacpp-{key}.json")
+        write_cached(cache_dir, result)
     return result
+
+
+def write_cached(cache_dir: Path, verdict: Verdict) -> None:
+    """Keep ``verdict`` as this machine's (``verdict.key``) answer; best effort, atomic."""
+    with contextlib.suppress(OSError):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".llamacpp-{verdict.key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(verdict.to_json(), indent=1), encoding="utf-8")
+        os.replace(tmp, cache_dir / f"llamacpp-{verdict.key}.json")
 
 
 def apply(verdict: Verdict) -> None:

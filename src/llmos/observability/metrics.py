@@ -225,6 +225,15 @@ class Metrics:
             "llmos_model_load_seconds", "Time to load a model", ["backend"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.embedding_inputs = Counter("llmos_embedding_inputs_total", "Texts embedded", ["model"], registry=r)
+        self.model_crashes = Counter(
+            "llmos_model_crashes_total",
+            "Model processes that died (cause: the signal, exit_N, or hang) or were restarted on the safe CPU path",
+            ["model", "cause"],
+            registry=r,
+        )
+        self.model_restarts = Counter(
+            "llmos_model_restarts_total", "Crashed models (or replicas) started again", ["model"], registry=r
+        )
         r.register(_StateCollector(engine_stats, memory, jobs, home))
 
     # residency listener
@@ -234,6 +243,13 @@ class Metrics:
 
     def unloaded(self, model: str, backend: str, reason: str) -> None:
         self.unloads.labels(model, backend, reason).inc()
+
+    # model process supervision
+    def model_crashed(self, model: str, cause: str) -> None:
+        self.model_crashes.labels(model, cause).inc()
+
+    def model_restarted(self, model: str) -> None:
+        self.model_restarts.labels(model).inc()
 
     def observe_step(self, model: str, stats: StepStats) -> None:
         self.batch_size.labels(model).observe(stats.sequences)

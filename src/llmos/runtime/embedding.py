@@ -10,12 +10,29 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from llmos.errors import BackendUnavailableError, ContextLengthExceededError
 from llmos.registry.views import VersionView
+
+
+class Embedder(Protocol):
+    """What the API uses of an embedding model, in this process (:class:`EmbeddingModel`) or in its own
+    (:class:`~llmos.runtime.model_process.ProcessEmbedding`)."""
+
+    kind: str
+    max_tokens: int
+    dimension: int
+
+    def count_tokens(self, texts: list[str]) -> list[int]: ...
+
+    def truncate(self, texts: list[str]) -> list[str]: ...
+
+    def decode(self, tokens: list[int]) -> str: ...
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]: ...
 
 
 class EmbeddingModel:
@@ -44,6 +61,27 @@ class EmbeddingModel:
     def count_tokens(self, texts: list[str]) -> list[int]:
         encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return [len(ids) for ids in encoded]
+
+    def truncate(self, texts: list[str]) -> list[str]:
+        """Each text cut to the model's token limit (at the end of the last token that fits)."""
+        result = []
+        for text, count in zip(texts, self.count_tokens(texts), strict=True):
+            if count <= self.max_tokens:
+                result.append(text)
+                continue
+            encoded = self.model.tokenizer(
+                text, add_special_tokens=True, truncation=True, max_length=self.max_tokens, return_offsets_mapping=True
+            )
+            result.append(text[: max((end for _start, end in encoded["offset_mapping"]), default=0)])
+        return result
+
+    def decode(self, tokens: list[int]) -> str:
+        """Token ids (an embeddings request may send them instead of text) back to text."""
+        return str(self.model.tokenizer.decode(tokens))
+
+    @property
+    def alive(self) -> bool:
+        return self.model is not None
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors ``[len(texts), dimension]`` and the number of tokens they used."""

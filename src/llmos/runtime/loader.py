@@ -5,7 +5,9 @@ Hugging Face causal LM -> torch, a sentence-transformers directory -> sentence-t
 names another one for that model. :meth:`Loader.__call__` builds the instance: a
 :class:`~llmos.runtime.model.LoadedModel` (backend + running engine) for generation, or an
 :class:`~llmos.runtime.embedding.EmbeddingModel`. Multi-file versions are loaded from their materialised
-directory. A combination that cannot work (a GGUF on torch, an adapter as a model) is refused with a clear error.
+directory. With a :class:`~llmos.runtime.launcher.Launcher` (``llmos serve``), each instance runs in a model
+process of its own (:mod:`llmos.runtime.model_process`) and looks the same to its users. A combination that
+cannot work (a GGUF on torch, an adapter as a model) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -15,15 +17,22 @@ from pathlib import Path
 from typing import Any
 
 from llmos.config import Settings
+from llmos.engine.backends import llamacpp_path
 from llmos.engine.core import EngineConfig, EngineCore, StepStats
 from llmos.errors import BackendUnavailableError, InvalidInputError
+from llmos.machine.llamacpp_probe import Verdict
 from llmos.registry.names import parse_ref
 from llmos.registry.service import Registry, ResolvedModel
 from llmos.registry.views import VersionView
+from llmos.runtime import model_process
+from llmos.runtime.failures import FailureLog
+from llmos.runtime.launcher import Launcher, Spawned
 from llmos.runtime.memory import estimate_bytes
 from llmos.runtime.model import LoadedModel
+from llmos.runtime.model_worker import LoadSpec
 
 BACKENDS = ("llama.cpp", "torch", "sentence-transformers")
+PROCESS_LOAD_SECONDS = 600.0
 
 
 def default_backend(view: VersionView) -> str:
@@ -58,6 +67,22 @@ def parse_overrides(items: Iterable[str]) -> dict[str, str]:
     return overrides
 
 
+def import_backend(backend: str, settings: Settings) -> None:
+    """Import a backend's libraries into this process (for llama.cpp: settle the CPU path and load the library)."""
+    if backend == "torch":
+        import torch  # noqa: F401
+        import transformers.models.llama.modeling_llama
+
+        import llmos.engine.backends.torch  # noqa: F401
+    elif backend == "sentence-transformers":
+        import sentence_transformers  # noqa: F401
+        import transformers.models.bert.modeling_bert  # noqa: F401
+    elif backend == "llama.cpp":
+        from llmos.engine.backends.llamacpp import load_library
+
+        load_library(settings)
+
+
 class Loader:
     def __init__(
         self,
@@ -68,29 +93,42 @@ class Loader:
         overrides: dict[str, str] | None = None,
         replicas: dict[str, int] | None = None,
         step_listener: Callable[[str, StepStats], None] | None = None,
+        launcher: Launcher | None = None,
+        failures: FailureLog | None = None,
     ) -> None:
+        """``launcher``: run each instance in a model process of its own (the server); None: in this process.
+        ``failures`` hears of model processes that died and of replicas restarted."""
         self.settings = settings
         self.registry = registry
         self.max_running = max_running or settings.max_running
         self.overrides = overrides or {}
         self.replicas = replicas or {}
         self.step_listener = step_listener
+        self.launcher = launcher
+        self.failures = failures
+        self.safe_path_reason: str | None = None
+        """Set once llama.cpp's fast path faulted in a model process: every later one runs the safe path."""
 
     def backend_for(self, view: VersionView) -> str:
         return self.overrides.get(view.repository) or default_backend(view)
 
     def prepare(self, backend: str) -> None:
-        """Import the backend's libraries (a one-time cost shared by every model that uses them)."""
-        if backend == "torch":
-            import torch  # noqa: F401
-            import transformers.models.llama.modeling_llama
-        elif backend == "sentence-transformers":
-            import sentence_transformers  # noqa: F401
-            import transformers.models.bert.modeling_bert  # noqa: F401
-        elif backend == "llama.cpp":
-            from llmos.engine.backends.llamacpp import load_library
+        """Import the backend's libraries (a one-time cost shared by every model that uses them): into this process,
+        or, with model processes, into the backend's zygote."""
+        if self.launcher is not None:
+            self.launcher.prepare(backend)
+        else:
+            import_backend(backend, self.settings)
 
-            load_library(self.settings)
+    def llamacpp_verdict(self) -> Verdict | None:
+        """The llama.cpp CPU path models run on (None before the first llama.cpp model)."""
+        if self.launcher is None:
+            return llamacpp_path.chosen()
+        reported = self.launcher.llamacpp_verdict
+        verdict = Verdict.from_json(reported) if reported else None
+        if verdict is not None and self.safe_path_reason is not None:
+            return Verdict(False, None, "installed", self.safe_path_reason, key=verdict.key, source="fault")
+        return verdict
 
     def estimate(self, view: VersionView, backend: str) -> int:
         """Expected RSS growth of loading ``view`` on ``backend`` (all replicas), before any measurement."""
@@ -121,12 +159,45 @@ class Loader:
         if count > 1 and backend != "sentence-transformers":
             from llmos.runtime.replicas import ReplicaSet
 
-            return ReplicaSet(resolved.view, lambda: self._load(resolved, backend), count)
+            failures = self.failures
+            return ReplicaSet(
+                resolved.view,
+                lambda: self._load(resolved, backend),
+                count,
+                on_restart=failures.restarted if failures is not None else None,
+            )
         return self._load(resolved, backend)
 
     def _load(self, resolved: ResolvedModel, backend: str) -> Any:
+        if self.launcher is not None:
+            return self._start_process(resolved, backend, self.launcher)
         with self.registry.loadable_dir(resolved) as directory:  # decrypted only for the duration of the load
             return self.load_from(resolved, backend, directory)
+
+    def _spec(self, resolved: ResolvedModel, backend: str, directory: Path) -> LoadSpec:
+        safe = self.safe_path_reason if backend == "llama.cpp" else None
+        return LoadSpec(resolved, backend, directory, self.max_running, safe)
+
+    def _start_process(self, resolved: ResolvedModel, backend: str, launcher: Launcher) -> Any:
+        options = model_process.ProcessOptions(
+            launcher,
+            hang_seconds=self.settings.model_process_timeout_seconds,
+            load_seconds=PROCESS_LOAD_SECONDS,
+            on_step=self.step_listener,
+            on_failure=self.failures.record if self.failures is not None else None,
+        )
+
+        def respawn(why: str) -> tuple[Spawned, dict[str, Any]]:
+            """The same model again, on llama.cpp's safe path: recorded for every later process and llmos doctor."""
+            self.safe_path_reason = why
+            llamacpp_path.record_fault(self.settings, why)
+            with self.registry.loadable_dir(resolved) as directory:
+                return model_process.load(launcher, self._spec(resolved, backend, directory), resolved.view.name,
+                                          PROCESS_LOAD_SECONDS)  # fmt: skip
+
+        with self.registry.loadable_dir(resolved) as directory:  # decrypted only until the process has loaded it
+            spec = self._spec(resolved, backend, directory)
+            return model_process.start(options, spec, respawn if backend == "llama.cpp" else None)
 
     def load_from(self, resolved: ResolvedModel, backend: str, directory: Path) -> Any:
         """Load ``resolved`` from ``directory`` (its files under their own names) without touching the registry."""

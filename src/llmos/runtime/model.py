@@ -43,6 +43,16 @@ class LoadedModel:
     def backend_name(self) -> str:
         return self.backend.backend_name
 
+    @property
+    def alive(self) -> bool:
+        """False once its engine died (its thread crashed, or its model process ended): it must be loaded again."""
+        return self.engine.alive
+
+    @property
+    def resident_bytes(self) -> int:
+        """Memory the model holds outside this process (in its model process), as measured when it loaded."""
+        return int(getattr(self.engine, "resident_bytes", 0))
+
     def render(
         self,
         messages: Sequence[ChatMessage],

@@ -23,9 +23,17 @@ log = logging.getLogger("llmos.runtime")
 class ReplicaSet:
     kind = "generate"
 
-    def __init__(self, view: VersionView, factory: Callable[[], LoadedModel], count: int) -> None:
+    def __init__(
+        self,
+        view: VersionView,
+        factory: Callable[[], LoadedModel],
+        count: int,
+        *,
+        on_restart: Callable[[str], None] | None = None,
+    ) -> None:
         self.view = view
         self._factory = factory
+        self._on_restart = on_restart
         self._lock = threading.Lock()
         self.replicas: list[LoadedModel] = [factory() for _ in range(count)]
         self._restarting: set[int] = set()
@@ -39,6 +47,15 @@ class ReplicaSet:
     @property
     def backend_name(self) -> str:
         return self.replicas[0].backend_name
+
+    @property
+    def alive(self) -> bool:
+        """A replica set heals itself (dead replicas are rebuilt by :meth:`pick`): it is never replaced whole."""
+        return not self._closed
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(replica.resident_bytes for replica in self.replicas)
 
     def pick(self) -> LoadedModel:
         with self._lock:
@@ -71,6 +88,8 @@ class ReplicaSet:
             self.replicas[index] = replacement
             self._restarting.discard(index)
             self.restarts += 1
+        if self._on_restart is not None:
+            self._on_restart(self.name)
 
     def close(self) -> None:
         with self._lock:

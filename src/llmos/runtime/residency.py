@@ -17,6 +17,10 @@ Contract:
 * Keep-alive follows Ollama: each release sets the model's expiry to ``now + keep_alive`` (the request's value, else
   the default); ``0`` unloads it as soon as it is idle, a negative value keeps it until evicted. Pinned models are
   never evicted and never expire. A reaper thread unloads expired idle models.
+* An instance whose engine or model process died (``alive`` False) is dropped by the next lease of its version,
+  which loads it afresh, unless the model keeps crashing: then the lease is refused with
+  :class:`~llmos.errors.ModelRestartingError` until the back-off of the
+  :class:`~llmos.runtime.failures.FailureLog` has passed.
 * Loads and unloads are reported to an optional listener (metrics). Instances are closed outside the lock.
 """
 
@@ -33,11 +37,13 @@ from llmos.errors import (
     EngineStoppedError,
     InsufficientMemoryError,
     ModelLoadError,
+    ModelRestartingError,
     ModelUnavailableError,
     OverloadedError,
 )
 from llmos.registry.service import Registry, ResolvedModel
 from llmos.registry.views import VersionView
+from llmos.runtime.failures import FailureLog
 from llmos.runtime.memory import estimate_bytes, human, parse_size, process_rss, release_freed_memory
 
 FOREVER = -1.0
@@ -48,6 +54,11 @@ class Instance(Protocol):
     backend_name: str
 
     def close(self) -> None: ...
+
+
+def alive(instance: object) -> bool:
+    """Whether an instance still serves (one whose engine or model process died reports ``alive`` False)."""
+    return bool(getattr(instance, "alive", True))
 
 
 Loader = Callable[[ResolvedModel, str], Instance]
@@ -141,6 +152,7 @@ class Residency:
         pinned: Iterable[str] = (),
         estimator: Callable[[VersionView, str], int] | None = None,
         prepare: Callable[[str], None] | None = None,
+        failures: FailureLog | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -154,6 +166,8 @@ class Residency:
         self.budget = parse_size(settings.memory_budget)
         self.default_keep_alive = parse_keep_alive(settings.keep_alive)
         self.wait_s = settings.memory_wait_seconds
+        self.failures = failures
+        """Model process crashes: how long a model that keeps crashing waits before it is started again."""
         self._pinned_names = list(pinned)
         self._pinned_digests: set[str] = set()
         self._cond = threading.Condition()
@@ -203,30 +217,55 @@ class Residency:
         key = f"{view.digest}/{backend}"
         deadline = time.monotonic() + self.wait_s
         victims: list[Entry] | None = []
-        with self._cond:
-            while True:
-                entry = self._entries.get(key)
-                if entry is not None and entry.state == "ready":
-                    entry.in_flight += 1
-                    return Lease(self, entry)
-                if entry is not None:  # being loaded by another request: wait for that load, however long it takes
-                    self._cond.wait()
-                    continue
-                estimate = self.estimate(view, backend)
-                if estimate > self.budget:
-                    raise InsufficientMemoryError(
-                        f"{view.name} needs about {human(estimate)} on {backend}, more than the whole memory budget"
-                        f" of {human(self.budget)} (LLMOS_MEMORY_BUDGET)"
-                    )
-                victims = self._make_room(estimate)
-                if victims is not None:
-                    entry = Entry(key, view, backend, estimate, pinned=self._is_pinned(view, view.name))
-                    self._entries[key] = entry
-                    break
-                self._wait(deadline, view, "models in use hold the memory it needs")
+        dead: list[Entry] = []
+        try:
+            with self._cond:
+                while True:
+                    entry = self._entries.get(key)
+                    if entry is not None and entry.state == "ready" and not alive(entry.instance):
+                        self._forget_dead(entry, view)  # its process died: load it afresh
+                        dead.append(entry)
+                        continue
+                    if entry is not None and entry.state == "ready":
+                        entry.in_flight += 1
+                        return Lease(self, entry)
+                    if entry is not None:  # being loaded by another request: wait for that load, however long
+                        self._cond.wait()
+                        continue
+                    estimate = self.estimate(view, backend)
+                    if estimate > self.budget:
+                        raise InsufficientMemoryError(
+                            f"{view.name} needs about {human(estimate)} on {backend}, more than the whole memory"
+                            f" budget of {human(self.budget)} (LLMOS_MEMORY_BUDGET)"
+                        )
+                    victims = self._make_room(estimate)
+                    if victims is not None:
+                        entry = Entry(key, view, backend, estimate, pinned=self._is_pinned(view, view.name))
+                        self._entries[key] = entry
+                        break
+                    self._wait(deadline, view, "models in use hold the memory it needs")
+        finally:
+            for crashed in dead:  # its requests have already failed; what is left is to reap its process
+                self._close(crashed, "crashed")
         for victim in victims or []:
             self._close(victim, "budget")
+        if dead and self.failures is not None:
+            self.failures.restarted(view.name)
         return self._load(entry, resolved, keep_alive)
+
+    def _forget_dead(self, entry: Entry, view: VersionView) -> None:
+        """Under the lock: drop the entry of an instance that died, unless the model must first wait out the
+        back-off of one that keeps crashing (then the request is refused with the time to wait)."""
+        wait = self.failures.backoff(view.name) if self.failures is not None else 0.0
+        if wait > 0:
+            last = self.failures.last(view.name) if self.failures is not None else None
+            why = f" (last: {last.reason})" if last is not None else ""
+            raise ModelRestartingError(
+                f"{view.name} keeps crashing{why}; it is restarted in {wait:.0f} s", retry_after=wait
+            )
+        entry.state = "unloading"
+        del self._entries[entry.key]
+        self._cond.notify_all()
 
     def _wait(self, deadline: float, view: VersionView, why: str) -> None:
         remaining = deadline - time.monotonic()
@@ -272,7 +311,8 @@ class Residency:
                 instance = self.loader(resolved, entry.backend)
                 seconds = time.monotonic() - started
                 release_freed_memory()  # transient load buffers (file maps, copies) are not the model's cost
-                measured = max(process_rss() - before, 0)
+                # what the load added here, plus what it holds in its own model process(es)
+                measured = max(process_rss() - before, 0) + int(getattr(instance, "resident_bytes", 0))
         except BaseException as exc:
             with self._cond:
                 self._entries.pop(entry.key, None)

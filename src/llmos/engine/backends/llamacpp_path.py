@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from llmos.config import Settings
@@ -123,6 +124,31 @@ def choose(settings: Settings | None = None) -> Verdict:
 def chosen() -> Verdict | None:
     """The verdict this process runs on, if llama.cpp has been set up yet."""
     return _chosen
+
+
+def use_safe_path(reason: str) -> Verdict:
+    """From now on, models this process loads run llama.cpp without extra buffer types (a model process restarted
+    after the fast path faulted in its predecessor)."""
+    global _chosen
+    with _lock:
+        previous = _chosen
+        verdict = Verdict(False, None, "installed", reason, key=previous.key if previous else "", source="fault")
+        if "llama_cpp" in sys.modules:
+            probe.apply(verdict)
+        _chosen = verdict
+        return verdict
+
+
+def record_fault(settings: Settings, reason: str) -> Verdict | None:
+    """Remember that the fast path faulted on this machine, as its cached verdict: later processes run the safe
+    path without probing, and ``llmos doctor`` shows ``reason``. None when llama-cpp-python is not installed."""
+    native, variants = builds(settings)
+    if native is None:
+        return None
+    key = probe.machine_key([native, *variants])
+    verdict = Verdict(False, None, "installed", reason, key=key, source="fault", probed_at=time.time())
+    probe.write_cached(cache_dir(settings), verdict)
+    return verdict
 
 
 def known(settings: Settings) -> Verdict | None:
