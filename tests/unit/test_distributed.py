@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from llmos.distributed.cluster import LocalCluster, connect, ray_environment
-from llmos.distributed.serving import _BatchingStream, _portable, _rebuild_error
+from llmos.distributed.serving import _BatchingStream, _portable
 from llmos.engine.request import GenerationOutput
 from llmos.errors import ContextLengthExceededError, EngineStoppedError, InvalidInputError
+from llmos.runtime.channel import rebuild_error as _rebuild_error
 
 
 def test_ray_environment_keeps_ray_on_loopback_and_quiet(tmp_path: Path) -> None:
@@ -38,10 +39,10 @@ def test_a_stale_cluster_record_is_dropped(tmp_path: Path) -> None:
     assert cluster.stop() is False
 
 
-def test_errors_cross_the_process_boundary_as_name_and_message() -> None:
+def test_errors_cross_the_process_boundary_as_name_message_and_param() -> None:
     output = GenerationOutput("r1", finished=True, error=ContextLengthExceededError("too long"))
     sent = _portable(output)
-    assert sent.error is None and sent.state_error == ("ContextLengthExceededError", "too long")  # type: ignore[attr-defined]
+    assert sent.error is None and sent.state_error == ("ContextLengthExceededError", "too long", None)  # type: ignore[attr-defined]
     rebuilt = _rebuild_error(*sent.state_error)  # type: ignore[attr-defined]
     assert isinstance(rebuilt, ContextLengthExceededError) and rebuilt.message == "too long"
     assert isinstance(_rebuild_error("NoSuchError", "x"), EngineStoppedError)
