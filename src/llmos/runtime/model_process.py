@@ -43,7 +43,7 @@ from llmos.engine.backends.base import Backend
 from llmos.engine.core import EngineCore, EngineStats, StepStats
 from llmos.engine.request import GenerationOutput, GenerationRequest
 from llmos.engine.streams import OutputStream, deliver
-from llmos.errors import EngineStoppedError, LlmosError, ModelCrashedError, ModelLoadError
+from llmos.errors import EngineStoppedError, LlmosError, ModelCrashedError, ModelLoadError, OverloadedError
 from llmos.registry.views import VersionView
 from llmos.runtime.channel import rebuild_error
 from llmos.runtime.failures import ModelFailure
@@ -159,6 +159,13 @@ class ProcessEngine(EngineClient):
         with self._lock:
             if not self.alive:
                 raise self._gone()
+            capacity = int(self.info.get("capacity", 0))
+            if capacity and len(self._streams) >= capacity:  # refused here, as the engine would, but synchronously
+                slots = int(self.info.get("n_seq_max", 0))
+                raise OverloadedError(
+                    f"the server is at capacity ({slots} running, {len(self._streams) - slots} waiting); retry shortly",
+                    retry_after=1.0,
+                )
             self._streams[request.request_id] = _InFlight(request, stream)
             if self._respawning:  # sent once the replacement is up
                 return

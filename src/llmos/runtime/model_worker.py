@@ -155,6 +155,7 @@ def _load(spec: LoadSpec, settings: Settings, sink: _Sink) -> tuple[Any, dict[st
         max_context=instance.engine.max_context,
         backend_name=instance.backend_name,
         adapters=hasattr(backend, "add_adapter"),
+        capacity=backend.n_seq_max + settings.max_waiting,  # running plus waiting: more is refused (503)
     )
     if spec.backend == "llama.cpp":
         from llmos.engine.backends import llamacpp_path
