@@ -33,6 +33,15 @@ from llmos.runtime.channel import Channel
 log = logging.getLogger("llmos.runtime")
 
 KEPT_EXITS = 256
+FAMILIES = {"sentence-transformers": "torch"}
+"""Backends that share a zygote: sentence-transformers runs on torch, whose import is the cost worth sharing."""
+
+
+def family(backend: str) -> str:
+    """The zygote a backend's model processes are forked from."""
+    return FAMILIES.get(backend, backend)
+
+
 ZYGOTE_START_SECONDS = 300.0
 """A zygote imports its backend's libraries and, for llama.cpp, may probe the CPU path first (once per machine)."""
 
@@ -99,6 +108,7 @@ class Launcher:
         return self._zygote(backend).info
 
     def _zygote(self, backend: str) -> _Zygote:
+        backend = family(backend)
         with self._lock:
             zygote = self._zygotes.get(backend)
             if zygote is not None and not zygote.dead and zygote.process.poll() is None:

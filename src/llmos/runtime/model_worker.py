@@ -62,7 +62,8 @@ class LoadSpec:
 
 
 def preload(backend: str, settings: Settings) -> dict[str, Any]:
-    """Import ``backend``'s libraries into this process (the zygote, before it forks)."""
+    """Import ``backend``'s libraries into this process (the zygote of that backend's family, before it forks;
+    sentence-transformers models fork from the torch zygote and import the rest themselves)."""
     from llmos.runtime.loader import import_backend
 
     import_backend(backend, settings)
