@@ -19,3 +19,19 @@ def test_cli_and_server_import_without_pytorch_or_ray() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_no_command_module_imports_the_cli_package_that_imports_it() -> None:
+    """`llmos.cli` imports its command modules to register them; they share `llmos.cli.common` instead of importing
+    the package back (an import loop that only worked by the order of the package's lines). Function-level imports
+    count too."""
+    import grimp
+
+    graph = grimp.build_graph("llmos")
+    registered = graph.find_modules_directly_imported_by("llmos.cli")
+    commands = {m for m in graph.find_children("llmos.cli")} - {"llmos.cli.common"}
+    assert commands <= registered | {"llmos.cli.tenancy"}  # the package registers (or lazily uses) every one
+    loops = sorted(
+        m for m in commands | {"llmos.cli.common"} if "llmos.cli" in graph.find_modules_directly_imported_by(m)
+    )
+    assert loops == []

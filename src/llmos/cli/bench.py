@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from llmos.cli import app, err, open_registry, out, settings, state
+from llmos.cli.common import app, err, open_registry, out, settings, state
 from llmos.errors import LlmosError
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from llmos.cli import app, out, print_json, settings
+from llmos.cli.common import app, out, print_json, settings
 
 cluster_app = typer.Typer(
     help="A local Ray cluster on 127.0.0.1 for `serve --ray` and `train --ray`.", no_args_is_help=True

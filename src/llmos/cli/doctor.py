@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmos.cli import app, out, print_json, settings
+from llmos.cli.common import app, out, print_json, settings
 
 STYLES = {"ok": "green", "warn": "yellow", "fail": "red"}
 

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from llmos.cli import app, err, human_size, open_registry, print_json, progress_bars, record
+from llmos.cli.common import app, err, human_size, open_registry, print_json, progress_bars, record
 from llmos.errors import InvalidInputError
 
 

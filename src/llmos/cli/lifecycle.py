@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmos.cli import app, err, human_size, open_registry, out, print_json, record, settings
+from llmos.cli.common import app, err, human_size, open_registry, out, print_json, record, settings
 from llmos.errors import InvalidInputError, JobFailedError
 
 data_app = typer.Typer(help="Import, clean, split, tokenize and augment versioned datasets.", no_args_is_help=True)

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmos.cli import app, err, open_registry, out, print_json, record
+from llmos.cli.common import app, err, open_registry, out, print_json, record
 from llmos.errors import InvalidInputError, JobFailedError
 
 pipeline_app = typer.Typer(

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmos.cli import app, err, out, print_json, settings
+from llmos.cli.common import app, err, out, print_json, settings
 
 tenants_app = typer.Typer(help="Manage tenants (the owners of keys, models and quotas).", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys (printed once, stored hashed).", no_args_is_help=True)

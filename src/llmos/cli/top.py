@@ -28,7 +28,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from llmos.cli import _server_url, app, human_size, out
+from llmos.cli.common import app, human_size, out, server_url
 from llmos.errors import AuthenticationError, BackendUnavailableError, PermissionDeniedError
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ def top(
     against the budget, and jobs with their progress. Ctrl-C exits."""
     import httpx
 
-    base = _server_url(url).rstrip("/")
+    base = server_url(url).rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(headers=headers, timeout=10) as client:
         try:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from llmos.cli import app, err, human_size, open_registry, print_json, progress_bars, record, settings
+from llmos.cli.common import app, err, human_size, open_registry, print_json, progress_bars, record, settings
 
 ApiKeyOption = Annotated[
     str | None,

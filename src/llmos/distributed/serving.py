@@ -284,7 +284,8 @@ class RemoteEngine(EngineClient):
             return EngineStats()
         try:
             return cast(EngineStats, ray.get(self.actor.stats.remote(), timeout=5))
-        except Exception:
+        except Exception as exc:  # a replica that just died or is too busy to answer in time: no figures this time
+            log.warning("replica of %s did not report its stats (%s)", self.name, type(exc).__name__)
             return EngineStats()
 
     def shutdown(self, timeout: float = 30.0) -> None:

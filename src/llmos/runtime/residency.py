@@ -36,9 +36,11 @@ from llmos.config import Settings
 from llmos.errors import (
     EngineStoppedError,
     InsufficientMemoryError,
+    InvalidInputError,
     ModelLoadError,
     ModelRestartingError,
     ModelUnavailableError,
+    NotFoundError,
     OverloadedError,
 )
 from llmos.registry.service import Registry, ResolvedModel
@@ -377,8 +379,8 @@ class Residency:
                 if self.registry.show(name).digest == view.digest:
                     self._pinned_digests.add(view.digest)
                     return True
-            except Exception:  # noqa: S112 - an unknown pinned name simply pins nothing
-                continue
+            except (NotFoundError, InvalidInputError):  # an unknown or malformed name pins nothing (a database
+                continue  # error is not that: it propagates)
         return False
 
     # --- unloading --------------------------------------------------------------------------------------------------
