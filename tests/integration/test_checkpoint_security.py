@@ -19,8 +19,8 @@ import torch
 
 from llmos.config import Settings
 from llmos.errors import IntegrityError, StorageError
+from llmos.jobs.context import JobContext, StoreCipher
 from llmos.jobs.service import JobService
-from llmos.jobs.worker import JobContext, StoreCipher
 from llmos.registry.datasets import store_rows
 from llmos.registry.service import Registry
 from llmos.store.crypto import MAGIC, BlobCipher

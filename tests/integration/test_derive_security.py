@@ -130,9 +130,9 @@ def test_every_derivation_kind_keeps_the_tenant_and_the_encryption(world: World)
 
 
 def test_a_training_job_child_belongs_to_the_owner_of_its_base_and_data(world: World) -> None:
+    from llmos.jobs.context import JobContext
     from llmos.jobs.service import JobService
     from llmos.jobs.train import run_train
-    from llmos.jobs.worker import JobContext
 
     jobs = JobService(world.settings)
     params = {

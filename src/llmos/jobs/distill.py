@@ -32,7 +32,7 @@ from llmos.training.finetune import TrainingStopped
 from llmos.training.optim import OptimizerConfig
 
 if TYPE_CHECKING:
-    from llmos.jobs.worker import JobContext
+    from llmos.jobs.context import JobContext
 
 NEW_STUDENT = "new"
 CONFIG_FIELDS = (
@@ -122,7 +122,7 @@ def split_data(
 
 
 def run_distill(context: JobContext) -> dict[str, Any]:
-    from llmos.jobs.worker import JobCancelled
+    from llmos.jobs.context import JobCancelled
 
     params = context.params
     config = config_from_params(params)

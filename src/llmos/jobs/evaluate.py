@@ -20,7 +20,7 @@ from llmos.registry.datasets import show_dataset
 from llmos.registry.service import Registry
 
 if TYPE_CHECKING:
-    from llmos.jobs.worker import JobContext
+    from llmos.jobs.context import JobContext
 
 OPTIONS = ("data", "split", "limit", "window", "stride", "backend", "max_tokens")
 
@@ -59,7 +59,7 @@ def eval_params(registry: Registry, raw: dict[str, Any], may_see: Any = None) ->
 
 
 def run_eval(context: JobContext) -> dict[str, Any]:
-    from llmos.jobs.worker import JobCancelled
+    from llmos.jobs.context import JobCancelled
 
     params = context.params
     spec = _spec(params)

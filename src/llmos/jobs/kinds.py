@@ -12,7 +12,7 @@ from llmos.jobs.scratch import run_scratch
 from llmos.jobs.train import run_train
 
 if TYPE_CHECKING:
-    from llmos.jobs.worker import JobContext
+    from llmos.jobs.context import JobContext
 
 HANDLERS: dict[str, Callable[[JobContext], dict[str, Any]]] = {
     "train": run_train,

@@ -43,7 +43,7 @@ from llmos.registry.service import Registry
 from llmos.store.schema import Pipeline, utcnow
 
 if TYPE_CHECKING:
-    from llmos.jobs.worker import JobContext
+    from llmos.jobs.context import JobContext
 
 FIELDS = ("name", "base", "output", "data", "import", "validation", "train", "evaluate", "gate", "quantize", "promote")
 EVALUATE_FIELDS = ("task", "data", "split", "window", "stride", "limit")

@@ -22,7 +22,7 @@ from llmos.training.checkpoints import make_private_dir
 from llmos.training.scratch import create_model, row_text
 
 if TYPE_CHECKING:
-    from llmos.jobs.worker import JobContext
+    from llmos.jobs.context import JobContext
 
 SHAPE_KEYS = ("layers", "d_model", "heads", "context", "hidden", "dropout", "seed")
 FIT_KEYS = ("epochs", "batch_size", "optimizer", "lr", "max_steps", "warmup_steps", "schedule", "seed")
@@ -30,7 +30,7 @@ KNOWN = {"arch", "data", "name", "split", "validation_split", *SHAPE_KEYS, *FIT_
 
 
 def run_scratch(context: JobContext) -> dict[str, Any]:
-    from llmos.jobs.worker import JobCancelled
+    from llmos.jobs.context import JobCancelled
 
     params = dict(context.params)
     unknown = sorted(set(params) - KNOWN)

@@ -33,7 +33,7 @@ from llmos.training.optim import OptimizerConfig
 
 if TYPE_CHECKING:
     from llmos.config import Settings
-    from llmos.jobs.worker import JobContext
+    from llmos.jobs.context import JobContext
 
 CONFIG_FIELDS = (
     "batch_size", "grad_accum", "epochs", "max_steps", "warmup_steps", "schedule", "seed", "max_length", "lora_r",
@@ -116,8 +116,8 @@ class RemoteJobReporter:
 
     def _job(self) -> JobContext:
         if self._context is None:
+            from llmos.jobs.context import JobContext
             from llmos.jobs.service import JobService
-            from llmos.jobs.worker import JobContext
 
             reporter = self
 
@@ -179,7 +179,7 @@ def run_train(context: JobContext) -> dict[str, Any]:
                         log=context.log,
                     )
             except TrainingStopped as exc:
-                from llmos.jobs.worker import JobCancelled
+                from llmos.jobs.context import JobCancelled
 
                 raise JobCancelled(str(exc)) from exc
         metrics = result.to_dict()
