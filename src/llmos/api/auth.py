@@ -157,3 +157,8 @@ __all__ = [
     "visible_view",
     "visible_views",
 ]
+
+
+def tenant_scope(caller: Principal) -> int | None:
+    """The tenant whose records ``caller`` may list: None (every tenant) for an admin."""
+    return None if caller.is_admin else caller.tenant_id

@@ -23,14 +23,14 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import Field, RootModel
 
-from llmos.api.auth import require_role
+from llmos.api.auth import require_role, tenant_scope
 from llmos.api.body import AdminBody, no_body, parse_body, parse_json, read_body, validate
-from llmos.api.state import app_state
+from llmos.api.state import app_state, job_service
 from llmos.errors import InvalidInputError, NotFoundError
 from llmos.evaluation.reports import comparison, reports
 from llmos.evaluation.tasks import is_task_file
 from llmos.jobs.evaluate import eval_params
-from llmos.jobs.service import JobService, JobView
+from llmos.jobs.service import JobView
 from llmos.jobs.train import check_inputs, config_from_params
 from llmos.registry.datasets import load_rows, rows_of_split, show_dataset, store_rows
 from llmos.registry.views import VersionView
@@ -86,15 +86,6 @@ class EvalRequest(AdminBody):
 
 class JobRequest(RootModel[TrainRequest | EvalRequest]):
     """The body of ``POST /admin/jobs``: a training job (``kind`` train, the default) or an evaluation job."""
-
-
-def _jobs(request: Request) -> JobService:
-    jobs: JobService = request.app.state.jobs
-    return jobs
-
-
-def _scope(caller: Principal) -> int | None:
-    return None if caller.is_admin else caller.tenant_id
 
 
 def _dataset_dict(view: VersionView) -> dict[str, Any]:
@@ -169,8 +160,8 @@ async def delete_dataset(request: Request, name: str) -> dict[str, Any]:
 @router.get("/jobs")
 async def list_jobs(request: Request, state: str | None = None) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    jobs = _jobs(request)
-    views = await to_thread.run_sync(lambda: jobs.list_jobs(tenant_id=_scope(caller), state=state))
+    jobs = job_service(request)
+    views = await to_thread.run_sync(lambda: jobs.list_jobs(tenant_id=tenant_scope(caller), state=state))
     return {"object": "list", "data": [v.to_dict() for v in views]}
 
 
@@ -180,7 +171,7 @@ async def _queue_eval(request: Request, caller: Principal, body: EvalRequest) ->
     state = app_state(request)
     raw = body.model_dump(exclude={"kind"})
     params = await to_thread.run_sync(lambda: eval_params(state.registry, raw, caller.may_see))
-    jobs = _jobs(request)
+    jobs = job_service(request)
 
     def create() -> JobView:
         return jobs.create("eval", params, tenant_id=caller.tenant_id, created_by=caller.actor, resource="eval")
@@ -206,7 +197,7 @@ async def create_job(request: Request) -> dict[str, Any]:
     state = app_state(request)
 
     await to_thread.run_sync(lambda: check_inputs(state.registry, params, caller.may_see))
-    jobs = _jobs(request)
+    jobs = job_service(request)
     view = await to_thread.run_sync(
         lambda: jobs.create(
             "train",
@@ -225,23 +216,23 @@ async def create_job(request: Request) -> dict[str, Any]:
 @router.get("/jobs/{job_id}")
 async def get_job(request: Request, job_id: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    jobs = _jobs(request)
-    return (await to_thread.run_sync(lambda: jobs.get(job_id, tenant_id=_scope(caller)))).to_dict()
+    jobs = job_service(request)
+    return (await to_thread.run_sync(lambda: jobs.get(job_id, tenant_id=tenant_scope(caller)))).to_dict()
 
 
 @router.get("/jobs/{job_id}/metrics")
 async def job_metrics(request: Request, job_id: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    jobs = _jobs(request)
-    records = await to_thread.run_sync(lambda: jobs.metrics(job_id, tenant_id=_scope(caller)))
+    jobs = job_service(request)
+    records = await to_thread.run_sync(lambda: jobs.metrics(job_id, tenant_id=tenant_scope(caller)))
     return {"object": "list", "data": records}
 
 
 @router.get("/jobs/{job_id}/logs")
 async def job_logs(request: Request, job_id: str) -> PlainTextResponse:
     caller = require_role(request, "developer")
-    jobs = _jobs(request)
-    jobs.get(job_id, tenant_id=_scope(caller))
+    jobs = job_service(request)
+    jobs.get(job_id, tenant_id=tenant_scope(caller))
     path = jobs.log_path(job_id)
     text = await to_thread.run_sync(lambda: path.read_text(errors="replace") if path.exists() else "")
     return PlainTextResponse(text[-1_000_000:])
@@ -251,8 +242,8 @@ async def job_logs(request: Request, job_id: str) -> PlainTextResponse:
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
     await no_body(request, app_state(request).settings.max_request_bytes)
-    jobs = _jobs(request)
-    view = await to_thread.run_sync(lambda: jobs.cancel(job_id, tenant_id=_scope(caller)))
+    jobs = job_service(request)
+    view = await to_thread.run_sync(lambda: jobs.cancel(job_id, tenant_id=tenant_scope(caller)))
     app_state(request).security.audit(caller.actor, caller.tenant, "jobs.cancel", job_id, "ok")
     return view.to_dict()
 
@@ -261,8 +252,8 @@ async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
 async def resume_job(request: Request, job_id: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
     await no_body(request, app_state(request).settings.max_request_bytes)
-    jobs = _jobs(request)
-    view = await to_thread.run_sync(lambda: jobs.resume(job_id, tenant_id=_scope(caller)))
+    jobs = job_service(request)
+    view = await to_thread.run_sync(lambda: jobs.resume(job_id, tenant_id=tenant_scope(caller)))
     app_state(request).security.audit(caller.actor, caller.tenant, "jobs.resume", job_id, "ok")
     return view.to_dict()
 

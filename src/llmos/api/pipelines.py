@@ -18,10 +18,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from llmos.api.auth import require_role
+from llmos.api.auth import require_role, tenant_scope
 from llmos.api.body import AdminBody, no_body, parse_body
-from llmos.api.lifecycle import _jobs, _scope
-from llmos.api.state import app_state
+from llmos.api.state import app_state, job_service
 from llmos.errors import InvalidInputError, ModelNotFoundError, NotFoundError, PermissionDeniedError
 from llmos.jobs import pipeline as pipelines
 from llmos.registry import aliases
@@ -44,7 +43,7 @@ class RollbackRequest(AdminBody):
 async def _queue(request: Request, caller: Principal, recipe: pipelines.Recipe) -> str:
     state = app_state(request)
     await to_thread.run_sync(lambda: pipelines.check_recipe(state.registry, recipe, caller.may_see))
-    jobs = _jobs(request)
+    jobs = job_service(request)
     view = await to_thread.run_sync(
         lambda: pipelines.start(jobs, recipe, tenant_id=caller.tenant_id, created_by=caller.actor)
     )
@@ -78,14 +77,18 @@ async def create_pipeline(request: Request) -> JSONResponse:
 @router.get("/pipelines")
 async def list_pipelines(request: Request) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    stored = await to_thread.run_sync(lambda: pipelines.list_pipelines(app_state(request).registry, _scope(caller)))
+    stored = await to_thread.run_sync(
+        lambda: pipelines.list_pipelines(app_state(request).registry, tenant_scope(caller))
+    )
     return {"object": "list", "data": [s.to_dict() for s in stored]}
 
 
 @router.get("/pipelines/{name}")
 async def get_pipeline(request: Request, name: str) -> dict[str, Any]:
     caller = require_role(request, "developer")
-    stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(app_state(request).registry, name, _scope(caller)))
+    stored = await to_thread.run_sync(
+        lambda: pipelines.get_pipeline(app_state(request).registry, name, tenant_scope(caller))
+    )
     return stored.to_dict()
 
 
@@ -93,7 +96,9 @@ async def get_pipeline(request: Request, name: str) -> dict[str, Any]:
 async def run_pipeline(request: Request, name: str) -> JSONResponse:
     caller = require_role(request, "developer")
     await no_body(request, app_state(request).settings.max_request_bytes)
-    stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(app_state(request).registry, name, _scope(caller)))
+    stored = await to_thread.run_sync(
+        lambda: pipelines.get_pipeline(app_state(request).registry, name, tenant_scope(caller))
+    )
     recipe = pipelines.recipe_from_stored(stored.recipe)
     job = await _queue(request, caller, recipe)
     return JSONResponse({"object": "pipeline.run", "pipeline": name, "job": job, "status": "queued"}, status_code=202)
@@ -136,7 +141,7 @@ async def start_for_missing_model(request: Request, caller: Principal, model: st
         raise PermissionDeniedError("starting a pipeline needs a developer or admin key")
     registry = app_state(request).registry
     try:
-        stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(registry, pipeline, _scope(caller)))
+        stored = await to_thread.run_sync(lambda: pipelines.get_pipeline(registry, pipeline, tenant_scope(caller)))
     except NotFoundError as exc:
         raise InvalidInputError(str(exc), param="pipeline") from exc
     promoted = f"{stored.recipe.get('output')}:{stored.recipe.get('promote')}"

@@ -17,6 +17,8 @@ from llmos.security.service import SecurityService
 if TYPE_CHECKING:
     from starlette.requests import Request
 
+    from llmos.jobs.service import JobService
+
 
 @dataclass
 class AppState:
@@ -36,3 +38,9 @@ def app_state(request: Request) -> AppState:
     """The state of the app serving ``request`` (set by the app factory)."""
     state: AppState = request.app.state.llmos
     return state
+
+
+def job_service(request: Request) -> JobService:
+    """The job queue of the app serving ``request`` (set by the app factory)."""
+    jobs: JobService = request.app.state.jobs
+    return jobs
