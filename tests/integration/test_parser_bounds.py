@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from llmos.config import Settings
+from llmos.edge import runner as er
 from llmos.errors import InvalidInputError, InvalidModelFileError
-from llmos.formats import edge_runner as er
 from llmos.formats import safe_json
 from llmos.formats.detect import inspect_path
 from llmos.formats.gguf import MAX_NESTING, read_gguf

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmos.engine.chat_template import CHATML_TEMPLATE, render_chat
 from llmos.errors import InvalidInputError
+from llmos.formats.chat_template import CHATML_TEMPLATE, render_chat
 from llmos.types import ChatMessage
 
 

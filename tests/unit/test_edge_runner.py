@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 
-from llmos.engine.chat_template import CHATML_TEMPLATE, GEMMA_TEMPLATE, render_chat
-from llmos.formats import edge_runner as er
+from llmos.edge import runner as er
+from llmos.formats.chat_template import CHATML_TEMPLATE, GEMMA_TEMPLATE, render_chat
 from llmos.types import ChatMessage
 
 # --- bundles --------------------------------------------------------------------------------------------------------

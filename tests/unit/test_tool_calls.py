@@ -262,7 +262,7 @@ def test_split_output_keeps_one_call_without_parallel_calls() -> None:
 
 
 def test_a_template_that_renders_tools_gets_them_and_the_structured_calls() -> None:
-    from llmos.engine.chat_template import render_chat, supports_tools
+    from llmos.formats.chat_template import render_chat, supports_tools
 
     template = (
         "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{{ '|' }}{% endif %}"

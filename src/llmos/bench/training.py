@@ -36,7 +36,7 @@ def _peer(base: Path, template: str | None, steps: int, batch_size: int, threads
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmos.engine.chat_template import render_chat
+    from llmos.formats.chat_template import render_chat
     from llmos.training.finetune import LORA_TARGETS
     from llmos.types import ChatMessage
 

@@ -101,8 +101,8 @@ def import_(
     ] = None,
 ) -> None:
     """Import a model file or directory (GGUF, safetensors, Hugging Face, peft LoRA, edge bundle) into the registry."""
+    from llmos.edge.runner import is_bundle
     from llmos.formats.detect import inspect_path
-    from llmos.formats.edge_runner import is_bundle
     from llmos.registry.names import parse_ref
 
     if is_bundle(path):  # verified against its manifest before anything is registered

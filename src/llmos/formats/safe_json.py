@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmos.edge.runner import MAX_JSON_DEPTH as MAX_DEPTH
+from llmos.edge.runner import json_depth
 from llmos.errors import InvalidModelFileError
-from llmos.formats.edge_runner import MAX_JSON_DEPTH as MAX_DEPTH
-from llmos.formats.edge_runner import json_depth
 
 # The edge runner imports nothing from llmos (it ships alone in a bundle), so the depth scan lives there and this
 # module reuses it rather than keeping a second copy.

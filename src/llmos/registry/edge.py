@@ -4,7 +4,7 @@ Contract:
 
 * :func:`export_bundle` writes a directory that serves the model on a small device with nothing but
   llama-cpp-python: ``model.gguf``, ``chat_template.json`` (the template llmos renders this version with, and the
-  BOS/EOS token texts), ``run_edge.py`` (:mod:`llmos.formats.edge_runner`, standard library + ``llama_cpp``),
+  BOS/EOS token texts), ``run_edge.py`` (:mod:`llmos.edge.runner`, standard library + ``llama_cpp``),
   ``llamacpp_probe.py`` (:mod:`llmos.machine.llamacpp_probe`: the runner's check of llama.cpp's fast CPU path),
   ``requirements.txt``, ``README.txt`` and ``manifest.json`` (format marker, name, source version digest, the
   version's lineage chain as the registry reports it, and every other file's path, size and sha256).
@@ -42,10 +42,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llmos.engine.chat_template import template_for
-from llmos.errors import ConflictError, IntegrityError, InvalidInputError, ModelNotFoundError
-from llmos.formats import edge_runner
-from llmos.formats.edge_runner import (
+from llmos.edge import runner as edge_runner
+from llmos.edge.runner import (
     BUNDLE_FORMAT,
     MANIFEST_NAME,
     MAX_TEMPLATE_BYTES,
@@ -56,6 +54,8 @@ from llmos.formats.edge_runner import (
     read_json,
     verify_bundle,
 )
+from llmos.errors import ConflictError, IntegrityError, InvalidInputError, ModelNotFoundError
+from llmos.formats.chat_template import template_for
 from llmos.formats.gguf import inspect_gguf
 from llmos.formats.info import ModelFile, ModelInfo
 from llmos.registry.derive import child_policy
@@ -284,7 +284,7 @@ def export_bundle(
             "origin": "model" if own else "llmos default for the architecture",
         }
         (staging / TEMPLATE_FILE).write_text(json.dumps(template, indent=2, ensure_ascii=False) + "\n", "utf-8")
-        runner = importlib.resources.files("llmos.formats").joinpath("edge_runner.py").read_bytes()
+        runner = importlib.resources.files("llmos.edge").joinpath("runner.py").read_bytes()
         (staging / RUNNER_FILE).write_bytes(runner)
         (staging / RUNNER_FILE).chmod(0o755)
         probe = importlib.resources.files("llmos.machine").joinpath("llamacpp_probe.py").read_bytes()

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmos.engine.chat_template import CHATML_TEMPLATE
 from llmos.errors import IntegrityError, UnknownSourceError
+from llmos.formats.chat_template import CHATML_TEMPLATE
 from llmos.formats.gguf import inspect_gguf
 from llmos.registry.names import ModelRef, parse_ref
 from llmos.registry.service import ProgressFactory, Registry

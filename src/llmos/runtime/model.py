@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llmos.engine.backends.base import Backend
-from llmos.engine.chat_template import render_chat, supports_tools, template_for
 from llmos.engine.core import EngineCore
 from llmos.engine.tool_calls import Tool, prompt_messages
 from llmos.errors import ContextLengthExceededError
+from llmos.formats.chat_template import render_chat, supports_tools, template_for
 from llmos.registry.views import VersionView
 from llmos.types import ChatMessage
 

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from llmos.data.rows import dataset_shape
-from llmos.engine.chat_template import render_chat
 from llmos.errors import InvalidInputError
+from llmos.formats.chat_template import render_chat
 from llmos.training.checkpoints import Checkpoints, make_private_dir
 from llmos.training.optim import OptimizerConfig, build_optimizer, build_schedule
 from llmos.types import ChatMessage

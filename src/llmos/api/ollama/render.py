@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from llmos.api.openai.render import chat_logprobs
-from llmos.engine.chat_template import template_for
 from llmos.engine.request import Logprob
+from llmos.formats.chat_template import template_for
 from llmos.registry.views import VersionView
 from llmos.types import FunctionCall
 
