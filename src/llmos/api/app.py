@@ -25,8 +25,9 @@ from llmos.api.admin import router as admin_router
 from llmos.api.anthropic.routes import router as anthropic_router
 from llmos.api.auth import AuthMiddleware
 from llmos.api.console import router as console_router
+from llmos.api.datasets import router as datasets_router
 from llmos.api.health import router as health_router
-from llmos.api.lifecycle import router as lifecycle_router
+from llmos.api.jobs import router as jobs_router
 from llmos.api.middleware import HardeningMiddleware, RequestContextMiddleware
 from llmos.api.models import router as models_router
 from llmos.api.ollama.routes import router as ollama_router
@@ -219,7 +220,8 @@ def create_app(
     app.include_router(anthropic_router)
     app.include_router(ollama_router)
     app.include_router(admin_router)
-    app.include_router(lifecycle_router)
+    app.include_router(datasets_router)
+    app.include_router(jobs_router)
     app.include_router(pipelines_router)
     app.include_router(transfer_router)  # /v1/registry: push and pull between llmos servers
     app.include_router(models_router)  # after pipelines: /admin/models/{name}/history is matched first

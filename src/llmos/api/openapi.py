@@ -116,7 +116,8 @@ def standard(app: FastAPI) -> None:
     """The request and response shapes of llmos's own routes."""
     from llmos.api.admin import KeyRequest, TenantRequest, UnloadRequest
     from llmos.api.anthropic.schemas import CountTokensRequest, MessagesRequest
-    from llmos.api.lifecycle import DatasetRequest, EvalRequest, JobRequest
+    from llmos.api.datasets import DatasetRequest
+    from llmos.api.jobs import EvalRequest, JobRequest
     from llmos.api.models import TagRequest
     from llmos.api.ollama import schemas as ollama
     from llmos.api.openai.embeddings import EmbeddingRequest

@@ -44,6 +44,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
 # Wide enough that digests and names are never cut when the output goes to a pipe or a file.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 240)

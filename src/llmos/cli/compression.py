@@ -18,10 +18,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmos.cli.common import app, err, human_count, human_size, open_registry, out, print_json, record, settings
+from llmos.cli.common import (
+    JsonOption,
+    app,
+    err,
+    human_count,
+    human_size,
+    open_registry,
+    out,
+    print_json,
+    record,
+    settings,
+)
 from llmos.errors import InvalidInputError, JobFailedError
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 def _open_jobs() -> Any:

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmos.cli.common import app, err, open_registry, out, print_json, record
+from llmos.cli.common import JsonOption, app, err, open_registry, out, print_json, record
 from llmos.errors import InvalidInputError, JobFailedError
 
 pipeline_app = typer.Typer(
@@ -25,7 +25,6 @@ pipeline_app = typer.Typer(
 )
 app.add_typer(pipeline_app, name="pipeline")
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 WaitOption = Annotated[bool, typer.Option("--wait", help="Follow the run until it ends (exit 1 if it fails).")]
 
 
@@ -44,7 +43,7 @@ def _recipe(path: Path) -> Any:
 
 
 def _run(recipe: Any, wait: bool, as_json: bool) -> None:
-    from llmos.cli.lifecycle import _follow_log, open_jobs
+    from llmos.cli.jobs import follow_log, open_jobs
     from llmos.jobs.pipeline import start
 
     jobs = open_jobs()
@@ -54,7 +53,7 @@ def _run(recipe: Any, wait: bool, as_json: bool) -> None:
         print_json({"job": view.id, "pipeline": recipe.name}) if as_json else out.print(view.id)
         return
     err.print(f"pipeline {escape(recipe.name)}: job {view.id} queued; following its log")
-    final = _follow_log(jobs, view.id, True)
+    final = follow_log(jobs, view.id, True)
     if final.state != "succeeded":
         raise JobFailedError(f"pipeline job {view.id} {final.state}: {final.error or ''}".strip())
     out.print(json.dumps(final.result), markup=False, highlight=False)
