@@ -162,22 +162,22 @@ async def job_logs(request: Request, job_id: str) -> PlainTextResponse:
 
 @router.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
-    caller = require_role(request, "developer")
-    await no_body(request, app_state(request).settings.max_request_bytes)
-    jobs = job_service(request)
-    view = await to_thread.run_sync(lambda: jobs.cancel(job_id, tenant_id=tenant_scope(caller)))
-    app_state(request).security.audit(caller.actor, caller.tenant, "jobs.cancel", job_id, "ok")
-    return view.to_dict()
+    return await _job_action(request, job_id, "cancel")
 
 
 @router.post("/jobs/{job_id}/resume")
 async def resume_job(request: Request, job_id: str) -> dict[str, Any]:
+    return await _job_action(request, job_id, "resume")
+
+
+async def _job_action(request: Request, job_id: str, action: Literal["cancel", "resume"]) -> dict[str, Any]:
+    """Cancel or resume a job the caller may see (404 otherwise), audited as ``jobs.<action>``."""
     caller = require_role(request, "developer")
     await no_body(request, app_state(request).settings.max_request_bytes)
-    jobs = job_service(request)
-    view = await to_thread.run_sync(lambda: jobs.resume(job_id, tenant_id=tenant_scope(caller)))
-    app_state(request).security.audit(caller.actor, caller.tenant, "jobs.resume", job_id, "ok")
-    return view.to_dict()
+    act = getattr(job_service(request), action)
+    view = await to_thread.run_sync(lambda: act(job_id, tenant_id=tenant_scope(caller)))
+    app_state(request).security.audit(caller.actor, caller.tenant, f"jobs.{action}", job_id, "ok")
+    return dict(view.to_dict())
 
 
 # --- evaluations ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ through the ``train`` job kind and prints its id.
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated, Any
 
 import typer
@@ -30,40 +29,16 @@ from llmos.cli.common import (
     record,
     settings,
 )
+from llmos.cli.jobs import follow_log, open_jobs
 from llmos.errors import InvalidInputError, JobFailedError
 
 
-def _open_jobs() -> Any:
-    from llmos.jobs.service import JobService
-
-    return JobService(settings())
-
-
 def _queue(kind: str, params: dict[str, Any]) -> Any:
-    jobs = _open_jobs()
+    jobs = open_jobs()
     view = jobs.create(kind, params, resource="train")
     record("jobs.create", view.id)
     jobs.dispatch()
     return jobs, view
-
-
-def _wait(jobs: Any, job_id: str) -> Any:
-    """Print the job's log as it grows until the job ends; returns its final view."""
-    path = jobs.log_path(job_id)
-    position = 0
-    while True:
-        jobs.reconcile()
-        view = jobs.get(job_id)
-        if path.exists():
-            with path.open("rb") as handle:
-                handle.seek(position)
-                chunk = handle.read()
-            position += len(chunk)
-            if chunk:
-                err.print(escape(chunk.decode("utf-8", "replace")), end="", highlight=False)
-        if view.state not in ("queued", "running"):
-            return view
-        time.sleep(0.5)
 
 
 # --- prune --------------------------------------------------------------------------------------------------------
@@ -244,7 +219,7 @@ def distill(
             out.print(view.id)
         return
     err.print(f"job {view.id} queued; following its log (Ctrl-C stops following, not the job)")
-    final = _wait(jobs, view.id)
+    final = follow_log(jobs, view.id, True, console=err)
     if final.state != "succeeded":
         raise JobFailedError(f"job {view.id} {final.state}: {final.error or ''}".strip())
     if as_json:

@@ -11,6 +11,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -86,7 +87,9 @@ def jobs_logs(
     follow_log(jobs, job_id, follow)
 
 
-def follow_log(jobs: Any, job_id: str, follow: bool) -> Any:
+def follow_log(jobs: Any, job_id: str, follow: bool, console: Console = out) -> Any:
+    """Print the job's log (to ``console``); with ``follow``, as it grows until the job ends. Returns the job's view
+    (its final one when following)."""
     path = jobs.log_path(job_id)
     position = 0
     while True:
@@ -96,7 +99,7 @@ def follow_log(jobs: Any, job_id: str, follow: bool) -> Any:
                 chunk = handle.read()
                 position += len(chunk)
             if chunk:
-                out.print(escape(chunk.decode("utf-8", "replace")), end="", highlight=False)
+                console.print(escape(chunk.decode("utf-8", "replace")), end="", highlight=False)
         if not follow:
             return jobs.get(job_id)
         jobs.reconcile()
