@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 
 from llmos.config import Settings
-from llmos.engine.backends.int8 import DECODE_ROWS, Int8Linear, quantize_rows
+from llmos.engine.backends.int8 import DECODE_ROWS, Int8Linear
+from llmos.formats.int8 import quantize_rows
 from llmos.registry.convert import quantize
 from llmos.registry.service import Registry
 from tests.e2e.test_convert_gguf import float_reference, heldout_perplexity, paris

@@ -2,13 +2,12 @@
 
 Contract: :func:`quantize_int8` writes a copy of ``source_dir`` into ``out_dir`` in which the linear projections of
 every decoder layer (``*_proj``), the LM head and the token embeddings are int8 with one float32 scale per output
-row (:func:`llmos.engine.backends.int8.quantize_rows`; stored as ``<module>.weight`` + ``<module>.weight_scale``),
-so those weights take a quarter of their float32 size on disk and in memory. Everything else (norms) is copied
-unchanged, as are the tokenizer and generation files. config.json is marked ``"llmos_quantization":
-"int8_dynamic"`` (plus a ``quantization_config`` describing the scheme, which ``llmos show`` reports); the PyTorch
-backend then quantizes activations dynamically at run time (:mod:`llmos.engine.backends.int8`). Models the PyTorch
-backend cannot run, and checkpoints that are already quantized, are refused with
-:class:`~llmos.errors.InvalidInputError`.
+row (the format of :mod:`llmos.formats.int8`: ``<module>.weight`` + ``<module>.weight_scale``), so those weights
+take a quarter of their float32 size on disk and in memory. Everything else (norms) is copied unchanged, as are the
+tokenizer and generation files. config.json is marked ``"llmos_quantization": "int8_dynamic"`` (plus a
+``quantization_config`` describing the scheme, which ``llmos show`` reports); the PyTorch backend then quantizes
+activations dynamically at run time (:mod:`llmos.engine.backends.int8`). Models the PyTorch backend cannot run, and
+checkpoints that are already quantized, are refused with :class:`~llmos.errors.InvalidInputError`.
 """
 
 from __future__ import annotations
@@ -19,14 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.errors import InvalidInputError, InvalidModelFileError
-
-
-def _quantized_key(key: str, ndim: int) -> bool:
-    if ndim != 2 or not key.endswith(".weight"):
-        return False
-    return key in ("lm_head.weight", "model.embed_tokens.weight") or (
-        key.startswith("model.layers.") and key.endswith("_proj.weight")
-    )
+from llmos.formats.int8 import DESCRIPTION, MARKER, SCALE_SUFFIX, is_quantized_key, quantize_rows
 
 
 def quantize_int8(source_dir: Path, out_dir: Path) -> Path:
@@ -34,7 +26,6 @@ def quantize_int8(source_dir: Path, out_dir: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from llmos.engine.backends.int8 import QUANTIZATION, SCALE_SUFFIX, quantize_rows
     from llmos.engine.backends.torch import SUPPORTED_TYPES
 
     try:
@@ -61,7 +52,7 @@ def quantize_int8(source_dir: Path, out_dir: Path) -> Path:
                 if tied and key == "lm_head.weight":
                     continue  # the embeddings are the LM head; Hugging Face does not store them twice
                 tensor = handle.get_tensor(key)
-                if _quantized_key(key, tensor.ndim):
+                if is_quantized_key(key, tensor.ndim):
                     q, scale = quantize_rows(tensor)
                     tensors[key], tensors[f"{key}{SCALE_SUFFIX}"] = q, scale
                     count += 1
@@ -70,18 +61,12 @@ def quantize_int8(source_dir: Path, out_dir: Path) -> Path:
     if count == 0:
         raise InvalidModelFileError("no linear projections found to quantize (expected *_proj.weight tensors)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "llmos": QUANTIZATION})
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "llmos": MARKER})
     for side in sorted(source_dir.iterdir()):
         skip = side.suffix == ".safetensors" or side.name in ("config.json", "model.safetensors.index.json")
         if side.is_file() and not skip:
             shutil.copyfile(side, out_dir / side.name)
-    config["llmos_quantization"] = QUANTIZATION
-    config["quantization_config"] = {
-        "quant_method": QUANTIZATION,
-        "bits": 8,
-        "weights": "int8, symmetric, one float32 scale per output row",
-        "activations": "int8, dynamic (per call)",
-        "modules": "decoder *_proj, lm_head, embed_tokens",
-    }
+    config["llmos_quantization"] = MARKER
+    config["quantization_config"] = dict(DESCRIPTION)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out_dir

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmos.errors import BackendUnavailableError, InvalidInputError, InvalidModelFileError
 from llmos.formats import safe_json
+from llmos.formats.int8 import SCALE_SUFFIX, dequantize_rows, is_int8_config
 
 if TYPE_CHECKING:
     import numpy as np
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 
 OUT_TYPES = ("f16", "f32", "q8_0")
 ARCHITECTURES = ("LlamaForCausalLM",)
-INT8_MARKER = "int8_dynamic"  # config.json "llmos_quantization" of `llmos quantize --type int8` (compression.int8)
-INT8_SCALE_SUFFIX = "_scale"  # "<module>.weight_scale" next to the int8 "<module>.weight"
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -261,11 +260,11 @@ def _checkpoint_tensors(model_dir: Path, int8: bool) -> Iterator[tuple[str, torc
         with safe_open(str(file), framework="pt") as handle:
             keys = list(handle.keys())
             for key in keys:
-                if int8 and key.endswith(INT8_SCALE_SUFFIX):
+                if int8 and key.endswith(SCALE_SUFFIX):
                     continue
                 tensor = handle.get_tensor(key)
-                if int8 and f"{key}{INT8_SCALE_SUFFIX}" in keys:
-                    tensor = tensor.float() * handle.get_tensor(f"{key}{INT8_SCALE_SUFFIX}").float()[:, None]
+                if int8 and f"{key}{SCALE_SUFFIX}" in keys:
+                    tensor = dequantize_rows(tensor, handle.get_tensor(f"{key}{SCALE_SUFFIX}"))
                 yield key, tensor.float()
 
 
@@ -304,7 +303,7 @@ def hf_to_gguf(
         raise InvalidModelFileError(f"{model_dir.name}: no config.json; not a Hugging Face model directory")
     hp = llama_hparams(config)
     vocab = read_tokenizer(model_dir, config, hp["vocab_size"])
-    int8 = config.get("llmos_quantization") == INT8_MARKER
+    int8 = is_int8_config(config)
 
     writer = gguf.GGUFWriter(str(out_file), "llama")
     writer.add_name(name or str(config.get("_name_or_path") or model_dir.name))

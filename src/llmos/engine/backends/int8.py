@@ -1,9 +1,7 @@
 """Int8 weights with dynamic int8 activations for the PyTorch backend (checkpoints from ``llmos quantize --type int8``).
 
-Contract: a checkpoint whose config.json says ``"llmos_quantization": "int8_dynamic"`` stores each quantized weight
-``W [out, in]`` as int8 ``Q`` under ``<module>.weight`` and a float32 scale per output row under
-``<module>.weight_scale`` (symmetric: ``W ~= Q * scale[:, None]``, ``|Q| <= 127``; :func:`quantize_rows`). The linear
-projections of every decoder layer, the LM head and the token embeddings are quantized; norms stay float.
+Contract: the checkpoint format (which tensors are int8, the per-row scales, the config.json marker) is
+:mod:`llmos.formats.int8`; this module runs it.
 
 :func:`load_int8_model` builds the Hugging Face module tree on the meta device, swaps those modules for
 :class:`Int8Linear` / :class:`Int8Embedding` and assigns the remaining float tensors, so float copies of the
@@ -20,7 +18,6 @@ the rest.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,27 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from llmos.errors import ModelLoadError
+from llmos.formats.int8 import SCALE_SUFFIX
 
-QUANTIZATION = "int8_dynamic"
-SCALE_SUFFIX = "_scale"
 DECODE_ROWS = 8
 """Calls with at most this many rows (tokens) use the int8 kernel; larger ones compute on dequantized weights."""
-
-
-def is_int8_dir(model_dir: Path) -> bool:
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("llmos_quantization") == QUANTIZATION
-
-
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: (int8 ``Q``, float32 ``scale``) with ``weight ~= Q * scale[:, None]``."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
 
 
 def _pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:

@@ -116,7 +116,8 @@ class TorchBackend:
             raise BackendUnavailableError("the PyTorch backend needs `pip install 'llmos[torch]'`") from exc
         if threads:
             torch.set_num_threads(threads)
-        from llmos.engine.backends.int8 import is_int8_dir, load_int8_model
+        from llmos.engine.backends.int8 import load_int8_model
+        from llmos.formats.int8 import is_int8_dir
 
         try:
             tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
