@@ -14,7 +14,8 @@ from llmos.store.crypto import MAGIC, BlobCipher
 from llmos.training import checkpoints as checkpoints_module
 from llmos.training import finetune as finetune_module
 from llmos.training.checkpoints import Checkpoints, load_latest_checkpoint
-from llmos.training.finetune import FinetuneConfig, TrainingStopped, finetune
+from llmos.training.finetune import FinetuneConfig, finetune
+from llmos.training.loop import TrainingStopped
 from llmos.training.optim import OptimizerConfig
 from tests.helpers import make_tiny_base, toy_qa_rows
 
@@ -74,6 +75,26 @@ def test_stopped_run_resumes_from_its_encrypted_checkpoint_and_ends_like_an_unin
     assert resumed.resumed_from == 10 and resumed.steps == 16
     assert straight.validation_loss is not None and resumed.validation_loss is not None
     assert abs(resumed.validation_loss - straight.validation_loss) <= 0.02 * straight.validation_loss
+
+
+def test_a_resumed_run_with_dropout_is_identical_to_an_uninterrupted_one(base: Path, tmp_path: Path) -> None:
+    """Checkpoints hold every rank's RNG state: the dropout masks after a resume are the ones the run would have
+    drawn, so the result is bit for bit the uninterrupted one."""
+    from safetensors.torch import load_file
+
+    cfg = config(lora_dropout=0.3, max_steps=8, eval_every=8)
+    straight = run(base, tmp_path / "straight", cfg)
+    with pytest.raises(TrainingStopped):
+        run(base, tmp_path / "resumed", cfg, on_step=lambda step, _total, _metrics: step == 5)
+    resumed = run(base, tmp_path / "resumed", cfg)
+    assert resumed.resumed_from == 5
+    assert (resumed.train_loss, resumed.validation_loss) == (straight.train_loss, straight.validation_loss)
+    weights = [
+        load_file(str(work / "out" / "adapter_model.safetensors"))
+        for work in (tmp_path / "straight", tmp_path / "resumed")
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(bool((weights[0][key] == weights[1][key]).all()) for key in weights[0])
 
 
 def test_a_full_disk_during_a_checkpoint_fails_cleanly_and_keeps_the_earlier_one(

@@ -10,7 +10,7 @@ import pytest
 
 from llmos.errors import InvalidInputError
 from llmos.training import distill as D
-from llmos.training.finetune import TrainingStopped
+from llmos.training.loop import TrainingStopped
 from llmos.training.optim import OptimizerConfig
 from tests.helpers import make_tiny_base, toy_qa_rows
 

@@ -119,14 +119,8 @@ def block_linears(model: Any) -> list[tuple[str, Any]]:
 
 
 def count_parameters(model: Any) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
+    """Distinct parameters (``parameters()`` yields a tied embedding once)."""
+    return sum(int(p.numel()) for p in model.parameters())
 
 
 # --- magnitude ---------------------------------------------------------------------------------------------------

@@ -20,15 +20,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmos.data.split import split as split_rows
 from llmos.errors import InvalidInputError, ModelNotFoundError, NotFoundError
 from llmos.jobs.train import hf_base
-from llmos.registry.datasets import load_rows, parent_of, rows_of_split, show_dataset
+from llmos.registry.datasets import show_dataset, training_rows
 from llmos.registry.derive import register_derived
 from llmos.registry.service import ParentRef, Registry
 from llmos.registry.views import VersionView
 from llmos.training.distill import DistillConfig, DistillResult, build_student, check_same_tokenizer, distill
-from llmos.training.finetune import TrainingStopped
+from llmos.training.loop import TrainingStopped
 from llmos.training.optim import OptimizerConfig
 
 if TYPE_CHECKING:
@@ -101,26 +100,6 @@ def check_inputs(registry: Registry, params: dict[str, Any], may_see: Any = None
             check_same_tokenizer(teacher_dir, student_dir)
 
 
-def split_data(
-    registry: Registry, params: dict[str, Any], seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[ParentRef], VersionView]:
-    """Training rows, validation rows, the datasets as lineage parents, and the training dataset's view."""
-    data_view, rows = load_rows(registry, str(params["data"]))
-    parents = [parent_of(data_view)]
-    if params.get("validation"):
-        validation_view, validation_all = load_rows(registry, str(params["validation"]))
-        parents.append(parent_of(validation_view))
-        train = rows_of_split(rows, "train") if any("split" in r for r in rows) else rows
-        has_split = any("split" in r for r in validation_all)
-        validation = rows_of_split(validation_all, "validation") if has_split else validation_all
-    elif any(row.get("split") == "validation" for row in rows):
-        train, validation = rows_of_split(rows, "train"), rows_of_split(rows, "validation")
-    else:
-        parts, _ = split_rows(rows, fractions={"train": 0.9, "validation": 0.1}, seed=seed)
-        train, validation = parts["train"], parts["validation"]
-    return train, validation, parents, data_view
-
-
 def run_distill(context: JobContext) -> dict[str, Any]:
     from llmos.jobs.context import JobCancelled
 
@@ -132,7 +111,9 @@ def run_distill(context: JobContext) -> dict[str, Any]:
         student: VersionView | None = None
         if str(params["student"]) != NEW_STUDENT:
             student = hf_base(registry, str(params["student"]), context.log)
-        train, validation, data_parents, data_view = split_data(registry, params, config.seed)
+        train, validation, data_parents, data_view = training_rows(
+            registry, str(params["data"]), params.get("validation"), config.seed
+        )
         output = context.directory / "output"
         shutil.rmtree(output, ignore_errors=True)
         with registry.loadable_dir(registry.resolve(teacher.name, verify=True)) as teacher_dir:

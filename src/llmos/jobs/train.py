@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmos.data.split import split as split_rows
 from llmos.errors import InvalidInputError, ModelNotFoundError
 from llmos.registry.convert import convert
-from llmos.registry.datasets import load_rows, parent_of, rows_of_split
+from llmos.registry.datasets import training_rows
 from llmos.registry.derive import register_derived
 from llmos.registry.service import ParentRef, Registry
 from llmos.registry.views import VersionView
-from llmos.training.finetune import FinetuneConfig, FinetuneResult, TrainingStopped, finetune
+from llmos.training.finetune import FinetuneConfig, FinetuneResult, finetune
+from llmos.training.loop import TrainingStopped
 from llmos.training.optim import OptimizerConfig
 
 if TYPE_CHECKING:
@@ -144,22 +144,9 @@ def run_train(context: JobContext) -> dict[str, Any]:
     registry = Registry(context.settings, maintain=False)
     try:
         base = hf_base(registry, str(params["base"]), context.log)
-        data_view, rows = load_rows(registry, str(params["data"]))
-        parents = [parent_of(data_view)]
-        if params.get("validation"):
-            validation_view, validation_all = load_rows(registry, str(params["validation"]))
-            parents.append(parent_of(validation_view))
-            train = rows_of_split(rows, "train") if any("split" in r for r in rows) else rows
-            validation = (
-                rows_of_split(validation_all, "validation")
-                if any("split" in r for r in validation_all)
-                else (validation_all)
-            )
-        elif any(row.get("split") == "validation" for row in rows):
-            train, validation = rows_of_split(rows, "train"), rows_of_split(rows, "validation")
-        else:
-            parts, _ = split_rows(rows, fractions={"train": 0.9, "validation": 0.1}, seed=config.seed)
-            train, validation = parts["train"], parts["validation"]
+        train, validation, parents, data_view = training_rows(
+            registry, str(params["data"]), params.get("validation"), config.seed
+        )
         output = context.directory / "output"
         shutil.rmtree(output, ignore_errors=True)
         with registry.loadable_dir(registry.resolve(base.name, verify=True)) as base_dir:

@@ -21,6 +21,7 @@ from typing import Any
 
 from llmos.data.readers import read_dataset
 from llmos.data.rows import dataset_shape
+from llmos.data.split import split as split_rows
 from llmos.errors import InvalidInputError, ModelNotFoundError
 from llmos.formats.info import ModelFile, ModelInfo
 from llmos.registry.service import ParentRef, Registry
@@ -129,3 +130,28 @@ def rows_of_split(rows: Sequence[dict[str, Any]], split: str | None) -> list[dic
 
 def parent_of(view: VersionView) -> ParentRef:
     return ParentRef(view.digest, view.name)
+
+
+def training_rows(
+    registry: Registry, data: str, validation: str | None, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[ParentRef], VersionView]:
+    """Training rows, validation rows, the datasets as lineage parents, and the training dataset's view.
+
+    Validation comes from the ``validation`` dataset (its ``validation`` split when its rows carry splits), else from
+    the data's own ``validation`` split, else from a deterministic 10% of the rows held out with ``seed``. Training
+    is the data's ``train`` split when its rows carry splits, else every row not held out.
+    """
+    data_view, rows = load_rows(registry, data)
+    parents = [parent_of(data_view)]
+    if validation:
+        validation_view, validation_all = load_rows(registry, validation)
+        parents.append(parent_of(validation_view))
+        train = rows_of_split(rows, "train") if any("split" in r for r in rows) else rows
+        has_split = any("split" in r for r in validation_all)
+        held_out = rows_of_split(validation_all, "validation") if has_split else validation_all
+    elif any(row.get("split") == "validation" for row in rows):
+        train, held_out = rows_of_split(rows, "train"), rows_of_split(rows, "validation")
+    else:
+        parts, _ = split_rows(rows, fractions={"train": 0.9, "validation": 0.1}, seed=seed)
+        train, held_out = parts["train"], parts["validation"]
+    return train, held_out, parents, data_view

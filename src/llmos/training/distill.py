@@ -13,13 +13,14 @@ Contract:
 * :func:`build_student` writes a new, randomly initialised student (deterministic for a seed) with the teacher's
   architecture, tokenizer and chat template but fewer layers and / or a narrower hidden size.
 * :func:`distill` trains a Hugging Face student directory (full fine-tune, AdamW by default, schedule from
-  :mod:`llmos.training.optim`), reusing the fine-tuning machinery: row encoding with the chat template, length-
-  grouped seeded batches, atomic checkpoints (``checkpoint_every`` steps and when stopped) and resume from the newest
-  checkpoint that loads, through :class:`~llmos.training.checkpoints.Checkpoints` (``checkpoints``: one, or a
+  :mod:`llmos.training.optim`) with the one training loop, :class:`~llmos.training.loop.TrainingLoop`, and
+  :class:`Distillation` as its loss hook: rows encoded as :mod:`llmos.training.batches` says, length-grouped seeded
+  batches, atomic checkpoints (``checkpoint_every`` steps and when stopped) and resume from the newest checkpoint
+  that loads, through :class:`~llmos.training.checkpoints.Checkpoints` (``checkpoints``: one, or a
   directory for plaintext ones; private files, encrypted when it holds a cipher). ``on_step(step, total, metrics)``
   gets ``loss``, ``kl``, ``ce``, ``lr``, ``epoch``, ``tokens_per_second`` (training time only; validation excluded)
   and ``val_*`` after each validation; it returns True to stop (a checkpoint is written and
-  :class:`~llmos.training.finetune.TrainingStopped` raised). The result directory is a full Hugging Face checkpoint
+  :class:`~llmos.training.loop.TrainingStopped` raised). The result directory is a full Hugging Face checkpoint
   with the student's tokenizer files.
 """
 
@@ -28,25 +29,24 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmos.errors import InvalidInputError, InvalidModelFileError
+from llmos.training.batches import Example
 from llmos.training.checkpoints import Checkpoints, make_private_dir
-from llmos.training.finetune import (
-    PRECISIONS,
-    Example,
+from llmos.training.config import TrainingConfig, begin, encode_examples
+from llmos.training.loop import (
     StepCallback,
+    TrainingLoop,
     TrainingStopped,
-    batch_order,
-    bf16_is_fast,
-    collate,
-    encode_rows,
+    count_parameters,
+    position_logits,
+    shown,
 )
-from llmos.training.optim import OptimizerConfig, build_optimizer, build_schedule
+from llmos.training.optim import OptimizerConfig
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
@@ -56,45 +56,21 @@ TOKENIZER_FILES = (
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(TrainingConfig):
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adamw", lr=1e-4))
+    epochs: int = 1
+    checkpoint_every: int = 50
     temperature: float = 2.0
     alpha: float = 0.5
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="adamw", lr=1e-4))
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    seed: int = 0
-    max_length: int = 256
-    eval_every: int = 0
-    """Steps between validation runs; 0 = once per epoch."""
-    checkpoint_every: int = 50
-    precision: str = "auto"
-    threads: int | None = None
 
     def validate(self) -> None:
-        self.optimizer.validate()
         if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature):
             raise InvalidInputError(f"temperature must be a number, got {self.temperature!r}", param="temperature")
         if self.temperature <= 0:
             raise InvalidInputError(f"temperature must be greater than 0, got {self.temperature}", param="temperature")
         if not isinstance(self.alpha, int | float) or not 0.0 <= self.alpha <= 1.0:
             raise InvalidInputError(f"alpha must be in [0, 1], got {self.alpha!r}", param="alpha")
-        for name in ("batch_size", "grad_accum", "epochs", "max_length", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}", param=name)
-        if self.max_steps is not None and self.max_steps < 1:
-            raise InvalidInputError(f"max_steps must be positive, got {self.max_steps}", param="max_steps")
-        if self.warmup_steps < 0 or self.eval_every < 0:
-            raise InvalidInputError("warmup_steps and eval_every must not be negative", param="warmup_steps")
-        if self.precision not in PRECISIONS:
-            raise InvalidInputError(f"precision must be one of {', '.join(PRECISIONS)}", param="precision")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        super().validate()
 
 
 @dataclass
@@ -166,18 +142,6 @@ def distillation_loss(
     return combine(loss_parts(student_logits, teacher_logits, targets, temperature), temperature, alpha)
 
 
-def position_logits(model: Any, batch: dict[str, Any], keep: Any) -> Any:
-    """Logits ``[N, V]`` at the positions ``keep`` (``[B, T-1]``) only: the vocabulary projection is the largest
-    matrix multiply, and padding positions need none."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if decoder is not None and head is not None:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return head(hidden[:, :-1, :][keep])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits[:, :-1, :][keep]
-
-
 def batch_parts(student: Any, teacher: Any, batch: dict[str, Any], temperature: float) -> LossParts:
     import torch
 
@@ -188,29 +152,24 @@ def batch_parts(student: Any, teacher: Any, batch: dict[str, Any], temperature: 
     return loss_parts(student_logits, teacher_logits, batch["labels"][:, 1:][keep], temperature)
 
 
-def evaluate(
-    student: Any, teacher: Any, examples: Sequence[Example], config: DistillConfig, pad_id: int
-) -> dict[str, float]:
-    """Validation loss, KL, CE and perplexity (from the CE) of the student against the teacher."""
-    import torch
+class Distillation:
+    """The loss hook of :class:`~llmos.training.loop.TrainingLoop` for distillation: terms ``kl`` (every real next-token
+    position) and ``ce`` (labelled positions), combined as the module docstring says."""
 
-    was_training = student.training
-    student.eval()
-    kl = ce = 0.0
-    kl_tokens = ce_tokens = 0
-    ordered = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    with torch.no_grad():
-        for start in range(0, len(ordered), config.batch_size):
-            batch = collate([examples[i] for i in ordered[start : start + config.batch_size]], pad_id)
-            parts = batch_parts(student, teacher, batch, config.temperature)
-            kl += float(parts.kl_sum)
-            ce += float(parts.ce_sum)
-            kl_tokens += parts.kl_tokens
-            ce_tokens += parts.ce_tokens
-    student.train(was_training)
-    mean_kl, mean_ce = kl / max(kl_tokens, 1), ce / max(ce_tokens, 1)
-    loss = config.alpha * config.temperature**2 * mean_kl + (1 - config.alpha) * mean_ce
-    return {"loss": loss, "kl": mean_kl, "ce": mean_ce, "perplexity": math.exp(min(mean_ce, 700.0))}
+    terms: tuple[str, ...] = ("kl", "ce")
+
+    def __init__(self, teacher: Any, temperature: float, alpha: float) -> None:
+        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+
+    def counts(self, examples: Sequence[Example]) -> dict[str, int]:
+        return {"kl": sum(len(e.input_ids) - 1 for e in examples), "ce": sum(e.loss_tokens for e in examples)}
+
+    def sums(self, model: Any, batch: dict[str, Any]) -> tuple[Any, ...]:
+        parts = batch_parts(model, self.teacher, batch, self.temperature)
+        return parts.kl_sum, parts.ce_sum
+
+    def combine(self, means: dict[str, Any]) -> Any:
+        return self.alpha * self.temperature**2 * means["kl"] + (1.0 - self.alpha) * means["ce"]
 
 
 # --- tokenizers and students --------------------------------------------------------------------------------------
@@ -307,16 +266,6 @@ def copy_tokenizer(source: Path, target: Path) -> None:
 # --- training -----------------------------------------------------------------------------------------------------
 
 
-def _parameters(model: Any) -> int:
-    seen: set[int] = set()
-    total = 0
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
-
-
 def distill(
     teacher_dir: Path,
     student_dir: Path,
@@ -331,30 +280,14 @@ def distill(
     log: Callable[[str], None] = print,
 ) -> DistillResult:
     """Distil ``teacher_dir`` into ``student_dir`` on the rows and write the student into ``output_dir``."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config.validate()
     check_same_tokenizer(teacher_dir, student_dir)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if bf16_is_fast() else "fp32"
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    torch.manual_seed(config.seed)
-
+    precision, dtype = begin(config)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    train = encode_rows(train_rows, tokenizer, chat_template, config.max_length)
-    validation = encode_rows(validation_rows, tokenizer, chat_template, config.max_length) if validation_rows else []
-    if not train:
-        raise InvalidInputError("no training example has any token to learn from (empty answers?)", param="data")
-    lengths = [len(e.input_ids) for e in train]
-    batches_per_epoch = math.ceil(len(train) / config.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
-    total = config.max_steps or steps_per_epoch * config.epochs
-    eval_every = config.eval_every or steps_per_epoch
+    examples = encode_examples(tokenizer, train_rows, validation_rows, chat_template, config.max_length)
+    plan = config.plan(len(examples.train))
 
     teacher: Any = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype)
     teacher.eval()
@@ -362,116 +295,42 @@ def distill(
     student: Any = AutoModelForCausalLM.from_pretrained(student_dir, dtype=dtype)
     student.train()
     log(
-        f"{len(train)} training and {len(validation)} validation examples; {steps_per_epoch} steps per epoch;"
-        f" {total} steps; teacher {_parameters(teacher):,} and student {_parameters(student):,} parameters;"
-        f" T={config.temperature} alpha={config.alpha}; {precision}"
+        f"{len(examples.train)} training and {len(examples.validation)} validation examples; {plan.steps_per_epoch}"
+        f" steps per epoch; {plan.total_steps} steps; teacher {count_parameters(teacher):,} and student"
+        f" {count_parameters(student):,} parameters; T={config.temperature} alpha={config.alpha}; {precision}"
     )
-    optimizer = build_optimizer(student.parameters(), config.optimizer)
-    schedule = build_schedule(
-        optimizer, warmup_steps=min(config.warmup_steps, total), total_steps=total, kind=config.schedule
+    optimizer, schedule = config.optimizer_and_schedule(student.parameters(), plan.total_steps)
+    loop = TrainingLoop(
+        student,
+        optimizer,
+        schedule,
+        Distillation(teacher, config.temperature, config.alpha),
+        plan,
+        checkpoints=Checkpoints.of(checkpoints),
+        on_step=on_step,
+        log=log,
     )
-
-    step, tokens_done = 0, 0
-    initial: dict[str, float] | None = None
-    resumed_from: int | None = None
-    store = Checkpoints.of(checkpoints)
-    state = store.load_latest()
-    if state is not None:
-        student.load_state_dict(state["weights"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step, tokens_done = int(state["step"]), int(state["tokens"])
-        initial = state.get("initial")
-        resumed_from = step
-        log(f"resumed from the checkpoint of step {step}")
-    elif validation:
-        initial = evaluate(student, teacher, validation, config, pad_id)
-        log(f"before distillation: {_shown(initial)}")
-
-    tokens_this_run = 0
-
-    def checkpoint() -> None:
-        weights = {name: p.detach().clone() for name, p in student.named_parameters()}
-        store.save(
-            step,
-            {
-                "weights": weights,
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "step": step,
-                "tokens": tokens_done + tokens_this_run,
-                "initial": initial,
-            },
-        )
-
-    started = time.perf_counter()
-    evaluating = 0.0  # seconds spent on validation, left out of the training speed
-    last = {"loss": float("nan"), "kl": float("nan"), "ce": float("nan")}
-    measured: dict[str, float] | None = None
-    while step < total:
-        epoch, position = divmod(step, steps_per_epoch)
-        batches = batch_order(lengths, config.batch_size, config.seed, epoch)
-        for index in range(position, steps_per_epoch):
-            if step >= total:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            micro = [
-                collate([train[i] for i in b], pad_id)
-                for b in batches[index * config.grad_accum :][: config.grad_accum]
-            ]
-            kl_tokens = sum(int(b["attention_mask"][:, 1:].sum()) for b in micro)
-            ce_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            kl_sum = ce_sum = 0.0
-            for batch in micro:
-                parts = batch_parts(student, teacher, batch, config.temperature)
-                scaled = LossParts(parts.kl_sum, kl_tokens, parts.ce_sum, ce_tokens)  # step-wide token means
-                combine(scaled, config.temperature, config.alpha).backward()
-                kl_sum += float(parts.kl_sum.detach())
-                ce_sum += float(parts.ce_sum.detach())
-                tokens_this_run += int(batch["attention_mask"].sum())
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            kl, ce = kl_sum / max(kl_tokens, 1), ce_sum / max(ce_tokens, 1)
-            last = {"loss": config.alpha * config.temperature**2 * kl + (1 - config.alpha) * ce, "kl": kl, "ce": ce}
-            metrics = {**last, "lr": float(schedule.get_last_lr()[0]), "epoch": step / steps_per_epoch}
-            if validation and (step % eval_every == 0 or step == total):
-                evaluated = time.perf_counter()
-                measured = evaluate(student, teacher, validation, config, pad_id)
-                evaluating += time.perf_counter() - evaluated
-                metrics.update({f"val_{key}": value for key, value in measured.items()})
-            elapsed = time.perf_counter() - started - evaluating
-            metrics["tokens_per_second"] = tokens_this_run / elapsed if elapsed > 0 else 0.0
-            stop = on_step(step, total, metrics) if on_step else False
-            if step % config.checkpoint_every == 0 or stop:
-                checkpoint()
-            if stop:
-                raise TrainingStopped(f"stopped at step {step}")
-    elapsed = time.perf_counter() - started - evaluating
-    if validation and measured is None:
-        measured = evaluate(student, teacher, validation, config, pad_id)
-    if measured is not None:
-        log(f"after distillation: {_shown(measured)}")
+    order = examples.order(config.batch_size, config.seed)
+    outcome = loop.run(examples.train, examples.validation, order, examples.pad_id)
+    if outcome.stopped:
+        raise TrainingStopped(f"stopped at step {outcome.steps}")
+    if outcome.validation is not None:
+        log(f"after distillation: {shown(outcome.validation)}")
     make_private_dir(output_dir)
     student.save_pretrained(output_dir, safe_serialization=True)
     copy_tokenizer(student_dir, output_dir)
     return DistillResult(
-        steps=step,
-        epochs_done=step / steps_per_epoch,
-        train_loss=last["loss"],
-        train_kl=last["kl"],
-        train_ce=last["ce"],
-        initial_validation=initial,
-        validation=measured,
-        tokens=tokens_done + tokens_this_run,
-        tokens_per_second=tokens_this_run / elapsed if elapsed > 0 else 0.0,
-        resumed_from=resumed_from,
-        student_parameters=_parameters(student),
-        teacher_parameters=_parameters(teacher),
+        steps=outcome.steps,
+        epochs_done=outcome.epochs_done,
+        train_loss=outcome.train["loss"],
+        train_kl=outcome.train.get("kl", math.nan),
+        train_ce=outcome.train.get("ce", math.nan),
+        initial_validation=outcome.initial,
+        validation=outcome.validation,
+        tokens=outcome.tokens,
+        tokens_per_second=outcome.tokens_per_second,
+        resumed_from=outcome.resumed_from,
+        student_parameters=count_parameters(student),
+        teacher_parameters=count_parameters(teacher),
         precision=precision,
     )
-
-
-def _shown(values: dict[str, float]) -> str:
-    return " ".join(f"{key}={value:.4f}" for key, value in values.items())

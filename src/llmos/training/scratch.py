@@ -37,7 +37,9 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from llmos.errors import InvalidInputError, InvalidModelFileError
+from llmos.training.batches import Example
 from llmos.training.charset import build_char_tokenizer
+from llmos.training.loop import Collective, CrossEntropy, LoopPlan, TrainingLoop, evaluate
 from llmos.training.optim import SCHEDULES, OptimizerConfig, build_optimizer, build_schedule
 
 ARCHS = ("gpt", "lstm")
@@ -237,17 +239,6 @@ class ScratchModel:
         lstm_logits: torch.Tensor = self._module(input_ids)
         return lstm_logits
 
-    def _loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-        logits = self._logits(input_ids, mask)[:, :-1, :]
-        targets = labels[:, 1:]
-        total = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        return total, int((targets != IGNORE_INDEX).sum().item())
-
     @contextmanager
     def _inference(self) -> Iterator[None]:
         was_training = self._module.training
@@ -314,7 +305,7 @@ class ScratchModel:
         else:
             raise InvalidInputError("optimizer must be a name or an OptimizerConfig", param="optimizer")
         config.validate()
-        examples = self._examples(data, "data")
+        examples = [Example(ids, list(ids)) for ids in self._examples(data, "data")]
         validation = None if validation_data is None else self._examples(validation_data, "validation_data")
 
         per_epoch = math.ceil(len(examples) / batch_size)
@@ -324,67 +315,57 @@ class ScratchModel:
         history: dict[str, list[float]] = {"loss": [], "lr": []}
         if validation is not None:
             history["val_loss"] = []
-        generator = torch.Generator().manual_seed(seed)
-        step = 0
+
+        def on_step(step: int, _total: int, metrics: dict[str, float]) -> bool:
+            epoch = (step - 1) // per_epoch
+            history["loss"].append(metrics["loss"])
+            history["lr"].append(metrics["lr"])
+            if callback is not None:
+                callback({"step": step, "epoch": epoch, "loss": metrics["loss"], "lr": metrics["lr"]})
+            if "val_loss" in metrics:
+                history["val_loss"].append(metrics["val_loss"])
+                if callback is not None:
+                    callback({"step": step, "epoch": epoch, "val_loss": metrics["val_loss"]})
+            return False
+
+        plan = LoopPlan(
+            total_steps=total_steps,
+            steps_per_epoch=per_epoch,
+            eval_every=per_epoch,
+            clip=GRAD_CLIP,
+            eval_batch_size=batch_size,
+            validate_first=False,
+        )
+        loop = TrainingLoop(
+            self._module,
+            opt,
+            scheduler,
+            CrossEntropy(self._position_logits),
+            plan,
+            collective=Collective(self._device),
+            on_step=on_step,
+            log=lambda _message: None,
+        )
+        val_examples = [Example(ids, list(ids)) for ids in validation or []]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self._module.train()
             try:
-                for epoch in range(epochs):
-                    order = torch.randperm(len(examples), generator=generator).tolist()
-                    for start in range(0, len(order), batch_size):
-                        if step >= total_steps:
-                            break
-                        batch = [examples[i] for i in order[start : start + batch_size]]
-                        step_lr = float(opt.param_groups[0]["lr"])
-                        loss = self._train_step(opt, batch, step)
-                        scheduler.step()
-                        step += 1
-                        history["loss"].append(loss)
-                        history["lr"].append(step_lr)
-                        if callback is not None:
-                            callback({"step": step, "epoch": epoch, "loss": loss, "lr": step_lr})
-                    if validation is not None:
-                        val_loss = self._mean_loss(validation, batch_size)
-                        history["val_loss"].append(val_loss)
-                        if callback is not None:
-                            callback({"step": step, "epoch": epoch, "val_loss": val_loss})
-                    if step >= total_steps:
-                        break
+                loop.run(examples, val_examples, _epoch_order(len(examples), batch_size, seed), self._pad)
             finally:
                 self._module.eval()
         return history
 
-    def _train_step(self, opt: torch.optim.Optimizer, batch: list[list[int]], step: int) -> float:
-        input_ids, labels, mask = self._collate(batch)
-        total, count = self._loss_sum(input_ids, labels, mask)
-        loss = total / max(count, 1)
-        value = float(loss.item())
-        if not math.isfinite(value):
-            raise InvalidInputError(
-                f"training diverged: the loss became {value} at step {step + 1}; try a lower lr", param="lr"
-            )
-        opt.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
-        nn.utils.clip_grad_norm_(self._module.parameters(), GRAD_CLIP)
-        opt.step()
-        return value
-
-    def _mean_loss(self, examples: list[list[int]], batch_size: int) -> float:
-        total, count = 0.0, 0
-        with self._inference():
-            for start in range(0, len(examples), batch_size):
-                batch_total, batch_count = self._loss_sum(*self._collate(examples[start : start + batch_size]))
-                total += float(batch_total.item())
-                count += batch_count
-        return total / max(count, 1)
+    def _position_logits(self, module: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        return self._logits(batch["input_ids"], batch["attention_mask"])[:, :-1, :][keep]
 
     # inference -------------------------------------------------------------------------------------------------------
 
     def evaluate(self, data: Sequence[str] | Sequence[Mapping[str, Any]], batch_size: int = 16) -> dict[str, float]:
         """Token-weighted mean next-token ``loss`` over ``data`` and ``perplexity`` = exp(loss)."""
         batch_size = _int(batch_size, "batch_size", minimum=1)
-        loss = self._mean_loss(self._examples(data, "data"), batch_size)
+        examples = [Example(ids, list(ids)) for ids in self._examples(data, "data")]
+        measured = evaluate(self._module, CrossEntropy(self._position_logits), examples, self._pad, batch_size)
+        loss = measured["loss"] if measured is not None else 0.0
         try:
             perplexity = math.exp(loss)
         except OverflowError:
@@ -484,6 +465,20 @@ class ScratchModel:
 
 
 # --- construction and loading ---------------------------------------------------------------------------------------
+
+
+def _epoch_order(count: int, batch_size: int, seed: int) -> Callable[[int], list[list[int]]]:
+    """Batches of one epoch: the ``epoch``-th permutation drawn from one generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    drawn: list[list[int]] = []
+
+    def order(epoch: int) -> list[list[int]]:
+        while len(drawn) <= epoch:
+            drawn.append(torch.randperm(count, generator=generator).tolist())
+        rows = drawn[epoch]
+        return [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+
+    return order
 
 
 def _estimate_parameters(arch: str, *, vocab: int, d_model: int, hidden: int, layers: int) -> int:
