@@ -253,7 +253,7 @@ def test_engine_options_rules() -> None:
     default = Settings()
     assert engine_options(default, LOCAL_ADMIN, cache_prompt=True, speculative=True).prefix_scope is None
     assert engine_options(default, keyed, cache_prompt=True, speculative=False) == EngineOptions(
-        prefix_scope="acme", cache_prompt=True, speculative=False
+        fairness_key="acme", prefix_scope="acme", cache_prompt=True, speculative=False
     )
     assert not engine_options(default, keyed, cache_prompt=False, speculative=True).cache_prompt
     shared = Settings(prefix_cache_shared=True)

@@ -22,7 +22,7 @@ from fastapi import Request
 from llmos.api.generation import Call, Target, acquire, engine_options, meter, submit_all, unless_disconnected
 from llmos.api.state import AppState
 from llmos.api.tool_plan import ToolPlan
-from llmos.engine.request import GenerationRequest, Logprob
+from llmos.engine.request import Logprob
 from llmos.errors import InvalidInputError
 from llmos.runtime.model import LoadedModel
 from llmos.security.principal import Principal
@@ -93,7 +93,7 @@ async def start_chat(state: AppState, request: Request, caller: Principal, job: 
     """Lease the model, tokenize, check the window, reserve quota and submit every choice (see the module contract)."""
     arrived = time.monotonic()
     target = await acquire(state, caller, job.model, job.keep_alive)
-    try:
+    with target.held_until_submitted():
         model = target.model
         check_logit_bias(dict(job.sampling.logit_bias), model.backend.n_vocab)
         plan = job.plan
@@ -103,25 +103,18 @@ async def start_chat(state: AppState, request: Request, caller: Principal, job: 
         options = engine_options(state.settings, caller, cache_prompt=job.cache_prompt, speculative=job.speculative)
         seed = job.sampling.seed
         requests = [
-            GenerationRequest(
+            target.request(
                 prompt,
                 replace(job.sampling, max_tokens=max_tokens, seed=None if seed is None else seed + i),
+                options,
                 logprobs=job.logprobs,
                 grammar=plan.grammar if plan.active else job.grammar,
                 grammar_trigger=plan.trigger if plan.active else None,
                 priority=job.priority,
-                adapter=target.adapter,
-                fairness_key=caller.tenant,
-                prefix_scope=options.prefix_scope,
-                cache_prompt=options.cache_prompt,
-                speculative=options.speculative,
             )
             for i in range(job.n)
         ]
         metering = meter(state, request, caller, job.n * (len(prompt) + max_tokens), job.endpoint, arrived)
-    except BaseException:
-        target.release()
-        raise
     call = submit_all(target, requests, state.metrics, prompt_tokens=len(prompt), arrived=arrived, metering=metering)
     return ChatRun(target, call, len(prompt), plan)
 

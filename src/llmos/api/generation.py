@@ -30,9 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from anyio import to_thread
@@ -53,6 +53,7 @@ from llmos.runtime.replicas import ReplicaSet
 from llmos.runtime.residency import Lease, parse_keep_alive
 from llmos.security.principal import Principal
 from llmos.security.quotas import Reservation
+from llmos.types import SamplingParams
 
 ABORT_GRACE_S = 10.0
 """How long a call that ends early waits for the engine's final token count of its aborted choices (the engine
@@ -103,8 +104,9 @@ def meter(state: AppState, request: Request, caller: Principal, tokens: int, end
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """The prefix-cache and speculative-decoding fields of every engine request of one call."""
+    """The caller's fields of every engine request of one call: fairness, prefix-cache scope, speculative decoding."""
 
+    fairness_key: str | None
     prefix_scope: str | None
     cache_prompt: bool
     speculative: bool
@@ -118,6 +120,7 @@ def engine_options(settings: Settings, caller: Principal, *, cache_prompt: bool,
     """
     authenticated = caller.key_prefix is not None
     return EngineOptions(
+        fairness_key=caller.tenant,
         prefix_scope=caller.tenant if authenticated and not settings.prefix_cache_shared else None,
         cache_prompt=cache_prompt and settings.prefix_cache,
         speculative=speculative and settings.speculative,
@@ -145,6 +148,31 @@ class Target:
 
     def release(self) -> None:
         self.lease.release(self.keep_alive)
+
+    @contextlib.contextmanager
+    def held_until_submitted(self) -> Iterator[None]:
+        """Around the preparation of a call (tokenizing, checks, metering): the lease is released if anything there
+        fails; on success it stays held for :func:`submit_all`, which takes it over."""
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
+
+    def request(
+        self, prompt: list[int], sampling: SamplingParams, options: EngineOptions, **fields: Any
+    ) -> GenerationRequest:
+        """An engine request for this target's model and adapter with the caller's ``options``."""
+        return GenerationRequest(
+            prompt,
+            sampling,
+            adapter=self.adapter,
+            fairness_key=options.fairness_key,
+            prefix_scope=options.prefix_scope,
+            cache_prompt=options.cache_prompt,
+            speculative=options.speculative,
+            **fields,
+        )
 
 
 async def authorised_view(state: AppState, caller: Principal, name: str) -> VersionView:

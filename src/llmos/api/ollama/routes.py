@@ -69,7 +69,7 @@ from llmos.api.ollama.schemas import (
 from llmos.api.state import AppState, app_state
 from llmos.api.tool_plan import ToolPlan, ToolStream, split_output
 from llmos.engine.grammar import json_object_grammar, json_schema_grammar
-from llmos.engine.request import GenerationOutput, GenerationRequest, Logprob
+from llmos.engine.request import GenerationOutput, Logprob
 from llmos.errors import ContextLengthExceededError, LlmosError, PermissionDeniedError
 from llmos.registry import sources
 from llmos.registry.views import VersionView
@@ -272,7 +272,7 @@ async def _start_raw(
     state: AppState, request: Request, caller: Principal, body: GenerateRequest, grammar: str | None, arrived: float
 ) -> Generation:
     target = await acquire(state, caller, body.model, body.keep_alive)
-    try:
+    with target.held_until_submitted():
         model = target.model
         prompt = await to_thread.run_sync(model.raw_tokens, body.prompt or "")
         model.engine.check_fits(len(prompt))
@@ -280,21 +280,14 @@ async def _start_raw(
         limit = max_tokens(body.options)
         limit = rest if limit is None else min(limit, rest)
         options = engine_options(state.settings, caller, cache_prompt=True, speculative=True)
-        generation = GenerationRequest(
+        generation = target.request(
             prompt,
             replace(sampling(body.options), max_tokens=limit),
+            options,
             logprobs=body.logprob_count(),
             grammar=grammar,
-            adapter=target.adapter,
-            fairness_key=caller.tenant,
-            prefix_scope=options.prefix_scope,
-            cache_prompt=options.cache_prompt,
-            speculative=options.speculative,
         )
         metering = meter(state, request, caller, len(prompt) + limit, "ollama_generate", arrived)
-    except BaseException:
-        target.release()
-        raise
     call = submit_all(
         target, [generation], state.metrics, prompt_tokens=len(prompt), arrived=arrived, metering=metering
     )

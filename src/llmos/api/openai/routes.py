@@ -35,7 +35,7 @@ from llmos.api.sse import sse
 from llmos.api.state import app_state
 from llmos.api.tool_plan import ToolPlan, ToolStream
 from llmos.engine.grammar import json_object_grammar, json_schema_grammar
-from llmos.engine.request import GenerationRequest, Logprob
+from llmos.engine.request import Logprob
 from llmos.errors import InvalidInputError, LlmosError, ModelNotFoundError, PermissionDeniedError
 from llmos.runtime.model import LoadedModel
 from llmos.types import ChatMessage, SamplingParams
@@ -260,7 +260,7 @@ async def completions(request: Request) -> Any:
         if body.pipeline is None:
             raise
         return await start_for_missing_model(request, caller, body.model, body.pipeline)
-    try:
+    with target.held_until_submitted():
         model = target.model
         check_logit_bias(body.logit_bias, model.backend.n_vocab)
         prompts = await to_thread.run_sync(_prompt_token_lists, body, model)
@@ -271,17 +271,13 @@ async def completions(request: Request) -> Any:
             state.settings, caller, cache_prompt=body.cache_prompt and not score_prompt, speculative=body.speculative
         )
         requests = [
-            GenerationRequest(
+            target.request(
                 tokens,
                 sampling(body, body.max_tokens, j),
+                options,
                 logprobs=body.logprobs,
                 prompt_logprobs=score_prompt,
                 priority=body.priority,
-                adapter=target.adapter,
-                fairness_key=caller.tenant,
-                prefix_scope=options.prefix_scope,
-                cache_prompt=options.cache_prompt,
-                speculative=options.speculative,
             )
             for tokens, _text in prompts
             for j in range(body.n)
@@ -289,9 +285,6 @@ async def completions(request: Request) -> Any:
         prompt_tokens = sum(len(tokens) for tokens, _text in prompts)
         worst_case = body.n * (prompt_tokens + body.max_tokens * len(prompts))
         metering = meter(state, request, caller, worst_case, "completions", arrived)
-    except BaseException:
-        target.release()
-        raise
     call = submit_all(target, requests, state.metrics, prompt_tokens=prompt_tokens, arrived=arrived, metering=metering)
     completion_id, created = new_id("cmpl"), int(time.time())
     echoes = [text for _tokens, text in prompts for _ in range(body.n)]
