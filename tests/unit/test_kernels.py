@@ -19,8 +19,8 @@ from llmos.machine.kernels import BatchedKernel, Cpu, batched_kernel, kernel_for
 from llmos.machine.llamacpp_probe import Verdict
 
 AVX2 = Cpu.parse("x86_64", "fpu sse sse2 ssse3 fma avx f16c bmi1 avx2 bmi2")  # e.g. a Haswell..Alder Lake desktop
-AVX512 = Cpu.parse("x86_64", "fpu sse2 avx f16c avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16")  # AMD EPYC
-AMX = Cpu.parse("x86_64", "avx f16c avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8")  # Sapphire Rapids
+AVX512 = Cpu.parse("x86_64", "fpu sse2 fma avx f16c avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16")  # AMD EPYC
+AMX = Cpu.parse("x86_64", "fma avx f16c avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8")  # Sapphire Rapids
 AVX_ONLY = Cpu.parse("x86_64", "fpu sse2 avx")  # Sandy Bridge
 ARM_I8MM = Cpu.parse("aarch64", "fp asimd evtstrm aes crc32 atomics fphp asimdhp asimddp sve i8mm bf16")  # Graviton 3
 ARM_PLAIN = Cpu.parse("aarch64", "fp asimd evtstrm crc32 cpuid")  # Cortex-A72 (Raspberry Pi 4): no dot products
@@ -53,7 +53,7 @@ def test_file_types_stand_for_their_main_tensor_type() -> None:
     assert weight_type("q4_1") == "Q4_1" and weight_type("IQ4_XS") == "IQ4_XS"
 
 
-def test_x86_with_avx2_repacks_q4_0_and_q4_k_and_has_no_batched_kernel_for_q4_1() -> None:
+def test_x86_with_avx2_repacks_q4_0_and_q4_k_and_runs_q4_1_on_llmos_kernel() -> None:
     for quantization in ("Q4_0", "Q4_K_M", "Q4_K_S", "IQ4_NL", "MXFP4_MOE"):
         found = kernel(quantization, AVX2)
         assert (found.kernel, found.repacked, found.advice) == ("repack", True, None), quantization
@@ -61,11 +61,16 @@ def test_x86_with_avx2_repacks_q4_0_and_q4_k_and_has_no_batched_kernel_for_q4_1(
     for quantization in ("Q8_0", "Q5_0", "F16", "BF16", "F32"):  # llamafile's GEMM, not repacked
         found = kernel(quantization, AVX2)
         assert (found.kernel, found.has_kernel, found.repacked, found.advice) == ("tinyblas", True, False, None)
-    shipped = kernel("Q4_1", AVX2)
-    assert (shipped.kernel, shipped.has_kernel, shipped.suggested_type) == ("none", False, "q4_0")
-    assert shipped.advice is not None and shipped.line == shipped.advice
-    assert shipped.advice.startswith("Q4_1 has no batched kernel on this CPU")
-    assert "`llmos quantize smollm2 --type q4_0` makes a child that has one" in shipped.advice
+    shipped = kernel("Q4_1", AVX2)  # llmos's patched llamafile GEMM (scripts/patches)
+    assert (shipped.kernel, shipped.has_kernel, shipped.repacked, shipped.advice) == ("tinyblas", True, False, None)
+    assert "llmos's batched Q4_1 kernel" in shipped.line
+    for flags in ("avx avx2 f16c", "avx avx2 fma", "avx f16c fma"):  # it needs AVX2, F16C and FMA
+        assert kernel("Q4_1", Cpu.parse("x86_64", flags)).kernel == "none", flags
+    older = kernel("Q4_1", AVX_ONLY)
+    assert (older.kernel, older.has_kernel, older.suggested_type) == ("none", False, "q4_0")
+    assert older.advice is not None and older.line == older.advice
+    assert older.advice.startswith("Q4_1 has no batched kernel on this CPU")
+    assert "`llmos quantize smollm2 --type q4_0` makes a child that has one" in older.advice
     # five bits or more: the advice keeps the precision (Q8_0 has llamafile's GEMM on x86)
     for quantization in ("Q5_1", "Q5_K_M", "Q6_K"):
         assert kernel(quantization, AVX2).suggested_type == "q8_0", quantization
@@ -86,18 +91,21 @@ def test_with_extra_buffers_off_nothing_is_repacked_and_llamafile_still_serves_q
     q4_k = kernel("Q4_K_M", AVX512, SAFE)  # repacked when extra buffers are on, nothing when off
     assert (q4_k.kernel, q4_k.suggested_type) == ("none", "q4_0")
     assert "extra buffer types are off" in q4_k.detail
-    assert kernel("Q4_1", AVX512, SAFE).suggested_type == "q4_0"
+    assert kernel("Q4_1", AVX512, SAFE).kernel == "tinyblas"  # llmos's kernel needs no extra buffer type
+    assert kernel("Q3_K_M", AVX512, SAFE).suggested_type == "q4_0"
 
 
-def test_amx_has_kernels_for_q4_1_but_not_in_the_no_amx_build_or_with_extra_buffers_off() -> None:
+def test_amx_has_kernels_for_q4_1_and_llmos_kernel_takes_over_without_amx_or_extra_buffers() -> None:
     for quantization in ("Q4_1", "Q4_0", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS", "F16"):
         found = kernel(quantization, AMX)
         assert (found.kernel, found.repacked, found.advice) == ("amx", True, None), quantization
     assert kernel("IQ4_NL", AMX).kernel == "repack"  # AMX has no IQ4_NL kernel: the repack buffer type takes it
     variant = kernel("Q4_1", AMX, NO_AMX_VARIANT)
-    assert (variant.kernel, variant.suggested_type) == ("none", "q4_0")
+    assert (variant.kernel, variant.suggested_type) == ("tinyblas", None)
+    assert kernel("Q5_1", AMX, NO_AMX_VARIANT).suggested_type == "q8_0"
     assert kernel("Q4_0", AMX, NO_AMX_VARIANT).kernel == "repack"
-    assert kernel("Q4_1", AMX, SAFE).kernel == "none"
+    assert kernel("Q4_1", AMX, SAFE).kernel == "tinyblas"
+    assert kernel("Q6_K", AMX, SAFE).kernel == "none"
     assert kernel("Q8_0", AMX, SAFE).kernel == "tinyblas"
 
 
@@ -123,8 +131,8 @@ def test_no_advice_where_no_type_llmos_can_make_has_a_kernel() -> None:
 
 
 def test_advice_names_only_types_llmos_quantize_makes() -> None:
-    assert kernel("Q4_1", AVX2, types=("q8_0", "f16")).suggested_type == "q8_0"
-    assert kernel("Q4_1", AVX2, types=()).advice is None
+    assert kernel("Q4_1", AVX_ONLY, types=("q8_0", "f16")).suggested_type == "q8_0"
+    assert kernel("Q4_1", AVX_ONLY, types=()).advice is None
     for cpu in ALL_CPUS:
         for verdict in (INSTALLED_FAST, SAFE, NO_AMX_VARIANT, None):
             for quantization in FILE_TYPES.values():
@@ -141,7 +149,7 @@ def test_without_a_verdict_extra_buffers_are_assumed_on_and_said_so() -> None:
     found = kernel("Q4_0", AVX2, None)
     assert (found.kernel, found.assumed, found.extra_buffers) == ("repack", True, True)
     assert not kernel("Q4_0", AVX2).assumed
-    data = json.loads(json.dumps(kernel("Q4_1", AVX2).to_json()))
+    data = json.loads(json.dumps(kernel("Q4_1", AVX_ONLY).to_json()))
     assert data["kernel"] == "none" and data["has_kernel"] is False and data["suggested_type"] == "q4_0"
 
 

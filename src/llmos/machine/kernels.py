@@ -15,8 +15,11 @@ llama.cpp was built and on whether its *extra buffer types* are on (``Verdict.ex
 * ``tinyblas``: llamafile's GEMM (``ggml-cpu/llamafile/sgemm.cpp``), used for weights in plain CPU buffers, so also
   with extra buffers off. x86 (AVX): F32, F16 (with F16C), BF16 (with AVX2), Q8_0, Q4_0, Q5_0, IQ4_NL. ARM: F32,
   F16, and with dot products Q8_0 and Q4_0.
-* ``none``: every other type (Q4_1, Q5_1, Q3_K, most IQ types; Q5_K and Q6_K on x86): ggml's generic path, one
-  dot product per weight row and activation row: about half the speed of Q4_0 at 16 sequences (measured below).
+  llmos's build adds Q4_1 on x86 with AVX2, F16C and FMA (``scripts/patches/ggml-cpu-q4_1-batched-kernel.patch``,
+  a tinyBLAS-style kernel that also serves batches of one, so results stay batch-invariant).
+* ``none``: every other type (Q5_1, Q3_K, most IQ types; Q5_K and Q6_K on x86; Q4_1 on ARM or x86 without AVX2):
+  ggml's generic path, one dot product per weight row and activation row: about half the speed of Q4_0 at 16
+  sequences (measured below).
 
 Contract: :func:`batched_kernel` answers for one model's quantization (a GGUF file type such as ``Q4_K_M`` or a
 tensor type such as ``Q4_1``; a K-quant file type stands for its main tensor type), a :class:`Cpu` and a verdict
@@ -60,6 +63,8 @@ FLAG_NAMES = {"avx2": "AVX2", "avx512f": "AVX-512"}
 # ARM repacking needs dot products; with i8mm some types get a wider layout (same types either way)
 REPACK_ARM = frozenset({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "MXFP4", "Q1_0"})
 TINYBLAS_X86 = frozenset({"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "IQ4_NL"})
+# llmos's own kernels in llamafile's GEMM (scripts/patches): type -> the CPU flags they need
+PATCHED_X86 = {"Q4_1": ("avx2", "f16c", "fma")}
 TINYBLAS_ARM_DOTPROD = frozenset({"Q8_0", "Q4_0"})
 TINYBLAS_ARM = frozenset({"F32", "F16"})
 
@@ -68,10 +73,10 @@ TINYBLAS_ARM = frozenset({"F32", "F16"})
 LOW_BIT_ADVICE = ("q4_0", "q8_0")
 HIGH_BIT_ADVICE = ("q8_0", "q4_0")
 HIGH_BIT_TYPES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "F32", "F16", "BF16"})
-# Measured, raw llama_decode of 16 sequences, the shipped Q4_1 SmolLM2 against its Q4_0 child, bursts interleaved
-# (AMD EPYC with AVX-512, 1 thread, medians): 130 vs 262 tok/s with repacking (2.0x), 136 vs 226 tok/s with extra
-# buffers off (Q4_0 on llamafile's GEMM, 1.7x). Issue 18, served at 16 clients on an Intel x86 without AMX: 181 vs
-# 341 tok/s (1.9x).
+# Measured before llmos had its Q4_1 kernel: raw llama_decode of 16 sequences, the shipped Q4_1 SmolLM2 against
+# its Q4_0 child, bursts interleaved (AMD EPYC with AVX-512, 1 thread, medians): 130 vs 262 tok/s with repacking
+# (2.0x), 136 vs 226 tok/s with extra buffers off (Q4_0 on llamafile's GEMM, 1.7x). Issue 18, served at 16 clients
+# on an Intel x86 without AMX: 181 vs 341 tok/s (1.9x).
 SLOWDOWN_NOTE = "about 2x slower than on a type that has one"
 
 
@@ -161,6 +166,8 @@ def kernel_for(kind: str, cpu: Cpu, *, extra_buffers: bool, amx_build: bool = Tr
         if cpu.dotprod and kind in REPACK_ARM:
             layout = "with i8mm" if cpu.has("i8mm") else "with dot products"
             return "repack", f"{kind} is repacked for NEON {layout} (batched kernel)"
+    if cpu.arch == "x86" and kind in PATCHED_X86 and cpu.has(*PATCHED_X86[kind]):
+        return "tinyblas", f"{kind} runs on llmos's batched {kind} kernel in llamafile's GEMM (not repacked)"
     if _tinyblas(kind, cpu):
         return "tinyblas", f"{kind} runs on llamafile's GEMM ({_not_repacked(kind, cpu, extra_buffers)})"
     off = "" if extra_buffers else "; llama.cpp's extra buffer types are off on this machine"
