@@ -32,8 +32,8 @@ def normalize(text: str) -> str:
 def exact_matches(client: openai.OpenAI, model: str, rows: list[dict[str, object]]) -> list[bool]:
     def ask(row: dict[str, object]) -> bool:
         answer = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": str(row["prompt"])}], max_tokens=48, temperature=0
-        )
+            model=model, messages=[{"role": "user", "content": str(row["prompt"])}], max_tokens=32, temperature=0
+        )  # the longest answer is 28 tokens: a longer reply cannot match
         return normalize(answer.choices[0].message.content or "") == normalize(str(row["completion"]))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
