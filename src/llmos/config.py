@@ -99,8 +99,9 @@ class Settings(BaseSettings):
         description=(
             "Prompt-lookup speculative decoding: draft tokens by matching the text's last n-gram earlier in the"
             " sequence and verify them in one batched step. Used where it pays: few sequences decoding and drafts that"
-            " keep being accepted. Off by default: measured 1.42x on copy-heavy answers but 0.90x on ordinary chat"
-            " on a 2-core CPU. A request may turn it off (speculative=false)."
+            " keep being accepted. Off by default for now. Measured on 2 cores with llmos's batched Q4_1 kernel"
+            " (`llmos bench --suite speculative`): 1.85x decode speed on copy-heavy answers and 1.08x on ordinary"
+            " chat. Without that kernel it was 0.90x on chat. A request may turn it off (speculative=false)."
         ),
     )
     speculative_max_draft: int = Field(

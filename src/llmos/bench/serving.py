@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,22 +326,23 @@ def peer_command(gguf: Path, port: int, threads: int, context: int) -> list[str]
 @contextmanager
 def running_servers(
     model: str, gguf: Path, threads: int, context: int, home: Path | None, log_dir: Path, peer: bool = True,
-    in_process: bool = False,
+    in_process: bool = False, llmos_env: Mapping[str, str] | None = None,
 ) -> Iterator[dict[str, str]]:  # fmt: skip
-    """``llmos serve --model MODEL`` (with ``home`` as ``LLMOS_HOME``), with ``in_process`` also one whose model runs
-    inside the server process (:data:`IN_PROCESS`), and with ``peer``, llama_cpp.server on the same GGUF
-    (:func:`peer_command`), each on a free loopback port and answering; yields their base URLs by name
-    (:data:`LLMOS`, :data:`IN_PROCESS`, :data:`PEER`) and stops them all on exit. Logs go to ``log_dir/NAME.log``."""
+    """``llmos serve --model MODEL`` (with ``home`` as ``LLMOS_HOME`` and ``llmos_env`` added to its environment),
+    with ``in_process`` also one whose model runs inside the server process (:data:`IN_PROCESS`), and with ``peer``,
+    llama_cpp.server on the same GGUF (:func:`peer_command`), each on a free loopback port and answering; yields their
+    base URLs by name (:data:`LLMOS`, :data:`IN_PROCESS`, :data:`PEER`) and stops them all on exit. Logs go to
+    ``log_dir/NAME.log``."""
     env = {**os.environ}
     if home is not None:
         env["LLMOS_HOME"] = str(home)
     ports = {LLMOS: free_port()}
     commands = {LLMOS: [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(ports[LLMOS])]}
-    envs = {LLMOS: env}
+    envs = {LLMOS: {**env, **(llmos_env or {})}}
     if in_process:
         ports[IN_PROCESS] = free_port()
         commands[IN_PROCESS] = [*commands[LLMOS][:-1], str(ports[IN_PROCESS])]
-        envs[IN_PROCESS] = {**env, "LLMOS_MODEL_PROCESSES": "0"}
+        envs[IN_PROCESS] = {**envs[LLMOS], "LLMOS_MODEL_PROCESSES": "0"}
     if peer:
         ports[PEER] = free_port()
         commands[PEER] = peer_command(gguf, ports[PEER], threads, context)

@@ -1,17 +1,17 @@
 """Speculative-decoding benchmark: decode speed of one client on prompts that copy from themselves and on chat.
 
 Contract: :func:`measure` starts ``llmos serve`` and, unless ``peer`` is off, llama_cpp.server on the same GGUF
-(:func:`llmos.bench.serving.running_servers`), then sends one request at a time, greedy and streaming, of two
-kinds: **copy** prompts that ask to repeat, quote or lightly edit a ~150-170-token passage given in the prompt
-(:data:`llmos.bench.prompts.COPY_TASKS`; the answer copies most of it, which prompt-lookup drafting accelerates)
-and ordinary **chat** prompts. Each prompt goes to three variants: llmos as configured (speculative decoding on by
-default), llmos with ``speculative: false`` in the request body, and the peer; the variants' order rotates from one
-prompt to the next and every prompt runs ``repeats`` times. Decode speed of a request is its completion tokens after
-the first divided by the time from the first streamed token to the end (tokens from the server's usage where it
-reports it, else content chunks); a variant's speed on a kind is the total of those tokens over the total of those
-times. :func:`format_report` prints speed, TTFT and answer length per kind and variant, how many llmos answers were
-identical with and without speculation (greedy output must not change), the ratios and the issue's goals: copy
-prompts at least 1.5x llmos without speculation and 1.5x the peer, chat no more than 3% slower.
+(:func:`llmos.bench.serving.running_servers`), then sends one request at a time, greedy and streaming, of two kinds:
+**copy** prompts that ask to repeat, quote or lightly edit a ~150-170-token passage given in the prompt
+(:data:`llmos.bench.prompts.COPY_TASKS`; the answer copies most of it, which prompt-lookup drafting accelerates) and
+ordinary **chat** prompts. Each prompt goes to three variants: llmos with speculative decoding on (the server starts
+with ``LLMOS_SPECULATIVE=1``), llmos with ``speculative: false`` in the request body, and the peer; the variants'
+order rotates from one prompt to the next and every prompt runs ``repeats`` times. Decode speed of a request is its
+completion tokens after the first divided by the time from the first streamed token to the end (tokens from the
+server's usage where it reports it, else content chunks); a variant's speed on a kind is the total of those tokens
+over the total of those times. :func:`format_report` prints speed, TTFT and answer length per kind and variant, how
+many llmos answers were identical with and without speculation (greedy output must not change), the ratios and the
+issue's goals: copy prompts at least 1.5x llmos without speculation and 1.5x the peer, chat no more than 3% slower.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from llmos.bench.serving import (
 
 ANSWER_TOKENS = 256
 SPEC_ON = "llmos, speculative"
+SPECULATIVE_ON = {"LLMOS_SPECULATIVE": "1"}
 SPEC_OFF = "llmos, no speculative"
 KINDS = ("copy", "chat")
 COPY_GOAL = 1.5
@@ -100,7 +101,8 @@ def measure(
     ``copy`` and ``chat`` limit how many prompts of each kind are used (all by default)."""
     prompts = {"copy": copy_prompts()[:copy], "chat": CHAT_PROMPTS[:chat]}
     out = SpeculativeResult(cpu, model, max_tokens, repeats)
-    with running_servers(model, gguf, threads, context, home, log_dir, peer) as bases:
+    # speculative decoding is off by default (Settings.speculative): the server turns it on, a request turns it off
+    with running_servers(model, gguf, threads, context, home, log_dir, peer, llmos_env=SPECULATIVE_ON) as bases:
         # cache_prompt false: the prefix cache would hand one variant the prompt another one computed (TTFT only)
         variants: dict[str, tuple[str, dict[str, Any]]] = {
             SPEC_ON: (LLMOS, {"cache_prompt": False}),
