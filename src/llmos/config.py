@@ -24,6 +24,9 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+SWITCH_WORDS = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
+
+
 class Settings(BaseSettings):
     """Effective configuration of one llmos process."""
 
@@ -75,9 +78,9 @@ class Settings(BaseSettings):
             "llama.cpp computes each sequence's attention the same way whatever else shares its batch and wherever"
             " its cells sit in the KV pool, so greedy output does not depend on load, batching, the prefix cache or"
             " speculative decoding: the same request gives the same answer on a busy server as on an idle one"
-            " (llmos's patched CPU flash attention, as vLLM's batch-invariant mode; measured on 2 cores: 16% less"
-            " decode throughput at 16 streams, 10% at one, 9% slower prefill of short prompts and 2.2x slower of a"
-            " 4,000-token one). One setting per process: the first model load decides."
+            " (llmos's patched CPU flash attention, as vLLM's batch-invariant mode; measured on 2 cores: decode as"
+            " fast as llama.cpp's own kernels at 16 streams and within noise at one, prefill of a 927-token prompt"
+            " about 30% slower). One setting per process: the first model load decides."
         ),
     )
     prefix_cache: bool = Field(
@@ -94,14 +97,17 @@ class Settings(BaseSettings):
             " side channel that reveals whether another tenant sent a prompt)."
         ),
     )
-    speculative: bool = Field(
-        default=False,
+    speculative: Literal["auto", "on", "off"] = Field(
+        default="auto",
         description=(
             "Prompt-lookup speculative decoding: draft tokens by matching the text's last n-gram earlier in the"
-            " sequence and verify them in one batched step. Used where it pays: few sequences decoding and drafts that"
-            " keep being accepted. Off by default for now. Measured on 2 cores with llmos's batched Q4_1 kernel"
-            " (`llmos bench --suite speculative`): 1.85x decode speed on copy-heavy answers and 1.08x on ordinary"
-            " chat. Without that kernel it was 0.90x on chat. A request may turn it off (speculative=false)."
+            " sequence and verify them in one batched step; greedy output is unchanged. Used where it pays: few"
+            " sequences decoding and drafts that keep being accepted. auto (the default): on for GGUF models whose"
+            " weights have a batched kernel on this CPU (`llmos show` says which), off elsewhere (without one it"
+            " measured 0.90x on chat; the PyTorch backend is not measured yet). Measured on 2 cores with llmos's"
+            " batched Q4_1 kernel (`llmos bench --suite speculative`): 1.85x decode speed on copy-heavy answers and"
+            " 1.08x on ordinary chat. on/off force it (1/0 and true/false also work). A request may turn it off"
+            " (speculative=false)."
         ),
     )
     speculative_max_draft: int = Field(
@@ -324,6 +330,16 @@ class Settings(BaseSettings):
     probe_timeout_seconds: float = Field(
         default=60.0, gt=0, description="A fast-path probe child that runs longer than this counts as hung."
     )
+
+    @field_validator("speculative", mode="before")
+    @classmethod
+    def _speculative(cls, value: Any) -> Any:
+        """Booleans and their usual spellings (LLMOS_SPECULATIVE=1) mean on/off."""
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in SWITCH_WORDS:
+            return SWITCH_WORDS[value.strip().lower()]
+        return value
 
     @field_validator("home", mode="after")
     @classmethod

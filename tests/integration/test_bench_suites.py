@@ -98,6 +98,8 @@ def test_speculative_tiny_with_peer(pulled_settings: Settings, smollm2: Resolved
     )  # fmt: skip
     assert len(result.samples) == 6 and all(s.result.ok and s.result.tokens > 1 for s in result.samples)
     assert result.identical("copy")[1] == 1 and result.identical("chat")[1] == 1
+    # speculation really ran (the server's /metrics): a copy prompt's answer repeats its passage, so drafts hit
+    assert 0 < result.accepted_draft_tokens <= result.draft_tokens
 
     lines = speculative.format_report(result)
     assert "Test CPU" in lines[0]

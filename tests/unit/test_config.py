@@ -32,3 +32,13 @@ def test_invalid_values_and_unknown_fields_are_refused() -> None:
         Settings(threads=0)
     with pytest.raises(ValidationError):
         Settings(no_such_setting=1)  # type: ignore[call-arg]
+
+
+def test_speculative_is_auto_on_or_off_and_takes_boolean_spellings(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().speculative == "auto"
+    for value, expected in (("1", "on"), ("true", "on"), ("on", "on"), ("0", "off"), ("No", "off"), ("auto", "auto")):
+        monkeypatch.setenv("LLMOS_SPECULATIVE", value)
+        assert Settings().speculative == expected, value
+    assert Settings(speculative=False).speculative == "off"
+    with pytest.raises(ValidationError):
+        Settings(speculative="sometimes")

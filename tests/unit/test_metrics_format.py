@@ -39,6 +39,7 @@ def busy_metrics(tmp_path: Path) -> Metrics:
     metrics.finished.labels("smollm2:latest", "stop").inc()
     metrics.rejected.labels("smollm2:latest").inc()
     metrics.observe_step("smollm2:latest", StepStats(sequences=2, tokens=2, seconds=0.03))
+    metrics.observe_step("smollm2:latest", StepStats(1, 9, 0.03, draft_tokens=8, accepted_draft_tokens=5))
     metrics.loaded("smollm2:latest", "llama.cpp", 1.5, 500)
     metrics.unloaded("smollm2:latest", "llama.cpp", "budget")
     metrics.embedding_inputs.labels("minilm:latest").inc()
@@ -76,6 +77,7 @@ def test_exposition_parses_and_follows_conventions(tmp_path: Path) -> None:
         "llmos_model_unloads_total", "llmos_model_load_seconds_bucket", "llmos_jobs", "llmos_training_loss",
         "llmos_process_cpu_seconds_total", "llmos_process_resident_memory_bytes", "llmos_home_free_bytes",
         "llmos_prefix_cache_hit_tokens_total", "llmos_prefix_cache_miss_tokens_total",
+        "llmos_speculative_draft_tokens_total", "llmos_speculative_accepted_tokens_total",
     ):  # fmt: skip
         assert expected in names, expected
     assert names["llmos_requests_total"] == {"endpoint", "model", "tenant", "status"}

@@ -123,7 +123,7 @@ def engine_options(settings: Settings, caller: Principal, *, cache_prompt: bool,
         fairness_key=caller.tenant,
         prefix_scope=caller.tenant if authenticated and not settings.prefix_cache_shared else None,
         cache_prompt=cache_prompt and settings.prefix_cache,
-        speculative=speculative and settings.speculative,
+        speculative=speculative and settings.speculative != "off",
     )
 
 
@@ -257,11 +257,16 @@ class Call:
                     admitted[index] = output.admitted_at
                     metrics.queue_wait.labels(label).observe(max(0.0, output.admitted_at - self.submitted))
                 if output.token_ids:
-                    previous = last_token_at.get(index)
+                    # one observation per token after the first: an event carrying several tokens (speculative
+                    # decoding's accepted drafts) spreads its gap over them, so the count is completion tokens - 1
+                    previous, count = last_token_at.get(index), len(output.token_ids)
                     if previous is None:
                         first_token.observe(output.time - self.arrived)
+                        gaps, gap = count - 1, 0.0
                     else:
-                        between_tokens.observe(output.time - previous)
+                        gaps, gap = count, (output.time - previous) / count
+                    for _ in range(gaps):
+                        between_tokens.observe(gap)
                     last_token_at[index] = output.time
                 if output.finished:
                     self.finished.add(index)

@@ -5,7 +5,7 @@ Contract: :func:`measure` starts ``llmos serve`` and, unless ``peer`` is off, ll
 **copy** prompts that ask to repeat, quote or lightly edit a ~150-170-token passage given in the prompt
 (:data:`llmos.bench.prompts.COPY_TASKS`; the answer copies most of it, which prompt-lookup drafting accelerates) and
 ordinary **chat** prompts. Each prompt goes to three variants: llmos with speculative decoding on (the server starts
-with ``LLMOS_SPECULATIVE=1``), llmos with ``speculative: false`` in the request body, and the peer; the variants'
+with ``LLMOS_SPECULATIVE=on``), llmos with ``speculative: false`` in the request body, and the peer; the variants'
 order rotates from one prompt to the next and every prompt runs ``repeats`` times. Decode speed of a request is its
 completion tokens after the first divided by the time from the first streamed token to the end (tokens from the
 server's usage where it reports it, else content chunks); a variant's speed on a kind is the total of those tokens
@@ -39,9 +39,11 @@ from llmos.bench.serving import (
 
 ANSWER_TOKENS = 256
 SPEC_ON = "llmos, speculative"
-SPECULATIVE_ON = {"LLMOS_SPECULATIVE": "1"}
+SPECULATIVE_ON = {"LLMOS_SPECULATIVE": "on"}
 SPEC_OFF = "llmos, no speculative"
 KINDS = ("copy", "chat")
+DRAFTS_METRIC = "llmos_speculative_draft_tokens_total"
+ACCEPTED_METRIC = "llmos_speculative_accepted_tokens_total"
 COPY_GOAL = 1.5
 CHAT_FLOOR = 0.97
 
@@ -67,6 +69,9 @@ class SpeculativeResult:
     max_tokens: int
     repeats: int
     samples: list[Sample] = field(default_factory=list)
+    draft_tokens: int = 0
+    """Draft tokens the llmos server verified over the whole run (its /metrics), and of those the accepted ones."""
+    accepted_draft_tokens: int = 0
 
     def variants(self) -> list[str]:
         return list(dict.fromkeys(s.variant for s in self.samples))
@@ -101,7 +106,8 @@ def measure(
     ``copy`` and ``chat`` limit how many prompts of each kind are used (all by default)."""
     prompts = {"copy": copy_prompts()[:copy], "chat": CHAT_PROMPTS[:chat]}
     out = SpeculativeResult(cpu, model, max_tokens, repeats)
-    # speculative decoding is off by default (Settings.speculative): the server turns it on, a request turns it off
+    # the server forces speculative decoding on (auto, the default, depends on the CPU's kernels); a request turns
+    # it off
     with running_servers(model, gguf, threads, context, home, log_dir, peer, llmos_env=SPECULATIVE_ON) as bases:
         # cache_prompt false: the prefix cache would hand one variant the prompt another one computed (TTFT only)
         variants: dict[str, tuple[str, dict[str, Any]]] = {
@@ -130,7 +136,18 @@ def measure(
                             file=sys.stderr,
                             flush=True,
                         )
+        out.draft_tokens, out.accepted_draft_tokens = draft_counts(bases[LLMOS])
     return out
+
+
+def draft_counts(base: str) -> tuple[int, int]:
+    """(draft tokens verified, draft tokens accepted) so far, summed over models, from an llmos server's /metrics."""
+    totals = {DRAFTS_METRIC: 0.0, ACCEPTED_METRIC: 0.0}
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return int(totals[DRAFTS_METRIC]), int(totals[ACCEPTED_METRIC])
 
 
 def _ratio(label: str, ours: float, theirs: float, goal: float, better: str) -> str:
@@ -168,6 +185,11 @@ def format_report(result: SpeculativeResult) -> list[str]:
             if summary := error_summary(result.of(variant, kind)):
                 lines.append(f"errors of {kind}, {variant}: {summary}")
     lines.append("")
+    accepted = result.accepted_draft_tokens / result.draft_tokens if result.draft_tokens else 0.0
+    lines.append(
+        f"llmos drafted {result.draft_tokens} tokens over the run and the model accepted"
+        f" {result.accepted_draft_tokens} ({accepted:.0%}; {ACCEPTED_METRIC} in /metrics)"
+    )
     for kind in KINDS:
         same, pairs = result.identical(kind)
         lines.append(f"{kind}: llmos answers identical with and without speculative decoding: {same}/{pairs}")

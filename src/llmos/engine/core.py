@@ -73,6 +73,10 @@ class StepStats:
     sequences: int
     tokens: int
     seconds: float
+    draft_tokens: int = 0
+    """Speculative draft tokens the step verified."""
+    accepted_draft_tokens: int = 0
+    """Of those, the ones the model confirmed (each saved a forward pass)."""
 
 
 @dataclass
@@ -243,6 +247,7 @@ class EngineCore:
 
     def _execute(self, plan: StepPlan) -> list[GenerationOutput]:
         started = time.perf_counter()
+        accepted_before = self._stats.accepted_draft_tokens
         outputs: list[GenerationOutput] = []
         chunks = plan.chunks
         for seq in plan.admitted:
@@ -284,7 +289,9 @@ class EngineCore:
         with self._lock:
             self.scheduler.record_step(sum(len(c.tokens) for c in chunks), seconds)
         if self.step_listener is not None:
-            self.step_listener(StepStats(len(chunks), len(items), seconds))
+            drafts = sum(c.drafts for c in chunks)
+            accepted = self._stats.accepted_draft_tokens - accepted_before
+            self.step_listener(StepStats(len(chunks), len(items), seconds, drafts, accepted))
         return outputs
 
     def _advance(self, seq: Sequence, chunk: Chunk, rows: list[int]) -> GenerationOutput | None:

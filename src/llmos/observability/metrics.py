@@ -181,6 +181,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.draft_tokens = Counter(
+            "llmos_speculative_draft_tokens_total",
+            "Prompt-lookup draft tokens verified by speculative decoding",
+            ["model"],
+            registry=r,
+        )
+        self.accepted_draft_tokens = Counter(
+            "llmos_speculative_accepted_tokens_total",
+            "Draft tokens the model confirmed (each one a token decoded without a forward pass of its own)",
+            ["model"],
+            registry=r,
+        )
         self.time_to_first_token = Histogram(
             "llmos_time_to_first_token_seconds",
             "Time from request arrival to its first token",
@@ -190,7 +202,8 @@ class Metrics:
         )
         self.inter_token_latency = Histogram(
             "llmos_inter_token_latency_seconds",
-            "Time between consecutive tokens of one request",
+            "Time between consecutive tokens of one request (a step that yields several, as speculative decoding"
+            " does, spreads its time over them)",
             ["model"],
             buckets=TOKEN_LATENCY_BUCKETS,
             registry=r,
@@ -254,6 +267,9 @@ class Metrics:
     def observe_step(self, model: str, stats: StepStats) -> None:
         self.batch_size.labels(model).observe(stats.sequences)
         self.step_duration.labels(model).observe(stats.seconds)
+        if stats.draft_tokens:
+            self.draft_tokens.labels(model).inc(stats.draft_tokens)
+            self.accepted_draft_tokens.labels(model).inc(stats.accepted_draft_tokens)
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_requests.labels(method if method in METHODS else "other", route, str(status)).inc()

@@ -136,7 +136,8 @@ class Sampler:
                     )
                 biases[i].token, biases[i].bias = token, bias
             add(lib.llama_sampler_init_logit_bias(model.n_vocab, len(params.logit_bias), biases))
-        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+        has_penalties = params.repeat_penalty != 1.0 or bool(params.frequency_penalty or params.presence_penalty)
+        if has_penalties:
             add(
                 lib.llama_sampler_init_penalties(
                     model.n_vocab,
@@ -146,6 +147,9 @@ class Sampler:
                     params.presence_penalty,
                 )
             )
+        # plain greedy (no bias, no penalties) is an argmax of the logits row: numpy's, which picks the first of equal
+        # maxima as llama.cpp's greedy sampler does, without copying the vocabulary into a candidate array
+        self._argmax = params.greedy and not params.logit_bias and not has_penalties
         if params.greedy:
             add(lib.llama_sampler_init_greedy())
         else:
@@ -169,6 +173,8 @@ class Sampler:
         """
         lib = self._lib
         if self._grammar is None:
+            if self._argmax:
+                return int(self._model.logits_row(output_row).argmax())
             return int(lib.llama_sampler_sample(self._chain, self._model.context, output_row))
         logits = np.ctypeslib.as_array(
             lib.llama_get_logits_ith(self._model.context, output_row), shape=(self._model.n_vocab,)
@@ -440,8 +446,16 @@ class LlamaCppModel:
             raise DecodeError(f"llama_decode failed with status {status} (invalid batch)")
         return rows
 
+    def logits_row(self, output_row: int) -> np.ndarray:
+        """The logits at ``output_row`` of the last decode, as a view into llama.cpp's buffer (valid until the next
+        decode)."""
+        pointer = self.lib.llama_get_logits_ith(self.context, output_row)
+        row = (ctypes.c_float * self.n_vocab).from_address(ctypes.addressof(pointer.contents))
+        values: np.ndarray = np.frombuffer(row, dtype=np.float32)  # type: ignore[call-overload]
+        return values
+
     def logprobs(self, output_row: int, token: int, top_n: int) -> tuple[float, list[TokenLogprob]]:
-        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.context, output_row), shape=(self.n_vocab,))
+        logits = self.logits_row(output_row)
         shifted = logits - logits.max()
         log_z = float(np.log(np.exp(shifted, dtype=np.float64).sum()))
         chosen = float(shifted[token]) - log_z
