@@ -79,8 +79,8 @@ class Settings(BaseSettings):
             " its cells sit in the KV pool, so greedy output does not depend on load, batching, the prefix cache or"
             " speculative decoding: the same request gives the same answer on a busy server as on an idle one"
             " (llmos's patched CPU flash attention, as vLLM's batch-invariant mode; measured on 2 cores: decode as"
-            " fast as llama.cpp's own kernels at 16 streams and within noise at one, prefill of a 927-token prompt"
-            " about 30% slower). One setting per process: the first model load decides."
+            " fast as llama.cpp's own kernels, prefill of a 927-token prompt about 15% slower and of a 4,000-token"
+            " one 35% slower). One setting per process: the first model load decides."
         ),
     )
     prefix_cache: bool = Field(
