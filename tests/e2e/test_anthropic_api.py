@@ -116,7 +116,9 @@ def test_streamed_events_add_up_to_the_final_message(client: anthropic.Anthropic
 
 
 def test_a_stop_sequence(client: anthropic.Anthropic) -> None:
-    count = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    # a prompt whose greedy answer is "1, 2, 3, ..." under every attention kernel llmos has shipped ("Count from 1 to
+    # 10" flipped to prose when the batch-invariant kernel's rounding changed)
+    count = [{"role": "user", "content": "Write the numbers from 1 to 10, separated by commas."}]
     request: dict[str, Any] = {
         "model": "smollm2", "max_tokens": 40, "messages": count, "stop_sequences": ["5", "eleven"],
         "extra_body": GREEDY,
