@@ -176,9 +176,7 @@ class Sampler:
             if self._argmax:
                 return int(self._model.logits_row(output_row).argmax())
             return int(lib.llama_sampler_sample(self._chain, self._model.context, output_row))
-        logits = np.ctypeslib.as_array(
-            lib.llama_get_logits_ith(self._model.context, output_row), shape=(self._model.n_vocab,)
-        )
+        logits = self._model.logits_row(output_row)
         token = self._choose_awaiting(logits) if not self._armed else self._choose_armed(logits)
         lib.llama_sampler_accept(self._chain, token)
         return token
