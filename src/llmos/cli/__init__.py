@@ -145,10 +145,10 @@ def _read_template(path: Path) -> str:
 @app.command()
 def convert(
     name: Annotated[str, typer.Argument(help="Registered model to convert, e.g. smollm2.")],
-    to: Annotated[str, typer.Option("--to", help="Target format: safetensors or gguf.")] = "safetensors",
+    to: Annotated[str, typer.Option("--to", help="Target format: safetensors, gguf or onnx.")] = "safetensors",
     target: Annotated[
         str | None,
-        typer.Option("--name", "-n", help="Name of the result (default NAME:safetensors, NAME:gguf-TYPE)."),
+        typer.Option("--name", "-n", help="Name of the result (default NAME:safetensors, NAME:gguf-TYPE, NAME:onnx)."),
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="safetensors: float32, bfloat16 or float16.")] = "float32",
     out_type: Annotated[
@@ -157,8 +157,9 @@ def convert(
 ) -> None:
     """Convert a model to another format as a new registry version with lineage.
 
-    GGUF -> safetensors (for the PyTorch backend and training), or safetensors / LoRA adapter -> GGUF (llama
-    family; an adapter is merged into its base first) so llama.cpp serves it.
+    GGUF -> safetensors (for the PyTorch backend and training), safetensors / LoRA adapter -> GGUF (llama
+    family; an adapter is merged into its base first) so llama.cpp serves it, or safetensors -> ONNX (a Llama-family
+    decoder with a KV cache, or a sentence-transformers encoder) for the ONNX Runtime backend.
     """
     from llmos.registry.convert import convert as run_convert
 
@@ -425,7 +426,7 @@ def serve(
     ] = None,
     backend: Annotated[
         list[str] | None,
-        typer.Option("--backend", help="NAME=BACKEND: run NAME on llama.cpp, torch or sentence-transformers."),
+        typer.Option("--backend", help="NAME=BACKEND: run NAME on llama.cpp, torch, sentence-transformers or onnx."),
     ] = None,
     memory_budget: Annotated[
         str | None, typer.Option("--memory-budget", help="Memory for resident models, e.g. 8GB or 60%.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -17,6 +17,9 @@ from rich.table import Table
 from llmos.cli.common import JsonOption, app, err, human_size, open_registry, out, print_json, record, settings
 from llmos.cli.jobs import follow_log, open_jobs
 from llmos.errors import InvalidInputError, JobFailedError
+
+if TYPE_CHECKING:
+    from llmos.registry.views import VersionView
 
 # --- train ----------------------------------------------------------------------------------------------------------
 
@@ -305,9 +308,10 @@ def _decode_speed(name: str) -> tuple[float, str]:
 
 @app.command()
 def quantize(
-    model: Annotated[str, typer.Argument(help="Registered model: GGUF, or safetensors for int8.")],
+    model: Annotated[str, typer.Argument(help="Registered model: GGUF, or safetensors / ONNX for int8.")],
     kind: Annotated[
-        str, typer.Option("--type", help="GGUF: q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q4_1, f16, ...; safetensors: int8.")
+        str,
+        typer.Option("--type", help="GGUF: q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q4_1, f16, ...; safetensors, ONNX: int8."),
     ],
     name: Annotated[str | None, typer.Option("--name", help="Name of the child (default MODEL:TYPE).")] = None,
     report: Annotated[
@@ -318,7 +322,8 @@ def quantize(
     """Quantize a model into a child version (lineage to its parent) and report what it cost.
 
     GGUF models are quantized by llama.cpp; safetensors models take int8 (int8 weights, dynamic int8 activations
-    on the PyTorch backend).
+    on the PyTorch backend), and so do ONNX models (ONNX Runtime's dynamic quantization). An embedding model's report
+    gives embeddings per second and the cosine of its vectors to the parent's instead of perplexity.
     """
     from llmos.compression.quantize import check_type
     from llmos.evaluation.reports import evaluate
@@ -329,6 +334,9 @@ def quantize(
     parent = registry.show(model)
     child = quantize_model(registry, model, kind=kind, target=name)
     record("quantize", child.name)
+    if parent.details.get("task") == "embedding":
+        _embedding_quantize_report(parent, child, report, as_json)
+        return
     rows: list[dict[str, Any]] = []
     for view in (parent, child):
         row: dict[str, Any] = {"model": view.name, "quantization": view.quantization, "size": view.size}
@@ -349,5 +357,30 @@ def quantize(
             escape(row["model"]), str(row["quantization"]), human_size(row["size"]),
             f"{row['decode_tok_s']:.1f}" if report else "-", f"{row['perplexity']:.3f}" if report else "-",
             ("yes" if "Paris" in row.get("answer", "") else "no") if report else "-",
+        )  # fmt: skip
+    out.print(table)
+
+
+def _embedding_quantize_report(parent: VersionView, child: VersionView, report: bool, as_json: bool) -> None:
+    rows: list[dict[str, Any]] = [
+        {"model": view.name, "quantization": view.quantization, "size": view.size} for view in (parent, child)
+    ]
+    if report:
+        from llmos.evaluation.compression import embedding_report
+
+        for row, measured in zip(rows, embedding_report(settings(), parent.name, child.name), strict=True):
+            row.update({k: v for k, v in measured.items() if k != "model"})
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("MODEL", "QUANT", "SIZE", "EMBEDDINGS/S", "COSINE TO PARENT (MEAN / MIN)"):
+        table.add_column(column)
+    for row in rows:
+        speed = row.get("embeddings_per_second")
+        cosine = f"{row['cosine_mean']:.4f} / {row['cosine_min']:.4f}" if "cosine_mean" in row else "-"
+        table.add_row(
+            escape(row["model"]), str(row["quantization"]), human_size(row["size"]),
+            f"{speed:.1f}" if speed else "-", cosine,
         )  # fmt: skip
     out.print(table)

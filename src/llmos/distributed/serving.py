@@ -418,7 +418,7 @@ class RayLoader(Loader):
         return super().estimate(view, backend) // max(self.replicas.get(view.repository, 1), 1) * self.min_replicas
 
     def __call__(self, resolved: ResolvedModel, backend: str) -> Any:
-        if backend == "sentence-transformers":
+        if backend == "sentence-transformers" or resolved.view.details.get("task") == "embedding":
             return self._load(resolved, backend)
         count = max(self.replicas.get(resolved.view.repository, self.min_replicas), 1)
         holder: list[RayReplicaSet] = []

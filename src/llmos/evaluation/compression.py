@@ -7,6 +7,7 @@ greedy decode tok/s (64 tokens continuing it) and the greedy answer to "What is 
 size on disk and perplexity on the held-out text (each through :func:`~llmos.evaluation.reports.evaluate`, so the
 perplexities are stored reports too) and stores the whole as a ``compression`` report of the child, which
 ``llmos show`` displays. The parent defaults to the child's first lineage parent that is still in the store.
+:func:`embedding_report` is the report for embedding models: embeddings per second and cosine to the parent.
 """
 
 from __future__ import annotations
@@ -88,6 +89,46 @@ def measure_speed(settings: Settings, registry: Registry, name: str, backend: st
             answer=model.backend.detokenize(answer_ids).strip(),
             backend=model.backend_name,
         )
+
+
+EMBED_SENTENCES = tuple(
+    f"{who} {what} {where}."
+    for who in ("The engineer", "A small cat", "Our server", "The committee")
+    for what in ("reads the logs", "sleeps soundly", "answers questions", "measures latency")
+    for where in ("at night", "in the kitchen", "on the cluster", "before lunch")
+)
+"""64 sentences the report embeds with parent and child (speed, and cosine of the child's vectors to the parent's)."""
+
+
+def embedding_report(settings: Settings, parent: str, child: str) -> list[dict[str, Any]]:
+    """For embedding models: embeddings per second of each side and the mean and lowest cosine of the child's vectors
+    to the parent's, over :data:`EMBED_SENTENCES`, measured in one run."""
+    import numpy as np
+
+    from llmos.runtime.loader import Loader
+
+    registry = Registry(settings, maintain=False)
+    loader = Loader(settings, registry)
+    rows: list[dict[str, Any]] = []
+    vectors = []
+    try:
+        for name in (parent, child):
+            resolved = registry.resolve(name, verify=True)
+            model = loader(resolved, loader.backend_for(resolved.view))
+            try:
+                model.embed(list(EMBED_SENTENCES[:4]))  # warm-up
+                started = time.perf_counter()
+                embedded, _tokens = model.embed(list(EMBED_SENTENCES))
+                seconds = time.perf_counter() - started
+            finally:
+                model.close()
+            vectors.append(embedded / np.linalg.norm(embedded, axis=1, keepdims=True))
+            rows.append({"model": name, "embeddings_per_second": len(EMBED_SENTENCES) / seconds})
+    finally:
+        registry.close()
+    cosine = np.sum(vectors[0] * vectors[1], axis=1)
+    rows[1].update(cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
+    return rows
 
 
 def parent_of(registry: Registry, child: VersionView) -> VersionView:

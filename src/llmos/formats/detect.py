@@ -1,6 +1,7 @@
 """Recognise what a path holds and inspect it.
 
-Contract: :func:`inspect_path` accepts a GGUF file, a safetensors file or a Hugging Face model directory and returns
+Contract: :func:`inspect_path` accepts a GGUF file, a safetensors file, a Hugging Face model directory or an ONNX
+graph (a ``.onnx`` file or a directory with one, :mod:`llmos.formats.onnx`) and returns
 a validated :class:`~llmos.formats.info.ModelInfo`. Pickle checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``,
 ``.pkl``, or any file that looks like a pickle or a ``torch.save`` zip) are refused with
 :class:`~llmos.errors.UnsafeFormatError`, because loading them can run arbitrary code. Anything else raises
@@ -19,6 +20,7 @@ from llmos.errors import InvalidModelFileError, UnsafeFormatError
 from llmos.formats import safe_json
 from llmos.formats.gguf import GGUF_MAGIC, inspect_gguf
 from llmos.formats.info import ModelFile, ModelInfo
+from llmos.formats.onnx import inspect_onnx
 from llmos.formats.safetensors import inspect_safetensors, read_safetensors_header
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -46,7 +48,7 @@ _MODULE_DIR = re.compile(r"^\d+_[A-Za-z]+$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
-def _unsafe(path: Path) -> UnsafeFormatError:
+def unsafe_file(path: Path) -> UnsafeFormatError:
     return UnsafeFormatError(
         f"{path.name}: pickle checkpoints are refused because loading them can execute arbitrary code;"
         " convert the model to safetensors or GGUF first"
@@ -65,11 +67,15 @@ def inspect_path(path: Path) -> ModelInfo:
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             return inspect_lora_dir(path)
+        if any(p.suffix == ".onnx" for p in path.iterdir()):
+            return inspect_onnx(path)
         return inspect_hf_dir(path)
     if not path.is_file():
         raise InvalidModelFileError(f"{path}: not a regular file")
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise _unsafe(path)
+        raise unsafe_file(path)
+    if path.suffix.lower() == ".onnx":
+        return inspect_onnx(path)
     try:
         with path.open("rb") as handle:
             head = handle.read(16)
@@ -78,7 +84,7 @@ def inspect_path(path: Path) -> ModelInfo:
     if head.startswith(GGUF_MAGIC):
         return inspect_gguf(path)
     if _looks_like_pickle(head):
-        raise _unsafe(path)
+        raise unsafe_file(path)
     if path.suffix.lower() == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         return inspect_safetensors(path)
     raise InvalidModelFileError(
@@ -104,7 +110,7 @@ def inspect_hf_dir(directory: Path) -> ModelInfo:
     weights = [p for p in entries if p.suffix == ".safetensors"]
     if not weights:
         if any(p.suffix.lower() in PICKLE_SUFFIXES for p in entries):
-            raise _unsafe(next(p for p in entries if p.suffix.lower() in PICKLE_SUFFIXES))
+            raise unsafe_file(next(p for p in entries if p.suffix.lower() in PICKLE_SUFFIXES))
         raise InvalidModelFileError(f"{directory}: no *.safetensors weights found")
 
     parameter_count = 0
@@ -210,7 +216,7 @@ def inspect_lora_dir(directory: Path) -> ModelInfo:
     weights = directory / "adapter_model.safetensors"
     if not weights.is_file():
         if (directory / "adapter_model.bin").is_file():
-            raise _unsafe(directory / "adapter_model.bin")
+            raise unsafe_file(directory / "adapter_model.bin")
         raise InvalidModelFileError(f"{directory}: no adapter_model.safetensors")
     header = read_safetensors_header(weights)
     shapes = {name: list(shape) for name, (_dtype, shape) in header.tensors.items()}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-ModelFormat = Literal["gguf", "safetensors", "hf", "lora", "dataset"]
+ModelFormat = Literal["gguf", "safetensors", "hf", "lora", "onnx", "dataset"]
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ Contract: :func:`convert` reads a registered version (an encrypted one through a
 removed afterwards, never by linking its blob), converts it and registers the result through
 :func:`llmos.registry.derive.derive` under the target name with a ``convert`` lineage record (parent digest and
 name, target format and type) and keeps the source's chat template, so both copies of a model talk the same way.
-Directions: GGUF -> safetensors (``to="safetensors"``, transformers' GGUF reader) and safetensors -> GGUF
-(``to="gguf"``, :mod:`llmos.formats.gguf_write`, llama family, ``out_type`` f16 / f32 / q8_0). A LoRA adapter
+Directions: GGUF -> safetensors (``to="safetensors"``, transformers' GGUF reader), safetensors -> GGUF
+(``to="gguf"``, :mod:`llmos.formats.gguf_write`, llama family, ``out_type`` f16 / f32 / q8_0) and safetensors -> ONNX
+(``to="onnx"``, :mod:`llmos.formats.onnx_export`: Llama-family decoders with a KV cache, sentence-transformers
+encoders; the graph is checked against its source before it is registered). A LoRA adapter
 converted to GGUF is first merged into its base (the base is a second parent), so the file is self-contained and
 llama.cpp serves the fine-tuned model on its own.
 
@@ -25,7 +27,7 @@ from llmos.registry.names import DEFAULT_TAG, parse_ref
 from llmos.registry.service import ParentRef, ProgressFactory, Registry, ResolvedModel
 from llmos.registry.views import VersionView
 
-TARGETS = ("safetensors", "gguf")
+TARGETS = ("safetensors", "gguf", "onnx")
 
 
 def derived_name(source: str, suffix: str) -> str:
@@ -52,6 +54,10 @@ def convert(
         raise InvalidInputError(f"--to must be one of {', '.join(TARGETS)}", param="to")
     if to == "gguf":
         return _to_gguf(registry, name, out_type or "f16", target, progress)
+    if to == "onnx":
+        if out_type is not None:
+            raise InvalidInputError("--type applies to --to gguf; quantize an ONNX model with `llmos quantize`")
+        return _to_onnx(registry, name, target, progress)
     if out_type is not None:
         raise InvalidInputError("--type applies to --to gguf; safetensors takes --dtype", param="type")
     resolved = registry.resolve(name, verify=True)
@@ -140,6 +146,40 @@ def _to_gguf(
     )
 
 
+def _to_onnx(registry: Registry, name: str, target: str | None, progress: ProgressFactory | None) -> VersionView:
+    """A safetensors decoder or sentence-transformers encoder exported to ONNX and checked against its source."""
+    from llmos.formats.onnx_export import export_decoder, export_encoder
+
+    resolved = registry.resolve(name, verify=True)
+    source = resolved.view
+    if source.format != "hf":
+        raise InvalidInputError(
+            f"{source.name} is {source.format}; only safetensors models export to ONNX"
+            " (a GGUF converts to safetensors first: `llmos convert NAME --to safetensors`)",
+            param="to",
+        )
+    embedding = source.details.get("task") == "embedding"
+    target_name = target or derived_name(source.name, "onnx")
+    parse_ref(target_name)
+
+    def work(scratch: Path) -> Path:
+        with registry.loadable_dir(resolved) as source_dir:
+            (export_encoder if embedding else export_decoder)(source_dir, scratch / "out")
+        return scratch / "out"
+
+    return derive(
+        registry,
+        [resolved],
+        work,
+        target_name,
+        operation="convert",
+        params={"to": "onnx", "task": "embedding" if embedding else "generation"},
+        chat_template=source.chat_template,
+        progress=progress,
+        prefix="convert-",
+    )
+
+
 def quantize(
     registry: Registry,
     name: str,
@@ -160,6 +200,10 @@ def quantize(
 
     def work(scratch: Path) -> Path:
         with registry.loadable_dir(resolved) as source_dir:
+            if key == "int8" and source.format == "onnx":
+                from llmos.compression.quantize import quantize_onnx
+
+                return quantize_onnx(source_dir, scratch / "out")
             if key == "int8":
                 from llmos.compression.int8 import quantize_int8
 

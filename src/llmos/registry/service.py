@@ -39,6 +39,7 @@ from llmos.errors import (
 )
 from llmos.formats.detect import inspect_path
 from llmos.formats.info import ModelInfo
+from llmos.formats.tensorflow import find_tf_checkpoint, tf_to_hf
 from llmos.registry.names import DEFAULT_TAG, ModelRef, parse_ref
 from llmos.registry.views import VersionView, canonical_json, version_view
 from llmos.store.blobs import BlobInfo, BlobStore, ProgressCallback
@@ -238,9 +239,24 @@ class Registry:
         """Import a GGUF file, a safetensors file, a Hugging Face directory or a peft LoRA directory under ``name``.
 
         A LoRA adapter must name its ``base`` (a registered Hugging Face model of the same architecture). ``parents``
-        adds lineage beyond the base (e.g. the dataset a model was trained on).
+        adds lineage beyond the base (e.g. the dataset a model was trained on). A Hugging Face TensorFlow checkpoint
+        (``tf_model.h5``) is converted to safetensors in a private scratch directory first, and that is registered,
+        with the conversion in its lineage params (:mod:`llmos.formats.tensorflow`).
         """
         parse_ref(name)  # a bad name is refused before the file is even opened
+        if find_tf_checkpoint(source) is not None:
+            with private_dir(self.scratch_dir, "tensorflow-") as scratch:
+                converted = tf_to_hf(source, scratch / "hf")
+                return self.import_path(
+                    scratch / "hf",
+                    name,
+                    progress=progress,
+                    params={"source": source.name, **converted, **(params or {})},
+                    base=base,
+                    operation=operation,
+                    tenant_id=tenant_id,
+                    parents=parents,
+                )
         info = inspect_path(source)
         all_parents: list[ParentRef] = []
         if info.format == "lora":

@@ -48,7 +48,7 @@ from llmos.store.crypto import MAGIC
 from llmos.store.schema import Model, ModelVersion, VersionFile
 
 DOCUMENT_SCHEMA = "llmos.transfer.v1"
-FORMATS: tuple[ModelFormat, ...] = ("gguf", "safetensors", "hf", "lora", "dataset")
+FORMATS: tuple[ModelFormat, ...] = ("gguf", "safetensors", "hf", "lora", "onnx", "dataset")
 KINDS = {"models": "model", "datasets": "dataset"}
 STAGING_TTL_S = 7 * 86400
 """Staged blobs nobody touched for this long are removed (an abandoned transfer)."""

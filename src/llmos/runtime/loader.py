@@ -1,8 +1,8 @@
 """Turning a registry version into a running instance on the right backend.
 
 Contract: :meth:`Loader.backend_for` picks the backend from the version's format and task (GGUF -> llama.cpp, a
-Hugging Face causal LM -> torch, a sentence-transformers directory -> sentence-transformers), unless an override
-names another one for that model. :meth:`Loader.__call__` builds the instance: a
+Hugging Face causal LM -> torch, a sentence-transformers directory -> sentence-transformers, ONNX -> onnx), unless an
+override names another one for that model. :meth:`Loader.__call__` builds the instance: a
 :class:`~llmos.runtime.model.LoadedModel` (backend + running engine) for generation, or an
 :class:`~llmos.runtime.embedding.EmbeddingModel`. Multi-file versions are loaded from their materialised
 directory. With a :class:`~llmos.runtime.launcher.Launcher` (``llmos serve``), each instance runs in a model
@@ -31,13 +31,15 @@ from llmos.runtime.memory import estimate_bytes
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.model_worker import LoadSpec
 
-BACKENDS = ("llama.cpp", "torch", "sentence-transformers")
+BACKENDS = ("llama.cpp", "torch", "sentence-transformers", "onnx")
 PROCESS_LOAD_SECONDS = 600.0
 
 
 def default_backend(view: VersionView) -> str:
     if view.format == "gguf":
         return "llama.cpp"
+    if view.format == "onnx":
+        return "onnx"
     if view.format == "lora":
         raise InvalidInputError(f"{view.name} is a LoRA adapter; it runs on its base model, not on its own")
     if view.details.get("task") == "embedding":
@@ -73,7 +75,7 @@ def import_backend(backend: str, settings: Settings) -> None:
         import torch  # noqa: F401
         import transformers.models.llama.modeling_llama
 
-        import llmos.engine.backends.torch  # noqa: F401
+        import llmos.engine.backends.torch
     elif backend == "sentence-transformers":
         import sentence_transformers  # noqa: F401
         import transformers.models.bert.modeling_bert  # noqa: F401
@@ -81,6 +83,10 @@ def import_backend(backend: str, settings: Settings) -> None:
         from llmos.engine.backends.llamacpp import load_library
 
         load_library(settings)
+    elif backend == "onnx":
+        import onnxruntime  # noqa: F401
+
+        import llmos.engine.backends.onnx  # noqa: F401
 
 
 class Loader:
@@ -147,6 +153,8 @@ class Loader:
             return self.settings.kv_pool_tokens
         if backend == "torch":  # per-slot caches plus the prefix cache's copies
             return self.settings.torch_context_length * self.max_running + self.torch_prefix_cache_tokens
+        if backend == "onnx":  # the running sequences' caches, no prefix cache
+            return self.settings.torch_context_length * self.max_running
         return 0
 
     @property
@@ -156,7 +164,7 @@ class Loader:
 
     def __call__(self, resolved: ResolvedModel, backend: str) -> Any:
         count = self.replicas.get(resolved.view.repository, 1)
-        if count > 1 and backend != "sentence-transformers":
+        if count > 1 and backend != "sentence-transformers" and resolved.view.details.get("task") != "embedding":
             from llmos.runtime.replicas import ReplicaSet
 
             failures = self.failures
@@ -215,10 +223,19 @@ class Loader:
     def load_from(self, resolved: ResolvedModel, backend: str, directory: Path) -> Any:
         """Load ``resolved`` from ``directory`` (its files under their own names) without touching the registry."""
         view = resolved.view
+        if backend == "onnx" and view.format != "onnx":
+            raise BackendUnavailableError(
+                f"{view.name} is a {view.format} model; the onnx backend runs ONNX graphs"
+                " (`llmos convert NAME --to onnx` makes one)"
+            )
         if backend == "sentence-transformers":
             from llmos.runtime.embedding import EmbeddingModel
 
             return EmbeddingModel(view, directory, threads=self.settings.threads)
+        if backend == "onnx" and view.details.get("task") == "embedding":
+            from llmos.runtime.onnx_embedding import OnnxEmbeddingModel
+
+            return OnnxEmbeddingModel(view, directory, threads=self.settings.threads)
         if backend == "llama.cpp":
             if view.format != "gguf":
                 raise BackendUnavailableError(
@@ -251,6 +268,16 @@ class Loader:
                 n_batch=self.settings.batch_size,
                 threads=self.settings.threads,
                 prefix_cache_tokens=self.torch_prefix_cache_tokens,
+            )
+        elif backend == "onnx":
+            from llmos.engine.backends.onnx import OnnxBackend
+
+            generator = OnnxBackend(
+                directory,
+                n_seq_max=self.max_running,
+                n_ctx_seq=self.settings.torch_context_length,
+                n_batch=self.settings.batch_size,
+                threads=self.settings.threads,
             )
         else:
             raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -94,6 +94,8 @@ def estimate_bytes(
     """What loading a model is expected to add to this process's RSS (the llama.cpp KV pool is allocated whole)."""
     if backend == "llama.cpp":
         return file_size + kv_cache_bytes(details, kv_tokens, KV_VALUE_BYTES[kv_cache_type]) + COMPUTE_ALLOWANCE
+    if backend == "onnx":  # the graph's weights as stored, plus the transposed copies ONNX Runtime folds at load
+        return file_size * 5 // 4 + kv_cache_bytes(details, kv_tokens, 4) + COMPUTE_ALLOWANCE
     weights = (parameter_count or file_size // 2) * 4  # the PyTorch backends hold fp32 weights on CPU
     kv = kv_cache_bytes(details, kv_tokens, 4) if backend == "torch" else 0
     return weights + kv + COMPUTE_ALLOWANCE

@@ -372,13 +372,13 @@ class ProcessEmbedding:
     :class:`~llmos.runtime.embedding.EmbeddingModel`, by call."""
 
     kind = "embed"
-    backend_name = "sentence-transformers"
 
     def __init__(self, view: VersionView, engine: ProcessEngine, info: dict[str, Any]) -> None:
         self.view = view
         self.engine = engine
         self.max_tokens: int = info["max_tokens"]
         self.dimension: int = info["dimension"]
+        self.backend_name: str = info.get("backend_name", "sentence-transformers")
 
     @property
     def name(self) -> str:

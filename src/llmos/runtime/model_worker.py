@@ -146,7 +146,7 @@ def _load(spec: LoadSpec, settings: Settings, sink: _Sink) -> tuple[Any, dict[st
     instance = loader.load_from(spec.resolved, spec.backend, spec.directory)
     info: dict[str, Any] = {"pid": os.getpid(), "load_bytes": max(process_rss() - before, 0), "kind": instance.kind}
     if instance.kind == "embed":
-        info.update(max_tokens=instance.max_tokens, dimension=instance.dimension)
+        info.update(max_tokens=instance.max_tokens, dimension=instance.dimension, backend_name=instance.backend_name)
         return instance, info
     backend = instance.backend
     _install_fault(backend, spec)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from llmos.engine.backends.base import BatchItem, TokenLogprob
+from llmos.engine.backends.hf_vocab import byte_decoder
 from llmos.engine.backends.torch_sampling import TorchSampler
 from llmos.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
 from llmos.types import SamplingParams
@@ -75,20 +76,6 @@ class LoraAdapter:
     name: str
     scale: float
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 byte-level BPE: the printable character each byte is mapped to, inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 class TorchBackend:
@@ -161,7 +148,7 @@ class TorchBackend:
         self._pieces: dict[int, bytes] = {}
         decoder = type(getattr(self.tokenizer.backend_tokenizer, "decoder", None)).__name__
         self._byte_level = decoder == "ByteLevel"
-        self._bytes = _byte_decoder() if self._byte_level else {}
+        self._bytes = byte_decoder() if self._byte_level else {}
         self._special = set(self.tokenizer.all_special_ids)
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
