@@ -143,7 +143,7 @@ def test_cli_names_the_new_suites(pulled_settings: Settings) -> None:
     result = run_cli(pulled_settings.home, "bench", "--suite", "nope")
     assert result.returncode != 0
     message = result.stdout + result.stderr
-    for suite in ("multiturn", "speculative", "batch", "constrained"):
+    for suite in ("multiturn", "speculative", "batch", "constrained", "formats"):
         assert suite in message, message
 
 
@@ -164,3 +164,67 @@ def test_constrained_tiny(pulled_settings: Settings, smollm2: ResolvedModel, tmp
     for variant in constrained.VARIANTS:
         assert re.search(rf"{NUMBER}", _row(lines, "2", variant))
     assert any("tool_required" in line and "goal >= 0.9" in line for line in lines)
+
+
+def test_formats_tiny(converted_settings: Settings) -> None:
+    """Issue 22's suite on 40 sentences and 1 and 2 streams of 8 tokens: every side ran, the embeddings agree,
+    every figure is a positive number. The ONNX versions of the session's store are reused when another test made
+    them, else made under names of this test's own."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("sentence_transformers")
+    import math
+
+    from llmos.bench import formats
+    from llmos.errors import NotFoundError
+
+    registry = Registry(converted_settings)
+
+    def existing(name: str) -> str | None:
+        try:
+            registry.show(name)
+        except NotFoundError:
+            return None
+        return name
+
+    try:
+        names = formats.Names(
+            embed_onnx=existing("minilm:onnx") or "minilm:formats-onnx",
+            embed_onnx_int8="minilm:formats-onnx-int8",
+            llm_onnx=existing("smollm2:onnx") or "smollm2:formats-onnx",
+            llm_onnx_int8=None,  # quantizing the LLM takes a minute; the embeddings' int8 side covers the path
+        )
+        formats.prepare(registry, names)
+        result = formats.measure(
+            converted_settings, registry, cpu="Test CPU", names=names, sentence_count=40, levels=[1, 2], max_tokens=8,
+            repeats=1,
+        )  # fmt: skip
+    finally:
+        registry.close()
+
+    embed = result.embed
+    assert embed.sentences == 40 and embed.tokens > 40 * 8  # every sentence has at least 8 words
+    assert embed.min_cosine > 0.999
+    assert 0.95 < embed.int8_min_cosine < 1.0
+    for side in (formats.ONNX, formats.TORCH, formats.ONNX_INT8):
+        assert len(embed.seconds[side]) == 3 and all(s > 0 for s in embed.seconds[side])  # at least 3 passes
+        assert embed.rate(side) > 0
+    for backend in (formats.ONNX, formats.TORCH, formats.LLAMA):
+        for level in (1, 2):
+            [run] = result.decode[(backend, level)]
+            assert run.sequences == level and 0 < run.tokens <= 8 * level, (backend, level, run)
+            assert 0 < run.ttft <= run.seconds
+            ratio = result.rate(backend, level) / result.rate(formats.LLAMA, level)
+            assert math.isfinite(ratio) and ratio > 0
+
+    lines = formats.format_report(result)
+    assert "Test CPU" in lines[0]
+    assert "  lowest cosine between the float sides' vectors: " + f"{embed.min_cosine:.6f}" in lines
+    assert any(line.startswith(f"  {formats.ONNX_INT8} ") and "x PyTorch" in line for line in lines)
+    assert not any(line.startswith(f"| {formats.ONNX_INT8} |") for line in lines)  # no int8 LLM was asked for
+    assert any(re.fullmatch(rf"  goal: ONNX/PyTorch {NUMBER} \(goal >= 1\.5\): (met|not met)", line) for line in lines)
+    for backend in (formats.ONNX, formats.TORCH, formats.LLAMA):
+        for level in (1, 2):
+            assert any(
+                re.fullmatch(rf"\| {re.escape(backend)} \| {level} \| {NUMBER} \| \d+ ms \| {NUMBER}x \|", line)
+                for line in lines
+            ), (backend, level)

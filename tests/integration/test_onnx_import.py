@@ -66,6 +66,13 @@ def test_a_graph_imports_with_its_facts_and_external_data_digest(tmp_path: Path)
     assert sorted(f["path"] for f in shown["files"]) == ["config.json", "model.onnx", "weights.bin"]
 
 
+@pytest.fixture(scope="module")
+def store_with_a_graph(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("onnx-store")
+    assert run_cli(root / "home", "import", str(make_graph(root / "good")), "--name", "good:onnx").returncode == 0
+    return root / "home"
+
+
 def _truncate(directory: Path) -> None:
     graph = directory / "model.onnx"
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
@@ -88,10 +95,9 @@ def _shorten_data(directory: Path) -> None:
     ids=["escaping-path", "absolute-path", "truncated", "unsupported-input", "short-data"],
 )
 def test_bad_graphs_are_refused_in_one_line_and_the_store_is_unchanged(
-    tmp_path: Path, build: object, message: str
+    store_with_a_graph: Path, tmp_path: Path, build: object, message: str
 ) -> None:
-    home = tmp_path / "home"
-    assert run_cli(home, "import", str(make_graph(tmp_path / "good")), "--name", "good:onnx").returncode == 0
+    home = store_with_a_graph
     before = store_snapshot(home)
     bad = tmp_path / "bad" / "model"
     build(bad)  # type: ignore[operator]

@@ -69,6 +69,16 @@ def test_import_converts_registers_and_computes_what_tensorflow_computed(home: P
         assert hidden < 1e-4 and pooled < 1e-4, (hidden, pooled)
 
 
+def test_a_chat_template_given_on_import_replaces_the_checkpoints_own(home: Path, tmp_path: Path) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    result = run_cli(home, "import", str(FIXTURE), "--name", "tfbert:templated", "--chat-template", str(template))
+    assert result.returncode == 0, result.stderr
+    view = json.loads(run_cli(home, "show", "tfbert:templated", "--json").stdout)
+    assert view["chat_template"] == template.read_text(encoding="utf-8")
+    assert view["lineage"][0]["params"]["converted_from"] == "tensorflow"
+
+
 def _with_pickle(directory: Path) -> None:
     (directory / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
 

@@ -102,7 +102,6 @@ def import_(
 ) -> None:
     """Import a model file or directory (GGUF, safetensors, Hugging Face, peft LoRA, edge bundle) into the registry."""
     from llmos.edge.runner import is_bundle
-    from llmos.formats.detect import inspect_path
     from llmos.registry.names import parse_ref
 
     if is_bundle(path):  # verified against its manifest before anything is registered
@@ -119,14 +118,15 @@ def import_(
     owner = open_security().tenant_id(tenant) if tenant else None
     registry = open_registry()
     with progress_bars() as progress:
-        if template is None:
-            view = registry.import_path(path, name, progress=progress, base=base, tenant_id=owner)
-        else:
-            info = inspect_path(path)
-            info.chat_template = template
-            view = registry.import_info(
-                info, name, progress=progress, params={"chat_template": str(chat_template)}, tenant_id=owner
-            )
+        view = registry.import_path(
+            path,
+            name,
+            progress=progress,
+            base=base,
+            tenant_id=owner,
+            chat_template=template,
+            params={"chat_template": str(chat_template)} if template is not None else None,
+        )
     record("model.import", view.name)
     err.print(f"imported [bold]{escape(view.name)}[/] {view.short_digest} ({human_size(view.size)})")
 

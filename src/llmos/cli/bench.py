@@ -1,5 +1,5 @@
-"""``llmos bench``: llmos side by side with its peers (serving, runtime, training, evaluation, security) and the
-compression table, each printing the CPU it ran on (speeds compare only within one run).
+"""``llmos bench``: llmos side by side with its peers (serving, runtime, training, evaluation, security, formats)
+and the compression table, each printing the CPU it ran on (speeds compare only within one run).
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ def bench(
             " sharing one system prompt with llmos's prefix cache on and off; vs llama_cpp.server), speculative"
             " (decode tok/s of 1 client on prompts that copy from themselves and on chat, llmos with and without"
             " speculative decoding vs llama_cpp.server), batch (raw llama_decode throughput of 1, 4, 8, 16"
-            " sequences vs llmos and llama_cpp.server serving as many clients) or constrained (decode tok/s of"
-            " tool_choice required and json_schema output vs free text, at 1 and 16 clients). --max-tokens and"
-            " --levels keep each suite's own defaults unless given.",
+            " sequences vs llmos and llama_cpp.server serving as many clients), constrained (decode tok/s of"
+            " tool_choice required and json_schema output vs free text, at 1 and 16 clients) or formats (MiniLM"
+            " embeddings/s on ONNX Runtime vs sentence-transformers, and decode tok/s of --model at 1 and 16 streams"
+            " on ONNX Runtime, the PyTorch backend and llama.cpp; converts the :onnx and :safetensors versions it"
+            " lacks). --max-tokens and --levels keep each suite's own defaults unless given.",
         ),
     ] = "serving",
     model: Annotated[str, typer.Option("--model", help="Registered GGUF model to serve.")] = "smollm2",
@@ -58,7 +60,7 @@ def bench(
     `runtime` (torch backend vs transformers generate, model switch time, memory per model) or `security`
     (throughput with auth, quotas and usage records on vs off; one tenant's latency while another floods); --suite
     lists them all (multiturn, speculative and batch are issue 18's prefix cache, speculative decoding and batch
-    efficiency)."""
+    efficiency; formats is issue 22's ONNX Runtime against PyTorch and llama.cpp)."""
     from llmos.bench.serving import format_table, run_benchmark
     from llmos.errors import InvalidInputError
 
@@ -130,10 +132,7 @@ def bench(
             out.print(line, highlight=False, markup=False)
         return
     if suite in ("multiturn", "speculative", "batch", "constrained"):
-        given = {  # a flag the user did not give keeps the suite's own workload
-            name: getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
-            for name in ("max_tokens", "levels")
-        }
+        given = _given(ctx, "max_tokens", "levels")  # a flag the user did not give keeps the suite's own workload
         _issue18_suite(
             suite,
             model,
@@ -144,10 +143,19 @@ def bench(
             log_dir=log_dir,
         )
         return
+    if suite == "formats":
+        given = _given(ctx, "max_tokens", "levels")
+        _formats_suite(
+            model,
+            max_tokens=max_tokens if given["max_tokens"] else None,
+            levels=_levels(levels) if given["levels"] else None,
+            repeats=repeats,
+        )
+        return
     if suite != "serving":
         raise InvalidInputError(
             "--suite must be serving, runtime, security, training, eval, compression, observability, ray,"
-            f" multiturn, speculative, batch or constrained, not {suite!r}"
+            f" multiturn, speculative, batch, constrained or formats, not {suite!r}"
         )
     try:
         counts = [int(x) for x in levels.split(",") if x.strip()]
@@ -178,6 +186,14 @@ def bench(
         repeats=repeats,
     )
     out.print(format_table(sides), highlight=False)
+
+
+def _given(ctx: typer.Context, *names: str) -> dict[str, bool]:
+    """Which of the options ``names`` the user gave (on the command line or through the environment)."""
+    return {
+        name: getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+        for name in names
+    }
 
 
 def _levels(levels: str) -> list[int]:
@@ -244,6 +260,33 @@ def _issue18_suite(
     finally:
         registry.close()
     for line in lines:
+        out.print(line, highlight=False, markup=False)
+
+
+def _formats_suite(model: str, *, max_tokens: int | None, levels: list[int] | None, repeats: int) -> None:
+    """``formats``: MiniLM and the GGUF ``model`` with their ONNX and safetensors versions (made where missing),
+    measured in this process (``max_tokens`` / ``levels`` None: the suite's own workload)."""
+    from llmos.bench import formats
+
+    effective = settings()
+    cpu = _cpu_name()
+    err.print(f"CPU: {cpu}; threads {effective.threads}")
+    names = formats.Names.for_model(model)
+    registry = open_registry()
+    try:
+        formats.prepare(registry, names)
+        result = formats.measure(
+            effective,
+            registry,
+            cpu=cpu,
+            names=names,
+            levels=levels,
+            max_tokens=max_tokens or formats.ANSWER_TOKENS,
+            repeats=repeats,
+        )
+    finally:
+        registry.close()
+    for line in formats.format_report(result):
         out.print(line, highlight=False, markup=False)
 
 

@@ -111,9 +111,16 @@ def batched_kernel(quantization: str | None, model_format: str, model: str, sett
     )
 
 
+DOWN_PROJECTION = "down_proj"
+"""Decoder MLP output projections stay float in an int8 ONNX model: their inputs (the SwiGLU products) carry outliers
+that one dynamic int8 scale per tensor cannot represent. On SmolLM2 the mean KL divergence from the float model's
+next-token distribution over 200 tokens of held-out text was 0.53 with them quantized and 0.078 without."""
+
+
 def quantize_onnx(source_dir: Path, out_dir: Path) -> Path:
     """An ONNX graph with int8 weights and dynamically quantized activations (ONNX Runtime's ``quantize_dynamic``
-    over MatMul, Gemm and Gather, per output channel), beside a copy of the source's tokenizer and config files."""
+    over MatMul, Gemm and Gather, per output channel, except :data:`DOWN_PROJECTION` nodes), beside a copy of the
+    source's tokenizer and config files."""
     import shutil
 
     from llmos.formats.onnx import ONNX_EXTRA
@@ -132,6 +139,9 @@ def quantize_onnx(source_dir: Path, out_dir: Path) -> Path:
     for item in source_dir.iterdir():
         if item.is_file():
             shutil.copyfile(item, staged / item.name)
+    import onnx
+
+    nodes = onnx.load(str(graph), load_external_data=False).graph.node
     try:
         quantize_dynamic(
             str(staged / graph.name),
@@ -139,6 +149,7 @@ def quantize_onnx(source_dir: Path, out_dir: Path) -> Path:
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm", "Gather"],
             per_channel=True,  # one scale per output channel: cosine to the fp32 MiniLM 0.993, per-tensor 0.968
+            nodes_to_exclude=[n.name for n in nodes if DOWN_PROJECTION in n.name],
         )
     except Exception as exc:  # onnxruntime's quantizer raises plain exceptions of many kinds
         raise ModelLoadError(f"ONNX Runtime could not quantize {graph.name}: {exc}") from exc

@@ -16,8 +16,11 @@ prompt (decoder), cosine > 0.999 on a few sentences (encoder); a mismatch raises
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +53,19 @@ def _libraries() -> tuple[Any, Any]:
     try:
         import onnx
         import torch
+        from transformers.utils import logging as hf_logging
     except ImportError as exc:
         raise BackendUnavailableError("exporting to ONNX needs `pip install 'llmos[torch,onnx]'`") from exc
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     return torch, onnx
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The TorchScript exporter's tracer and deprecation warnings are about its own internals, not the user's model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _copy_side_files(source: Path, out_dir: Path) -> None:
@@ -83,11 +96,17 @@ def _decoder_module(torch: Any, model: Any) -> Any:
     scaling = float(getattr(rotary, "attention_scaling", 1.0))
     eps = float(config.rms_norm_eps)
 
+    embedding = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is embedding or bool(getattr(config, "tie_word_embeddings", False))
+
     class Decoder(torch.nn.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__()
             self.model = model
             self.register_buffer("inv_freq", rotary.inv_freq.detach().clone().float(), persistent=False)
+            # tied embeddings: one [hidden, vocab] table serves the lookup (a Gather of columns) and the LM head (a
+            # MatMul), so the graph holds it once; a Linear over the embedding would add a transposed copy (+113 MB)
+            self.table = torch.nn.Parameter(embedding.detach().t().contiguous()) if tied else None
 
         def norm(self, x: Any, weight: Any) -> Any:
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -95,7 +114,10 @@ def _decoder_module(torch: Any, model: Any) -> Any:
         def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
             batch, seq = input_ids.shape
             total = past[0].shape[2] + seq
-            x = self.model.model.embed_tokens(input_ids)
+            if self.table is not None:
+                x = torch.index_select(self.table, 1, input_ids.reshape(-1)).t().reshape(batch, seq, -1)
+            else:
+                x = self.model.model.embed_tokens(input_ids)
             freqs = position_ids[..., None].float() * self.inv_freq
             angles = torch.cat([freqs, freqs], -1)
             cos, sin = (angles.cos() * scaling)[:, None], (angles.sin() * scaling)[:, None]
@@ -127,7 +149,8 @@ def _decoder_module(torch: Any, model: Any) -> Any:
                 h = self.norm(x, layer.post_attention_layernorm.weight)
                 mlp = layer.mlp
                 x = x + mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-            logits = self.model.lm_head(self.norm(x, self.model.model.norm.weight))
+            x = self.norm(x, self.model.model.norm.weight)
+            logits = x @ self.table if self.table is not None else self.model.lm_head(x)
             return (logits, *presents)
 
     module = Decoder().eval()
@@ -169,7 +192,7 @@ def export_decoder(source: Path, out_dir: Path, *, threads: int | None = None) -
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "raw.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         torch.onnx.export(
             module,
             example,
@@ -261,7 +284,7 @@ def export_encoder(source: Path, out_dir: Path, *, threads: int | None = None) -
     example = tuple(torch.ones(2, 5, dtype=torch.int64) for _ in names)
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "raw.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         torch.onnx.export(
             Encoder().eval(),
             example,

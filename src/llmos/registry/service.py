@@ -235,8 +235,10 @@ class Registry:
         operation: str = "import",
         tenant_id: int | None = None,
         parents: Sequence[ParentRef] = (),
+        chat_template: str | None = None,
     ) -> VersionView:
-        """Import a GGUF file, a safetensors file, a Hugging Face directory or a peft LoRA directory under ``name``.
+        """Import a GGUF file, a safetensors file, a Hugging Face directory or a peft LoRA directory under ``name``
+        (``chat_template`` replaces the model's own).
 
         A LoRA adapter must name its ``base`` (a registered Hugging Face model of the same architecture). ``parents``
         adds lineage beyond the base (e.g. the dataset a model was trained on). A Hugging Face TensorFlow checkpoint
@@ -256,8 +258,11 @@ class Registry:
                     operation=operation,
                     tenant_id=tenant_id,
                     parents=parents,
+                    chat_template=chat_template,
                 )
         info = inspect_path(source)
+        if chat_template is not None:
+            info.chat_template = chat_template
         all_parents: list[ParentRef] = []
         if info.format == "lora":
             all_parents.append(self.bind_adapter(info, base))

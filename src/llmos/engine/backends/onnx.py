@@ -7,8 +7,9 @@ Contract: implements :class:`llmos.engine.backends.base.Backend` over a graph wi
 * the KV memory lives in **groups**: one group is the ``present`` arrays of the last run that involved its sequences,
   ``[rows, kv_heads, cells, head_dim]`` per layer, with the position each cell holds (-1: an empty or padded cell,
   masked out). A sequence belongs to exactly one group;
-* each :meth:`OnnxBackend.decode` runs the single-token items (decodes) together as one batch, and each multi-token
-  item (a prefill chunk, a scored prompt) on its own, so a long prompt never pads the decodes of other sequences;
+* each :meth:`OnnxBackend.decode` runs the single-token items (decodes) together as one batch, and the multi-token
+  items (prefill chunks, scored prompts) in runs of similar length (padding at most :data:`PREFILL_PADDING` of their
+  tokens), so a long prompt never pads the decodes of other sequences;
 * a run over exactly the sequences of an existing group feeds that group's arrays back as they are (the steady state
   of continuous batching costs no copying outside the graph); a run over another set of sequences first builds a new
   group from their cells (each row compacted to its valid cells, padded to the longest), so copies happen only when
@@ -53,6 +54,24 @@ class _Group:
 
     def __post_init__(self) -> None:
         self.rows = {seq: row for row, seq in enumerate(self.order) if seq is not None}
+
+
+PREFILL_PADDING = 1.25
+"""Multi-token items share a run while its padded cells stay within this factor of their real tokens."""
+
+
+def _prefill_runs(items: list[BatchItem]) -> list[list[BatchItem]]:
+    """Multi-token items grouped by length, so prompts of similar length prefill in one run with little padding."""
+    runs: list[list[BatchItem]] = []
+    for item in sorted(items, key=lambda i: len(i.tokens)):
+        run = runs[-1] if runs else None
+        if run is not None:
+            tokens = sum(len(i.tokens) for i in run) + len(item.tokens)
+            if len(item.tokens) * (len(run) + 1) <= PREFILL_PADDING * tokens:
+                run.append(item)
+                continue
+        runs.append([item])
+    return runs
 
 
 class OnnxBackend:
@@ -149,7 +168,7 @@ class OnnxBackend:
         if not items:
             return {}
         singles = [item for item in items if len(item.tokens) == 1]
-        runs = ([singles] if singles else []) + [[item] for item in items if len(item.tokens) > 1]
+        runs = ([singles] if singles else []) + _prefill_runs([item for item in items if len(item.tokens) > 1])
         rows: dict[int, list[int]] = {}
         pieces: list[np.ndarray] = []
         count = 0
