@@ -1,7 +1,8 @@
 """The ONNX Runtime backend end to end on the real models: SmolLM2 and MiniLM exported by `llmos convert --to onnx`.
 
 * SmolLM2 on ONNX Runtime gives the PyTorch backend's greedy tokens on 5 prompts, alone and in a batch of 8 (the
-  engine stepped directly, so the batch really is one batch), and answers Paris through `/v1/chat/completions`;
+  engine stepped directly, so the batch really is one batch), and answers Paris through `/v1/chat/completions` from
+  a server that runs it as two replicas;
 * MiniLM on ONNX Runtime embeds 50 sentences through the official openai client with cosine > 0.999 to
   sentence-transformers;
 * `llmos quantize --type int8` of an ONNX model makes a smaller child (ONNX Runtime's dynamic quantization) whose
@@ -96,7 +97,7 @@ def test_greedy_tokens_match_the_torch_backend_alone_and_in_a_batch_of_8(onnx_se
 
 @pytest.fixture(scope="module")
 def server(onnx_settings: Settings) -> Iterator[ServerProcess]:
-    process = ServerProcess(onnx_settings.home, "--model", "smollm2:onnx")
+    process = ServerProcess(onnx_settings.home, "--model", "smollm2:onnx", "--replicas", "smollm2:onnx=2")
     yield process
     process.stop()
 
@@ -126,7 +127,9 @@ def test_smollm2_on_onnx_answers_paris_through_chat_completions(client: openai.O
     import httpx
 
     runtime = httpx.get(f"{server.base}/admin/runtime", timeout=10).json()
-    assert "onnx" in str(runtime)
+    [entry] = [m for m in runtime["models"] if m["name"] == "smollm2:onnx"]
+    assert entry["backend"] == "onnx"
+    assert entry["replicas"] == entry["replicas_alive"] == 2  # two model processes, load balanced
 
 
 def test_minilm_on_onnx_embeds_like_sentence_transformers(client: openai.OpenAI, onnx_settings: Settings) -> None:

@@ -108,3 +108,18 @@ def test_truncation_and_logits_rows(onnx_backend: OnnxBackend, torch_backend: To
     torch_backend.forget_sequence(0)
     with pytest.raises(ValueError, match="cannot append"):
         onnx_backend.decode([BatchItem(1, tokens, 5)])
+
+
+def test_a_group_truncated_to_a_fraction_is_compacted_and_computes_the_same(onnx_backend: OnnxBackend) -> None:
+    tokens = onnx_backend.tokenize("double 7? 14. The year (1912) had 365 days, isn't it? " * 6, add_special=False)
+    assert len(tokens) > 70
+    onnx_backend.decode([BatchItem(2, tokens[:80], 0)])
+    onnx_backend.forget_sequence(2, 10)  # 70 of 80 cells now empty in every row
+    rows = onnx_backend.decode([BatchItem(2, tokens[10:11], 10)])
+    after = onnx_backend._row_logits(rows[2][0]).copy()
+    group = onnx_backend._group_of[2]
+    assert group.positions.shape[1] == 11  # compacted: only the cells it holds
+    fresh = onnx_backend.decode([BatchItem(3, tokens[:11], 0)])
+    np.testing.assert_allclose(after, onnx_backend._row_logits(fresh[3][0]), atol=1e-4)
+    onnx_backend.forget_sequence(2)
+    onnx_backend.forget_sequence(3)

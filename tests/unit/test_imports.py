@@ -10,11 +10,26 @@ BLOCK = (
     "for name in ('torch', 'transformers', 'peft', 'sentence_transformers', 'ray'):\n"
     "    sys.modules[name] = None\n"
 )
+OPTIONAL_FORMATS = ("onnx", "onnxruntime", "h5py")
+"""The onnx and tensorflow extras: imported only when an ONNX model or a TensorFlow checkpoint is used."""
 
 
 def test_cli_and_server_import_without_pytorch_or_ray() -> None:
     code = BLOCK + (
         "import llmos.api.app, llmos.cli, llmos.sdk, llmos.jobs.service, llmos.jobs.train, llmos.registry.remote\n"
+        "from llmos.api.app import create_app\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_format_extras_are_not_imported_unless_used() -> None:
+    code = (
+        "import sys\n"
+        f"for name in {OPTIONAL_FORMATS!r}:\n"
+        "    sys.modules[name] = None\n"
+        "import llmos.api.app, llmos.cli, llmos.sdk, llmos.formats.detect, llmos.registry.service\n"
+        "import llmos.runtime.loader, llmos.registry.convert, llmos.compression.quantize\n"
         "from llmos.api.app import create_app\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

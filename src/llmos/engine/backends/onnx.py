@@ -39,7 +39,8 @@ from llmos.formats.onnx_session import graph_file, open_session
 from llmos.types import SamplingParams
 
 COMPACT_MIN_CELLS = 64
-"""Groups at least this wide are compacted when fewer than half their cells hold anything."""
+"""Groups at least this wide are compacted when more than half their cells are empty in every row. (Rows of different
+lengths pad each other; that padding is not compacted, since a rebuild would pad them the same way.)"""
 
 
 @dataclass
@@ -223,7 +224,8 @@ class OnnxBackend:
         picked = outputs[0][picks_row, picks_col]
         group.kv = list(outputs[1:])
         group.positions = np.concatenate([group.positions, np.where(fresh, position_ids, -1)], axis=1)
-        if group.positions.shape[1] >= COMPACT_MIN_CELLS and (group.positions >= 0).mean() < 0.5:
+        empty = ~(group.positions >= 0).any(axis=0)  # cells no row holds (after truncation): compaction frees them
+        if group.positions.shape[1] >= COMPACT_MIN_CELLS and empty.mean() > 0.5:
             self._replace(group, self._build([s for s in group.order if s is not None]))
         return picked, counts
 
