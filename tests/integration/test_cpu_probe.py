@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -69,10 +70,14 @@ def test_every_failure_of_the_fast_path_means_the_safe_path(
 
 
 def test_a_working_variant_is_preferred_to_the_safe_path_and_a_faulting_one_is_not(
-    native: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    native: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fast_path_fault: str | None
 ) -> None:
     variants = tmp_path / "variants"
-    shutil.copytree(native, variants / "no-amx", symlinks=True)
+    working = native
+    if fast_path_fault is not None:  # a copy of the installed build faults here too: use the real no-AMX build
+        working = Path(sys.prefix) / "lib" / "llmos-llama-cpp" / "no-amx"
+        assert working.is_dir(), f"the fast path {fast_path_fault} but `make install` built no no-amx variant"
+    shutil.copytree(working, variants / "no-amx", symlinks=True)
     shutil.copytree(native, variants / "portable", symlinks=True)
     monkeypatch.setenv(probe.FAULT_HOOK, "SIGILL@lib")  # only the installed build faults
     verdict = probe.probe(native, probe.variant_dirs(variants))
