@@ -43,7 +43,7 @@ HF_SIDE_FILES = {
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
 }
-_MODULE_DIR = re.compile(r"^\d+_[A-Za-z]+$")
+MODULE_DIR = re.compile(r"^\d+_[A-Za-z]+$")
 """sentence-transformers module folders (``1_Pooling``, ``2_Normalize``); only their config.json is taken."""
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
@@ -136,7 +136,7 @@ def inspect_hf_dir(directory: Path) -> ModelInfo:
     for side in entries:
         if side.name in HF_SIDE_FILES:
             files.append(ModelFile(side, side.name, side.stat().st_size))
-    for module_dir in sorted(p for p in directory.iterdir() if p.is_dir() and _MODULE_DIR.match(p.name)):
+    for module_dir in sorted(p for p in directory.iterdir() if p.is_dir() and MODULE_DIR.match(p.name)):
         module_config = module_dir / "config.json"
         if module_config.is_file() and not module_config.is_symlink():
             _read_json(module_config)

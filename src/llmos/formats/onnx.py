@@ -40,7 +40,7 @@ def require_onnx() -> Any:
 
 def inspect_onnx(path: Path) -> ModelInfo:
     """Inspect ``path`` (a ``.onnx`` file or a directory with one) without loading its weights."""
-    from llmos.formats.detect import HF_SIDE_FILES, PICKLE_SUFFIXES, unsafe_file
+    from llmos.formats.detect import HF_SIDE_FILES, MODULE_DIR, PICKLE_SUFFIXES, unsafe_file
 
     if path.is_dir():
         graphs = sorted(p for p in path.iterdir() if p.suffix == ".onnx" and p.is_file() and not p.is_symlink())
@@ -77,6 +77,11 @@ def inspect_onnx(path: Path) -> ModelInfo:
         for side in sorted(p for p in path.iterdir() if p.name in HF_SIDE_FILES and p.is_file()):
             if not side.is_symlink():
                 files.append(ModelFile(side, side.name, side.stat().st_size))
+        for module in sorted(p for p in path.iterdir() if p.is_dir() and MODULE_DIR.match(p.name)):
+            config = module / "config.json"  # sentence-transformers pooling settings, for last_hidden_state graphs
+            if config.is_file() and not config.is_symlink():
+                _side_json(config)
+                files.append(ModelFile(config, f"{module.name}/config.json", config.stat().st_size))
 
     inputs = {i.name: _shape(i) for i in graph.input}
     outputs = {o.name: _shape(o) for o in graph.output}
