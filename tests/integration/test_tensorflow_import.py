@@ -26,8 +26,10 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
 
 
-def test_import_converts_registers_and_computes_what_tensorflow_computed(home: Path) -> None:
-    result = run_cli(home, "import", str(FIXTURE), "--name", "tfbert")
+def test_import_converts_registers_and_computes_what_tensorflow_computed(home: Path, tmp_path: Path) -> None:
+    template = tmp_path / "template.jinja"  # --chat-template goes through the conversion too
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    result = run_cli(home, "import", str(FIXTURE), "--name", "tfbert", "--chat-template", str(template))
     assert result.returncode == 0, result.stderr
 
     shown = run_cli(home, "show", "tfbert", "--json")
@@ -35,6 +37,7 @@ def test_import_converts_registers_and_computes_what_tensorflow_computed(home: P
     view = json.loads(shown.stdout)
     assert view["format"] == "hf"
     assert view["architecture"] == "BertModel"
+    assert view["chat_template"] == template.read_text(encoding="utf-8")
     params = view["lineage"][0]["params"]
     assert view["lineage"][0]["operation"] == "import"
     assert params["converted_from"] == "tensorflow"
@@ -67,16 +70,6 @@ def test_import_converts_registers_and_computes_what_tensorflow_computed(home: P
         hidden = np.abs(output.last_hidden_state.numpy() - np.asarray(batch["last_hidden_state"])).max()
         pooled = np.abs(output.pooler_output.numpy() - np.asarray(batch["pooler_output"])).max()
         assert hidden < 1e-4 and pooled < 1e-4, (hidden, pooled)
-
-
-def test_a_chat_template_given_on_import_replaces_the_checkpoints_own(home: Path, tmp_path: Path) -> None:
-    template = tmp_path / "template.jinja"
-    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
-    result = run_cli(home, "import", str(FIXTURE), "--name", "tfbert:templated", "--chat-template", str(template))
-    assert result.returncode == 0, result.stderr
-    view = json.loads(run_cli(home, "show", "tfbert:templated", "--json").stdout)
-    assert view["chat_template"] == template.read_text(encoding="utf-8")
-    assert view["lineage"][0]["params"]["converted_from"] == "tensorflow"
 
 
 def _with_pickle(directory: Path) -> None:
