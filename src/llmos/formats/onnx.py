@@ -78,10 +78,10 @@ def inspect_onnx(path: Path) -> ModelInfo:
             if not side.is_symlink():
                 files.append(ModelFile(side, side.name, side.stat().st_size))
         for module in sorted(p for p in path.iterdir() if p.is_dir() and MODULE_DIR.match(p.name)):
-            config = module / "config.json"  # sentence-transformers pooling settings, for last_hidden_state graphs
-            if config.is_file() and not config.is_symlink():
-                _side_json(config)
-                files.append(ModelFile(config, f"{module.name}/config.json", config.stat().st_size))
+            settings = module / "config.json"  # sentence-transformers pooling settings, for last_hidden_state graphs
+            if settings.is_file() and not settings.is_symlink():
+                _side_json(settings)
+                files.append(ModelFile(settings, f"{module.name}/config.json", settings.stat().st_size))
 
     inputs = {i.name: _shape(i) for i in graph.input}
     outputs = {o.name: _shape(o) for o in graph.output}

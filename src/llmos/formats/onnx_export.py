@@ -27,26 +27,14 @@ from typing import Any
 import numpy as np
 
 from llmos.errors import BackendUnavailableError, InvalidModelFileError
+from llmos.formats.detect import HF_SIDE_FILES
 
 DECODER_TYPES = {"llama", "mistral", "qwen2", "smollm3"}
 CHECK_PROMPT = "The capital of France is"
 CHECK_TOKENS = 12
 CHECK_SENTENCES = ("A man is eating food.", "The weather is lovely today.", "llmos runs models on your own machine.")
-_SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "modules.json",
-    "sentence_bert_config.json",
-    "config_sentence_transformers.json",
-)
+_SIDE_FILES = HF_SIDE_FILES - {"model.safetensors.index.json"}
+"""The source's config and tokenizer files the export copies beside the graph."""
 
 
 def _libraries() -> tuple[Any, Any]:
@@ -69,7 +57,7 @@ def _quiet() -> Iterator[None]:
 
 
 def _copy_side_files(source: Path, out_dir: Path) -> None:
-    for name in _SIDE_FILES:
+    for name in sorted(_SIDE_FILES):
         if (source / name).is_file():
             shutil.copyfile(source / name, out_dir / name)
 

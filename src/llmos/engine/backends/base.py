@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from llmos.errors import InvalidInputError
 from llmos.types import SamplingParams
 
 
@@ -109,3 +110,16 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def check_unconstrained(params: SamplingParams, grammar: str | None, n_vocab: int) -> None:
+    """For backends without grammar support (torch, onnx): refuse constrained output and out-of-vocabulary biases."""
+    if grammar is not None:
+        raise InvalidInputError(
+            "constrained output (response_format json_object / json_schema, tool_choice) needs the llama.cpp"
+            " backend (GGUF models)",
+            param="response_format",
+        )
+    for token, _bias in params.logit_bias:
+        if not 0 <= token < n_vocab:
+            raise InvalidInputError(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")

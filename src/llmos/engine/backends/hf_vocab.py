@@ -33,6 +33,17 @@ def byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
+def piece_bytes(text: str, byte_level: bool) -> bytes:
+    """The bytes a vocabulary piece stands for: byte-level BPE through GPT-2's byte table; SentencePiece's ``<0xNN>``
+    byte tokens and ``▁`` (a space) otherwise."""
+    if byte_level:
+        table = byte_decoder()
+        return bytes(table.get(ch, 0) for ch in text)
+    if text.startswith("<0x") and text.endswith(">") and len(text) == 6:
+        return bytes([int(text[3:5], 16)])
+    return text.replace("\u2581", " ").encode("utf-8")
+
+
 def _json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -83,17 +94,8 @@ class HfVocabulary:
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            if token in self.special:
-                piece = b""
-            else:
-                text = self.tokenizer.id_to_token(token) or ""
-                if self.byte_level:
-                    table = byte_decoder()
-                    piece = bytes(table.get(ch, 0) for ch in text)
-                elif text.startswith("<0x") and text.endswith(">") and len(text) == 6:
-                    piece = bytes([int(text[3:5], 16)])
-                else:
-                    piece = text.replace("\u2581", " ").encode("utf-8")
+            special = token in self.special
+            piece = b"" if special else piece_bytes(self.tokenizer.id_to_token(token) or "", self.byte_level)
             self._pieces[token] = piece
         return piece
 

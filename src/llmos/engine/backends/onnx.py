@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from llmos.engine.backends.base import BatchItem, TokenLogprob
+from llmos.engine.backends.base import BatchItem, TokenLogprob, check_unconstrained
 from llmos.engine.backends.hf_vocab import HfVocabulary
 from llmos.engine.backends.numpy_sampling import NumpySampler
 from llmos.errors import InvalidInputError, ModelLoadError
@@ -130,15 +130,7 @@ class OnnxBackend:
     def new_sampler(
         self, params: SamplingParams, grammar: str | None = None, grammar_trigger: str | None = None
     ) -> NumpySampler:
-        if grammar is not None:
-            raise InvalidInputError(
-                "constrained output (response_format json_object / json_schema, tool_choice) needs the llama.cpp"
-                " backend (GGUF models)",
-                param="response_format",
-            )
-        for token, _bias in params.logit_bias:
-            if not 0 <= token < self.n_vocab:
-                raise InvalidInputError(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
+        check_unconstrained(params, grammar, self.n_vocab)
         return NumpySampler(params, self._row_logits, [])
 
     def _row_logits(self, row: int) -> np.ndarray:

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmos.engine.backends.base import BatchItem, TokenLogprob
-from llmos.engine.backends.hf_vocab import byte_decoder
+from llmos.engine.backends.base import BatchItem, TokenLogprob, check_unconstrained
+from llmos.engine.backends.hf_vocab import piece_bytes
 from llmos.engine.backends.torch_sampling import TorchSampler
 from llmos.errors import BackendUnavailableError, InvalidInputError, ModelLoadError
 from llmos.types import SamplingParams
@@ -148,7 +148,6 @@ class TorchBackend:
         self._pieces: dict[int, bytes] = {}
         decoder = type(getattr(self.tokenizer.backend_tokenizer, "decoder", None)).__name__
         self._byte_level = decoder == "ByteLevel"
-        self._bytes = byte_decoder() if self._byte_level else {}
         self._special = set(self.tokenizer.all_special_ids)
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -178,16 +177,8 @@ class TorchBackend:
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            if token in self._special:
-                piece = b""
-            else:
-                text = str(self.tokenizer.convert_ids_to_tokens(token) or "")
-                if self._byte_level:
-                    piece = bytes(self._bytes.get(ch, 0) for ch in text)
-                elif text.startswith("<0x") and text.endswith(">") and len(text) == 6:
-                    piece = bytes([int(text[3:5], 16)])
-                else:
-                    piece = text.replace("\u2581", " ").encode("utf-8")
+            text = "" if token in self._special else str(self.tokenizer.convert_ids_to_tokens(token) or "")
+            piece = piece_bytes(text, self._byte_level) if text else b""
             self._pieces[token] = piece
         return piece
 
@@ -202,15 +193,7 @@ class TorchBackend:
     def new_sampler(
         self, params: SamplingParams, grammar: str | None = None, grammar_trigger: str | None = None
     ) -> TorchSampler:
-        if grammar is not None:
-            raise InvalidInputError(
-                "constrained output (response_format json_object / json_schema, tool_choice) needs the llama.cpp"
-                " backend (GGUF models)",
-                param="response_format",
-            )
-        for token, _bias in params.logit_bias:
-            if not 0 <= token < self.n_vocab:
-                raise InvalidInputError(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
+        check_unconstrained(params, grammar, self.n_vocab)
         return TorchSampler(params, self._row_logits, [])
 
     def _row_logits(self, row: int) -> torch.Tensor:
