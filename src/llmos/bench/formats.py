@@ -42,7 +42,7 @@ from llmos.engine.streams import SyncOutputStream
 from llmos.errors import DecodeError, NotFoundError
 from llmos.registry.service import Registry
 from llmos.runtime.loader import Loader
-from llmos.types import SamplingParams
+from llmos.types import ChatMessage, SamplingParams
 
 EMBED_SENTENCES = 1000
 LEVELS = [1, 16]
@@ -261,10 +261,6 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.min((a * b).sum(axis=1) / np.maximum(norms, 1e-12)))
 
 
-def chat_prompt(question: str) -> str:
-    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-
-
 def decode_run(core: EngineCore, prompts: list[list[int]], max_tokens: int) -> DecodeRun:
     """Submit all ``prompts`` at once, step ``core`` until idle; a failed request raises its error."""
     streams = []
@@ -299,9 +295,7 @@ def measure_decode(
         core = EngineCore(model, EngineConfig(prefix_cache=False, speculative=False), background=False)
         runs: dict[int, list[DecodeRun]] = {}
         for level in levels:
-            prompts = [
-                model.tokenize(chat_prompt(QUESTIONS[i % len(QUESTIONS)]), add_special=False) for i in range(level)
-            ]
+            prompts = [instance.chat_tokens([ChatMessage("user", QUESTIONS[i % len(QUESTIONS)])]) for i in range(level)]
             decode_run(core, prompts, WARMUP_TOKENS)
             for _ in range(repeats):
                 run = decode_run(core, prompts, max_tokens)

@@ -14,11 +14,11 @@ nothing here runs the graph.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
 
+from llmos.edge.runner import sha256_file
 from llmos.errors import BackendUnavailableError, InvalidModelFileError
 from llmos.formats import safe_json
 from llmos.formats.info import ModelFile, ModelInfo
@@ -71,7 +71,7 @@ def inspect_onnx(path: Path) -> ModelInfo:
     digests: dict[str, str] = {}
     for name in sorted(external):
         source = directory / name
-        digests[name] = _sha256(source)
+        digests[name] = sha256_file(source)
         files.append(ModelFile(source, name, source.stat().st_size))
     if path.is_dir():
         for side in sorted(p for p in path.iterdir() if p.name in HF_SIDE_FILES and p.is_file()):
@@ -212,9 +212,14 @@ def _side_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def sentence_pooling(directory: Path) -> tuple[str, bool]:
+    """A sentence-transformers directory's pooling (``max_tokens``, ``mean_sqrt_len_tokens``, ``cls_token`` or, by
+    default, ``mean_tokens``, from ``1_Pooling/config.json``) and whether a Normalize step follows
+    (``modules.json``)."""
+    pooling = _side_json(directory / "1_Pooling" / "config.json")
+    modes = ("max_tokens", "mean_sqrt_len_tokens", "cls_token")
+    mode = next((m for m in modes if pooling.get(f"pooling_mode_{m}")), "mean_tokens")
+    modules_file = directory / "modules.json"
+    modules = safe_json.read(modules_file, _MAX_JSON_BYTES) if modules_file.is_file() else []
+    steps = modules if isinstance(modules, list) else []
+    return mode, any(isinstance(m, dict) and str(m.get("type", "")).endswith("Normalize") for m in steps)

@@ -28,6 +28,7 @@ import numpy as np
 
 from llmos.errors import BackendUnavailableError, InvalidModelFileError
 from llmos.formats.detect import HF_SIDE_FILES
+from llmos.formats.onnx import sentence_pooling
 
 DECODER_TYPES = {"llama", "mistral", "qwen2", "smollm3"}
 CHECK_PROMPT = "The capital of France is"
@@ -243,12 +244,10 @@ def export_encoder(source: Path, out_dir: Path, *, threads: int | None = None) -
     encoder = SentenceTransformer(str(source), device="cpu", local_files_only=True)
     transformer: Any = encoder[0].auto_model
     transformer.eval()
-    pooling = json.loads((source / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
-    if pooling.get("pooling_mode_max_tokens") or pooling.get("pooling_mode_mean_sqrt_len_tokens"):
+    mode, normalize = sentence_pooling(source)
+    if mode not in ("mean_tokens", "cls_token"):
         raise InvalidModelFileError("ONNX export supports mean and CLS pooling only")
-    cls_pooling = bool(pooling.get("pooling_mode_cls_token"))
-    modules = json.loads((source / "modules.json").read_text(encoding="utf-8"))
-    normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    cls_pooling = mode == "cls_token"
     token_types = getattr(transformer.config, "type_vocab_size", 0) > 0
 
     class Encoder(torch.nn.Module):  # type: ignore[misc,name-defined]

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.errors import BackendUnavailableError, ModelLoadError
-
-ONNX_EXTRA = "pip install 'llmos[onnx]'"
+from llmos.formats.onnx import ONNX_EXTRA, require_onnx
 
 
 def graph_file(model_dir: Path) -> Path:
@@ -58,10 +57,7 @@ def open_session(graph: Path, *, threads: int | None = None) -> Any:
 
 def external_files(graph_bytes: bytes) -> list[str]:
     """The external-data file names a serialized graph's initializers point into."""
-    try:
-        import onnx
-    except ImportError as exc:
-        raise BackendUnavailableError(f"the ONNX Runtime backend needs the onnx extra: `{ONNX_EXTRA}`") from exc
+    onnx = require_onnx()
     model = onnx.load_model_from_string(graph_bytes)
     found: list[str] = []
     for tensor in model.graph.initializer:

@@ -23,7 +23,6 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from llmos.edge.runner import sha256_file
 from llmos.errors import BackendUnavailableError, InvalidModelFileError
 from llmos.formats import safe_json
 from llmos.formats.detect import HF_SIDE_FILES, MAX_JSON_BYTES, PICKLE_SUFFIXES
@@ -285,10 +285,6 @@ def tf_to_hf(directory: Path, out_dir: Path) -> dict[str, Any]:
         raise BackendUnavailableError(_NEEDS) from exc
     from transformers.utils import logging as hf_logging
 
-    digest = hashlib.sha256()
-    with h5_path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
     tf_weights = read_tf_weights(h5_path)
     cls, hf_config = _model_class(config, transformers)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -315,4 +311,4 @@ def tf_to_hf(directory: Path, out_dir: Path) -> dict[str, Any]:
         target = out_dir / side.name
         if side.name in _SIDE_FILES and side.is_file() and not side.is_symlink() and not target.exists():
             shutil.copyfile(side, target)
-    return {"converted_from": "tensorflow", "tf_model_sha256": digest.hexdigest()}
+    return {"converted_from": "tensorflow", "tf_model_sha256": sha256_file(h5_path)}

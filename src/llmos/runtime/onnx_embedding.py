@@ -11,26 +11,19 @@ cut. Calls are serialised (one run at a time); callers run them in worker thread
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmos.engine.backends.hf_vocab import HfVocabulary
+from llmos.engine.backends.hf_vocab import HfVocabulary, read_json_object
 from llmos.errors import ContextLengthExceededError
+from llmos.formats.onnx import sentence_pooling
 from llmos.formats.onnx_session import graph_file, open_session
 from llmos.registry.views import VersionView
 
 BATCH = 32
-
-
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    value = json.loads(path.read_text(encoding="utf-8"))
-    return value if isinstance(value, dict) else {}
 
 
 class OnnxEmbeddingModel:
@@ -44,12 +37,10 @@ class OnnxEmbeddingModel:
         self._inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         self._output = "sentence_embedding" if "sentence_embedding" in outputs else "last_hidden_state"
-        pooling = _read(model_dir / "1_Pooling" / "config.json")
-        self._cls = bool(pooling.get("pooling_mode_cls_token"))
-        modules = json.loads((model_dir / "modules.json").read_text()) if (model_dir / "modules.json").is_file() else []
-        self._normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-        self.max_tokens = int(_read(model_dir / "sentence_bert_config.json").get("max_seq_length") or 512)
-        pad = _read(model_dir / "tokenizer_config.json").get("pad_token")
+        mode, self._normalize = sentence_pooling(model_dir)
+        self._cls = mode == "cls_token"
+        self.max_tokens = int(read_json_object(model_dir / "sentence_bert_config.json").get("max_seq_length") or 512)
+        pad = read_json_object(model_dir / "tokenizer_config.json").get("pad_token")
         self._pad = int(self.vocab.tokenizer.token_to_id(pad) or 0) if isinstance(pad, str) else 0
         self._lock = threading.Lock()
         self.dimension = int(self._run([self._encode("dimension")])[0].shape[0])

@@ -44,7 +44,8 @@ def piece_bytes(text: str, byte_level: bool) -> bytes:
     return text.replace("\u2581", " ").encode("utf-8")
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model directory's JSON side file as a dict: {} when it is missing or not an object."""
     if not path.is_file():
         return {}
     try:
@@ -62,15 +63,21 @@ class HfVocabulary:
             raise ModelLoadError("reading a tokenizer.json needs the tokenizers package") from exc
         if not (model_dir / "tokenizer.json").is_file():
             raise ModelLoadError(f"{model_dir.name}: no tokenizer.json next to the model")
-        self.tokenizer: Any = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        try:  # read and parsed once: the tokenizer is built from the same text its decoder and specials are read from
+            text = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
+            spec = json.loads(text)
+            self.tokenizer: Any = Tokenizer.from_str(text)
+        except Exception as exc:  # OSError, a JSON error, or the plain Exception tokenizers raises on a bad file
+            raise ModelLoadError(f"cannot read tokenizer.json: {exc}") from exc
+        spec = spec if isinstance(spec, dict) else {}
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
-        spec = _json(model_dir / "tokenizer.json")
         self.byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
         self.special = {int(t["id"]) for t in spec.get("added_tokens", []) if t.get("special")}
-        tokenizer_config = _json(model_dir / "tokenizer_config.json")
+        tokenizer_config = read_json_object(model_dir / "tokenizer_config.json")
         self.eos: set[int] = set()
-        for source in (_json(model_dir / "generation_config.json"), _json(model_dir / "config.json")):
+        for name in ("generation_config.json", "config.json"):
+            source = read_json_object(model_dir / name)
             value = source.get("eos_token_id")
             if isinstance(value, int):
                 self.eos.add(value)

@@ -23,7 +23,6 @@ only).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from llmos.engine.backends.base import BatchItem, TokenLogprob, check_unconstrained
-from llmos.engine.backends.hf_vocab import HfVocabulary
+from llmos.engine.backends.hf_vocab import HfVocabulary, read_json_object
 from llmos.engine.backends.numpy_sampling import NumpySampler
 from llmos.errors import InvalidInputError, ModelLoadError
 from llmos.formats.onnx_session import graph_file, open_session
@@ -98,7 +97,7 @@ class OnnxBackend:
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self._output_names = ["logits"] + [name.replace("past_key_values.", "present.") for name in self._past_names]
         self.vocab = HfVocabulary(model_dir)
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        config = read_json_object(model_dir / "config.json")
         logits_shape = self.session.get_outputs()[0].shape
         self.n_vocab = int(logits_shape[2]) if isinstance(logits_shape[2], int) else int(config["vocab_size"])
         self.n_seq_max = n_seq_max
