@@ -27,9 +27,43 @@ def shared_probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         yield path
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """One PostgreSQL server for the session (see ``tests/postgres.py``); skipped where the binaries are missing,
+    unless the CI variable is set: then that is a failure."""
+    from tests.postgres import PostgresUnavailable, start_test_server
+
+    try:
+        server = start_test_server()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL: {exc} (make test-tools)")
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty llmos home for one test (also exported as LLMOS_HOME for subprocesses)."""
+def database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The database the test's store uses: ``sqlite`` (the default) or ``postgresql`` where a module parametrizes it
+    (``pytestmark = pytest.mark.parametrize("database", DATABASES, indirect=True)``, see ``tests/postgres.py``).
+
+    For ``postgresql`` the test gets a fresh database of the session's server, exported as LLMOS_DATABASE_URL so
+    that ``Settings`` and every subprocess (CLI, server, job workers) use it.
+    """
+    kind = str(getattr(request, "param", "sqlite"))
+    if kind == "postgresql":
+        monkeypatch.setenv("LLMOS_DATABASE_URL", request.getfixturevalue("postgres_server").create_database())
+    else:
+        monkeypatch.delenv("LLMOS_DATABASE_URL", raising=False)
+    return kind
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str) -> Path:
+    """An empty llmos home for one test (also exported as LLMOS_HOME for subprocesses), on ``database``."""
     path = tmp_path / "llmos-home"
     monkeypatch.setenv("LLMOS_HOME", str(path))
     return path

@@ -76,12 +76,34 @@ def store_snapshot(home: Path) -> dict[str, Any]:
     )
     rows: dict[str, list[Any]] = {}
     db = home / "llmos.db"
+    url = os.environ.get("LLMOS_DATABASE_URL")
+    if url:  # the store's database is elsewhere (PostgreSQL): every row of every table it has
+        return {"files": files, "rows": database_rows(url)}
     if db.exists():
         with sqlite3.connect(db) as conn:
             tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
             for table in sorted(tables):
                 rows[table] = sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)  # noqa: S608
     return {"files": files, "rows": rows}
+
+
+def database_rows(url: str) -> dict[str, list[Any]]:
+    """Every row of every table of the database at ``url``, through SQLAlchemy (any dialect), sorted per table."""
+    from sqlalchemy import MetaData
+
+    from llmos.store.db import create_db_engine
+
+    engine = create_db_engine(url)
+    try:
+        metadata = MetaData()
+        metadata.reflect(engine)
+        with engine.connect() as conn:
+            return {
+                name: sorted((tuple(row) for row in conn.execute(table.select())), key=repr)
+                for name, table in sorted(metadata.tables.items())
+            }
+    finally:
+        engine.dispose()
 
 
 def child_env(home: Path, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:

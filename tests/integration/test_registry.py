@@ -1,4 +1,5 @@
-"""The registry through the real CLI and a real SQLite store: digests, dedup, tags, removal, verification."""
+"""The registry through the real CLI and a real store (SQLite and PostgreSQL): digests, dedup, tags, removal,
+verification."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import gguf_bytes, run_cli, store_snapshot
+from tests.postgres import DATABASES
+
+pytestmark = pytest.mark.parametrize("database", DATABASES, indirect=True)
 
 
 def sha256_file(path: Path) -> str:

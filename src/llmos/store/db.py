@@ -2,8 +2,11 @@
 
 Contract: :func:`open_database` returns a SQLAlchemy engine whose schema is at the newest migration. For SQLite it
 turns on WAL, a busy timeout, foreign keys and ``synchronous=FULL`` on every connection, so a kill -9 at any moment
-leaves either the old or the new state of a transaction. Migrations are applied automatically, serialised between
-processes by a file lock, and skipped cheaply when the database is already current.
+leaves either the old or the new state of a transaction. PostgreSQL (``postgresql://`` or ``postgres://``) goes
+through psycopg 3 (the ``postgres`` extra) with the session time zone set to UTC. Migrations are applied
+automatically and skipped cheaply when the database is already current; they are serialised between processes by a
+file lock on SQLite and, on PostgreSQL, by a transaction-scoped advisory lock, which also holds between machines.
+Error messages never contain the URL (it may hold a password).
 """
 
 from __future__ import annotations
@@ -16,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from llmos.errors import StorageError
+from llmos.errors import BackendUnavailableError, StorageError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SCHEMA_HEAD = "0006"
 """Newest migration revision; a test asserts it equals Alembic's head."""
+POSTGRES_EXTRA = "pip install 'llmos[postgres]'"
+MIGRATION_LOCK_KEY = 0x6C6C6D6F73  # "llmos": the pg_advisory_xact_lock key every llmos process migrates under
 
 
 def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
@@ -39,32 +44,64 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
     return on_connect
 
 
+def sqlalchemy_url(url: str) -> str:
+    """``url`` with PostgreSQL spelled the way SQLAlchemy and psycopg 3 need it (``postgresql+psycopg://``)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
 def create_db_engine(url: str, busy_timeout_ms: int = 30_000) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": busy_timeout_ms / 1000})
-        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
-        return engine
-    return create_engine(url, pool_pre_ping=True)
+    """An engine for ``url`` (SQLite or PostgreSQL); a bad URL or a missing driver is one clear error."""
+    try:
+        parsed = make_url(sqlalchemy_url(url))
+    except (ArgumentError, ValueError):
+        raise StorageError("the database URL does not parse (expected sqlite:///PATH or postgresql://...)") from None
+    backend = parsed.get_backend_name()
+    try:
+        if backend == "sqlite":
+            engine = create_engine(parsed, connect_args={"timeout": busy_timeout_ms / 1000})
+            event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+            return engine
+        if backend == "postgresql":
+            return create_engine(
+                parsed, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC", "connect_timeout": 10}
+            )
+        return create_engine(parsed, pool_pre_ping=True)
+    except ImportError as exc:
+        extra = f": {POSTGRES_EXTRA}" if backend == "postgresql" else ""
+        raise BackendUnavailableError(f"the {backend} database driver is not installed ({exc.name}){extra}") from None
+    except NoSuchModuleError:
+        raise StorageError(f"unsupported database kind {parsed.drivername!r} (use sqlite or postgresql)") from None
+
+
+def _revision_on(conn: Connection) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    return str(row[0]) if row else None
 
 
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
-        if not inspect(conn).has_table("alembic_version"):
-            return None
-        row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
-        return str(row[0]) if row else None
+        return _revision_on(conn)
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply Alembic migrations up to ``revision`` on ``engine``."""
+def _upgrade_on(connection: Connection, revision: str) -> None:
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply Alembic migrations up to ``revision`` on ``engine`` (unserialised: see :func:`open_database`)."""
     with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        _upgrade_on(connection, revision)
 
 
 @contextmanager
@@ -82,11 +119,20 @@ def open_database(url: str, lock_dir: Path, busy_timeout_ms: int = 30_000) -> En
     engine = create_db_engine(url, busy_timeout_ms)
     try:
         if current_revision(engine) != SCHEMA_HEAD:
-            with _file_lock(lock_dir / "migrate.lock"):
-                if current_revision(engine) != SCHEMA_HEAD:
-                    upgrade(engine)
+            if engine.dialect.name == "postgresql":
+                # PostgreSQL runs DDL in the transaction: the lock and the whole upgrade commit (or vanish) together
+                with engine.begin() as conn:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                    if _revision_on(conn) != SCHEMA_HEAD:
+                        _upgrade_on(conn, "head")
+            else:
+                with _file_lock(lock_dir / "migrate.lock"):
+                    if current_revision(engine) != SCHEMA_HEAD:
+                        upgrade(engine)
     except OperationalError as exc:
-        raise StorageError(f"cannot open the registry database: {exc.orig}") from exc
+        engine.dispose()
+        reason = " ".join(str(exc.orig).split())
+        raise StorageError(f"cannot open the registry database: {reason}") from exc
     return engine
 
 
