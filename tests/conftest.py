@@ -151,3 +151,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         assert listeners and all(ip.is_loopback for ip in unwrapped), listeners
     finally:
         cluster.stop()
+
+
+# three Ray nodes in three network namespaces (root only; see tests/multinode.py)
+from tests.multinode import multinode_cluster  # noqa: E402, F401

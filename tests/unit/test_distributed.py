@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from llmos.distributed.cluster import LocalCluster, connect, ray_environment
+from llmos.distributed.cluster import LocalCluster, connect, is_local_address, ray_environment
 from llmos.distributed.serving import _BatchingStream, _portable
 from llmos.engine.request import GenerationOutput
 from llmos.errors import ContextLengthExceededError, EngineStoppedError, InvalidInputError
@@ -22,6 +23,36 @@ def test_ray_environment_keeps_ray_on_loopback_and_quiet(tmp_path: Path) -> None
     assert env["RAY_AUTH_MODE"] == "disabled"
     assert env["RAY_USAGE_STATS_REPORT_URL"].startswith("http://127.0.0.1:")
     assert (Path(env["HOME"]) / "ray_bootstrap_config.yaml").read_text().strip() == "{}"
+
+
+def test_a_multi_node_environment_lets_ray_take_the_node_address_and_stays_quiet(tmp_path: Path) -> None:
+    env = ray_environment(tmp_path / "ray-home", multi_node=True)
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["RAY_AUTH_MODE"] == "disabled"
+    assert env["RAY_USAGE_STATS_REPORT_URL"].startswith("http://127.0.0.1:")
+
+
+def test_local_addresses_are_loopback_or_this_machines_own() -> None:
+    assert is_local_address("127.0.0.1:6379") and is_local_address("localhost:1") and is_local_address("[::1]:1")
+    for address in ("10.0.0.5:6379", "ray.example.com:6379", "169.254.169.254:80", "0.0.0.0:6379", "224.0.0.1:1"):
+        assert not is_local_address(address), address
+
+
+def test_a_node_address_that_is_not_this_machines_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path)
+    for node_ip in ("10.0.0.5", "not-an-ip"):
+        with pytest.raises(InvalidInputError, match="not an IP address of this machine"):
+            cluster.start(node_ip=node_ip)
+    assert not cluster.state_path.exists()
+
+
+def test_a_cluster_record_of_an_older_release_still_reads(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path)
+    cluster.root.mkdir(parents=True)
+    record = {"address": "127.0.0.1:1", "pid": os.getpid(), "cpus": 2, "temp_dir": str(tmp_path / "t")}
+    cluster.state_path.write_text(json.dumps(record))
+    info = cluster.info()
+    assert info is not None and info.role == "head" and info.node_ip == "127.0.0.1"
 
 
 @pytest.mark.parametrize("address", ["10.0.0.5:6379", "ray.example.com:6379", "169.254.169.254:80"])
