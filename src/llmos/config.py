@@ -116,7 +116,24 @@ class Settings(BaseSettings):
     torch_context_length: int = Field(
         default=1024,
         ge=64,
-        description="Context window of each sequence on the PyTorch backend (its fp32 KV cache is preallocated).",
+        description="Context window of each sequence on the PyTorch backend (its KV cache is preallocated).",
+    )
+    torch_device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$",
+        description=(
+            "Where the PyTorch backend, fine-tuning and Ray training run: auto (the default: the first CUDA GPU when"
+            " torch sees one, else the CPU), cpu, cuda or cuda:N. Ray training takes one GPU per worker when the"
+            " cluster has enough (backend nccl), unless this is cpu."
+        ),
+    )
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description=(
+            "Weights and KV cache dtype of the PyTorch backend: auto is float32 on the CPU and, on CUDA, bfloat16"
+            " where the GPU has it natively (compute capability 8.0+), else float16. Fine-tuning has its own"
+            " --precision (auto: bf16 on such GPUs, else fp32)."
+        ),
     )
     batch_size: int = Field(
         default=512, ge=1, description="Most tokens (all sequences together) evaluated in one forward pass."
@@ -340,6 +357,11 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() in SWITCH_WORDS:
             return SWITCH_WORDS[value.strip().lower()]
         return value
+
+    @field_validator("torch_device", "torch_dtype", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("home", mode="after")
     @classmethod

@@ -66,6 +66,7 @@ def test_once_shows_the_resident_model_its_memory_and_tokens_per_second(world: W
     chat(world, 4)  # smollm2 becomes resident
     runtime = runtime_state(world)
     (model,) = runtime["models"]
+    assert runtime["torch_device"] == "cpu" or runtime["torch_device"].startswith("cuda:")
     stop = threading.Event()
 
     def keep_generating() -> None:

@@ -1,7 +1,9 @@
 """Admin routes: runtime state, tenants, keys, usage and the audit log.
 
 Contract: ``GET /admin/runtime`` lists every resident model with backend, measured memory, leases in flight,
-keep-alive expiry and engine activity, plus the budget, the process RSS and the llama.cpp CPU path in use and why;
+keep-alive expiry and engine activity, plus the budget, the process RSS, the llama.cpp CPU path in use and why, and
+the device torch models run on (``torch_device``: ``cpu`` or ``cuda:0 <name>, <memory> GiB``, asked of a child process
+once so that the server never initialises CUDA itself);
 ``POST /admin/runtime/unload`` with ``{"model": NAME}`` unloads it as soon as it is idle (404 if the name is
 unknown). Tenants, usage and audit are admin-only. Keys: admins manage every key; a developer may list, create
 (developer or consumer role) and revoke keys of its own tenant. Every change is audited; a new key is returned
@@ -21,6 +23,7 @@ from pydantic import Field
 from llmos.api.auth import require_role
 from llmos.api.body import AdminBody, parse_body
 from llmos.api.state import AppState
+from llmos.runtime.doctor import torch_device_report, torch_report
 from llmos.runtime.memory import process_rss
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.replicas import ReplicaSet
@@ -93,6 +96,7 @@ async def runtime(request: Request) -> dict[str, Any]:
         "used": residency.used(),
         "rss": process_rss(),
         "llamacpp": llamacpp,
+        "torch_device": await to_thread.run_sync(torch_device_report, state.settings, torch_report()),
         "models": models,
         "model_processes": state.loader.launcher is not None,
         "zygotes": state.loader.launcher.pids() if state.loader.launcher is not None else {},

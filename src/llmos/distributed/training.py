@@ -3,7 +3,8 @@
 Contract: :func:`ray_finetune` trains like :func:`llmos.training.finetune.finetune` (same arguments, same
 :class:`~llmos.training.finetune.FinetuneResult`, same output directory and checkpoint format), but on a Ray
 cluster joined through :func:`llmos.distributed.cluster.connect`: a ``TorchTrainer`` with ``workers`` workers of one
-CPU each (one GPU each when the cluster has enough; backend ``gloo`` on CPU, ``nccl`` on GPU).
+CPU each (one GPU each when the cluster has enough and ``device`` is not ``cpu``, as
+:func:`llmos.engine.torch_device.ray_use_gpu` decides; backend ``gloo`` on CPU, ``nccl`` on GPU).
 
 * **Same steps as one process**: every worker builds the run with :func:`llmos.training.finetune.prepare` (same
   model, rows and batch order) and runs the one training loop, :class:`~llmos.training.loop.TrainingLoop`, with a
@@ -93,6 +94,7 @@ def ray_finetune(
     on_step: StepCallback | None = None,
     log: Callable[[str], None] = print,
     name: str = "llmos-train",
+    device: str = "auto",
 ) -> FinetuneResult:
     """Fine-tune on ``workers`` Ray Train workers; see the module docstring."""
     config.validate()
@@ -108,7 +110,9 @@ def ray_finetune(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = ray.cluster_resources()
-    use_gpu = float(resources.get("GPU", 0)) >= workers
+    from llmos.engine.torch_device import ray_use_gpu
+
+    use_gpu = ray_use_gpu(device, float(resources.get("GPU", 0)), workers)
     if float(resources.get("CPU", 0)) < workers:
         raise InvalidInputError(
             f"--workers {workers} needs {workers} CPUs; the Ray cluster at {address} has {resources.get('CPU', 0):g}",

@@ -164,6 +164,7 @@ def run_train(context: JobContext) -> dict[str, Any]:
                         chat_template=base.chat_template,
                         on_step=context.progress,
                         log=context.log,
+                        device=context.settings.torch_device,
                     )
             except TrainingStopped as exc:
                 from llmos.jobs.context import JobCancelled
@@ -228,4 +229,5 @@ def _train_on_ray(
         on_step=reporter.progress,
         log=reporter.log,
         name=f"llmos-{context.id}",
+        device=settings.torch_device,
     )

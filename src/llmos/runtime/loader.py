@@ -267,6 +267,8 @@ class Loader:
                 n_ctx_seq=self.settings.torch_context_length,
                 n_batch=self.settings.batch_size,
                 threads=self.settings.threads,
+                device=self.settings.torch_device,
+                dtype=self.settings.torch_dtype,
                 prefix_cache_tokens=self.torch_prefix_cache_tokens,
             )
         elif backend == "onnx":

@@ -6,9 +6,9 @@ and thread settings of fine-tuning (:class:`~llmos.training.finetune.FinetuneCon
 :class:`~llmos.errors.InvalidInputError` naming the field; :meth:`TrainingConfig.plan` turns the settings and the
 number of training examples into the :class:`~llmos.training.loop.LoopPlan` (steps per epoch =
 ``ceil(examples / batch_size) // grad_accum``, at least 1; ``max_steps`` or that times ``epochs``; validation once per
-epoch unless ``eval_every``). :func:`begin` applies the thread count, resolves the precision and seeds torch;
-:func:`encode_examples` turns the rows into examples with the model's tokenizer and refuses data with nothing to
-learn from.
+epoch unless ``eval_every``). :func:`begin` applies the thread count, resolves the precision for the run's device
+and seeds torch; :func:`encode_examples` turns the rows into examples with the model's tokenizer and refuses data
+with nothing to learn from.
 """
 
 from __future__ import annotations
@@ -82,13 +82,14 @@ class TrainingConfig:
         )
 
 
-def begin(config: TrainingConfig) -> tuple[str, Any]:
-    """Threads, precision and seed for a run: returns ``(precision name, torch dtype)``."""
+def begin(config: TrainingConfig, device: Any = None) -> tuple[str, Any]:
+    """Threads, precision (on ``device``; None: the CPU) and seed for a run: returns ``(precision name, torch
+    dtype)``."""
     import torch
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    precision, dtype = resolve_precision(config.precision)
+    precision, dtype = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
     return precision, dtype
 

@@ -19,6 +19,10 @@ and perplexity, tokens trained on and tokens per second.
   raises :class:`~llmos.errors.StorageError` and leaves earlier checkpoints intact. The output directory is private.
 * ``on_step(step, total, metrics)`` is called after every optimizer step; it returns True to stop (cancellation):
   a checkpoint is written and :class:`~llmos.training.loop.TrainingStopped` is raised.
+* ``device`` (a setting such as ``Settings.torch_device``, or a ``torch.device``) picks where the run trains, by
+  :func:`llmos.engine.torch_device.resolve_device`: ``auto`` is the first CUDA GPU when torch sees one, else the CPU.
+  Checkpoints hold CPU tensors for the weights and load with ``map_location="cpu"``, so a run checkpointed on a GPU
+  resumes on the CPU and the other way round.
 """
 
 from __future__ import annotations
@@ -119,12 +123,15 @@ class FinetuneSetup:
     model: Any
     optimizer: Any
     schedule: Any
+    device: Any = None
+    """The ``torch.device`` the model is on."""
 
     def describe(self) -> str:
         plan, examples = self.plan, self.examples
         return (
             f"{len(examples.train)} training and {len(examples.validation)} validation examples;"
             f" {plan.steps_per_epoch} steps per epoch; {plan.total_steps} steps; {self.config.method}; {self.precision}"
+            f" on {self.device}"
         )
 
     def run(
@@ -142,7 +149,7 @@ class FinetuneSetup:
             self.schedule,
             CrossEntropy(),
             self.plan,
-            collective=collective,
+            collective=collective or Collective(self.device),
             checkpoints=checkpoints,
             on_step=on_step,
             log=log,
@@ -185,23 +192,27 @@ def prepare(
     config: FinetuneConfig,
     *,
     chat_template: str | None = None,
-    device: Any = None,
+    device: Any = "auto",
 ) -> FinetuneSetup:
-    """Seed, encode the rows, load the base (with LoRA adapters) and build the optimizer and schedule."""
+    """Seed, encode the rows, load the base (with LoRA adapters) on ``device`` and build the optimizer and
+    schedule."""
     from transformers import AutoTokenizer
 
+    from llmos.engine.torch_device import resolve_device
+
     config.validate()
-    precision, dtype = begin(config)
+    device = resolve_device(device)
+    precision, dtype = begin(config, device)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     encoded = encode_examples(tokenizer, train_rows, validation_rows, chat_template, config.max_length)
     plan = config.plan(len(encoded.train))
     model = load_base(base_dir, config, dtype)
-    if device is not None:
+    if device.type != "cpu":
         model = model.to(device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, schedule = config.optimizer_and_schedule(trainable, plan.total_steps)
-    return FinetuneSetup(config, precision, tokenizer, encoded, plan, model, optimizer, schedule)
+    return FinetuneSetup(config, precision, tokenizer, encoded, plan, model, optimizer, schedule, device)
 
 
 def finetune(
@@ -215,9 +226,11 @@ def finetune(
     chat_template: str | None = None,
     on_step: StepCallback | None = None,
     log: Callable[[str], None] = print,
+    device: Any = "auto",
 ) -> FinetuneResult:
-    """Fine-tune ``base_dir`` on the rows in this process and write the result into ``output_dir``."""
-    setup = prepare(base_dir, train_rows, validation_rows, config, chat_template=chat_template)
+    """Fine-tune ``base_dir`` on the rows in this process (on ``device``) and write the result into
+    ``output_dir``."""
+    setup = prepare(base_dir, train_rows, validation_rows, config, chat_template=chat_template, device=device)
     log(setup.describe())
     outcome = setup.run(Checkpoints.of(checkpoints), on_step=on_step, log=log)
     if outcome.stopped:

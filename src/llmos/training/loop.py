@@ -60,12 +60,16 @@ def bf16_is_fast() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str) -> tuple[str, Any]:
-    """``(name, torch dtype)`` for a precision setting; ``auto`` is bf16 where it is fast, else fp32."""
+def resolve_precision(precision: str, device: Any = None) -> tuple[str, Any]:
+    """``(name, torch dtype)`` for a precision setting on ``device`` (None: the CPU); ``auto`` is bf16 where it is
+    fast (a CPU with native bf16 instructions, a GPU with native bf16: :func:`~llmos.engine.torch_device.
+    training_precision`), else fp32."""
     import torch
 
+    from llmos.engine.torch_device import training_precision
+
     if precision == "auto":
-        precision = "bf16" if bf16_is_fast() else "fp32"
+        precision = training_precision(device) or ("bf16" if bf16_is_fast() else "fp32")
     return precision, torch.bfloat16 if precision == "bf16" else torch.float32
 
 

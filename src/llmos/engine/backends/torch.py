@@ -19,18 +19,22 @@ An item appends at ``start_pos`` <= that length (a smaller ``start_pos`` truncat
 the positions the step itself defines, so positions beyond are dead and are simply overwritten later (nothing is
 zeroed). A multi-token item at ``start_pos > 0`` (a prefill chunk, or speculative verification with
 ``logits="all"``) attends with a causal mask offset by ``start_pos``; :meth:`TorchBackend.forget_sequence` with
-``from_pos`` then drops rejected positions. Holders ``0..prefix_holders-1`` are host-memory copies of one span
-``[start, end)`` of a slot's keys and values (one tensor ``[2, layers, kv_heads, end - start, head_dim]`` each),
-separate from the per-slot cache: :meth:`~TorchBackend.save_span` copies out, :meth:`~TorchBackend.load_span` copies a
-sub-range back into a slot that holds exactly ``[0, start)``, :meth:`~TorchBackend.split_span` cuts one into two
-exact-size copies (the original is freed, so memory equals the tokens held), :meth:`~TorchBackend.drop_span` frees.
+``from_pos`` then drops rejected positions. Holders ``0..prefix_holders-1`` are copies of one span ``[start, end)``
+of a slot's keys and values (one tensor ``[2, layers, kv_heads, end - start, head_dim]`` each, on the backend's
+device), separate from the per-slot cache: :meth:`~TorchBackend.save_span` copies out, :meth:`~TorchBackend.load_span`
+copies a sub-range back into a slot that holds exactly ``[0, start)``, :meth:`~TorchBackend.split_span` cuts one into
+two exact-size copies (the original is freed, so memory equals the tokens held), :meth:`~TorchBackend.drop_span` frees.
 ``kv_pool_tokens`` is the budget, in tokens, that the engine's prefix cache may keep in holders (the backend does not
 enforce it; :attr:`~TorchBackend.held_tokens` says what is kept). Span calls with a holder out of range, an empty or
 occupied holder where the other is required, or positions outside what a slot or holder keeps are engine bugs and
 raise ``ValueError``.
 
-Only logits of requested rows are computed (final norm + LM head on those rows). A checkpoint made by ``llmos quantize
---type int8`` loads with int8 projections, LM head and embeddings (:mod:`llmos.engine.backends.int8`). Supported:
+Only logits of requested rows are computed (final norm + LM head on those rows); they come back to the CPU as
+float32 once per step, where sampling and log-probabilities work on them. Device and dtype follow
+:mod:`llmos.engine.torch_device` (``device="auto"``: the first CUDA GPU when torch sees one, else the CPU; dtype
+float32 on the CPU, bfloat16 or float16 on CUDA); weights, KV cache, holders and LoRA weights live on that device. A
+checkpoint made by ``llmos quantize --type int8`` loads with int8 projections, LM head and embeddings
+(:mod:`llmos.engine.backends.int8`, fbgemm kernels: always on the CPU, float32 unless a dtype is given). Supported:
 architectures whose HF implementation follows the Llama module layout (llama, mistral, qwen2, smollm). Not
 thread-safe (engine thread only).
 """
@@ -91,7 +95,8 @@ class TorchBackend:
         n_ctx_seq: int = 2048,
         n_batch: int = 512,
         threads: int | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "auto",
         prefix_holders: int = 64,
         prefix_cache_tokens: int = 8192,
     ) -> None:
@@ -104,14 +109,21 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
         from llmos.engine.backends.int8 import load_int8_model
+        from llmos.engine.torch_device import resolve_device, resolve_dtype
         from llmos.formats.int8 import is_int8_dir
 
+        int8 = is_int8_dir(model_dir)  # `llmos quantize --type int8`: int8 weights, dynamic int8 activations (CPU)
+        self.device = torch.device("cpu") if int8 else resolve_device(device)
+        dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or "auto", self.device)
+        assert isinstance(dtype, torch.dtype)
         try:
             tokenizer: Any = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            if is_int8_dir(model_dir):  # `llmos quantize --type int8`: int8 weights, dynamic int8 activations
+            if int8:
                 model: Any = load_int8_model(model_dir, dtype)
             else:
                 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+                if self.device.type != "cpu":
+                    model = model.to(self.device)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"transformers could not load the model: {exc}") from exc
         self.tokenizer = tokenizer
@@ -133,8 +145,8 @@ class TorchBackend:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         self.heads = heads
         shape = (len(self.layers), n_seq_max, self.kv_heads, self.n_ctx_seq, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype)
-        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.prefix_holders = prefix_holders
         self.kv_pool_tokens = prefix_cache_tokens
         self._spans: dict[int, _Span] = {}
@@ -218,7 +230,7 @@ class TorchBackend:
     # --- adapters ---------------------------------------------------------------------------------------------------
 
     def add_adapter(self, name: str, adapter_dir: Path) -> None:
-        self.adapters[name] = load_peft_adapter(name, adapter_dir, len(self.layers), self.dtype)
+        self.adapters[name] = load_peft_adapter(name, adapter_dir, len(self.layers), self.dtype, self.device)
 
     def bind_adapter(self, seq_id: int, adapter: str | None) -> None:
         if adapter is not None and adapter not in self.adapters:
@@ -234,9 +246,10 @@ class TorchBackend:
             return {}
         if total > self.n_batch:
             raise ValueError(f"batch of {total} tokens exceeds n_batch={self.n_batch}")
-        ids = torch.tensor([t for item in items for t in item.tokens], dtype=torch.long)
+        device = self.device
+        ids = torch.tensor([t for item in items for t in item.tokens], dtype=torch.long, device=device)
         positions = torch.tensor(
-            [item.start_pos + i for item in items for i in range(len(item.tokens))], dtype=torch.long
+            [item.start_pos + i for item in items for i in range(len(item.tokens))], dtype=torch.long, device=device
         )
         spans: list[tuple[BatchItem, int, int]] = []
         offset = 0
@@ -271,7 +284,7 @@ class TorchBackend:
             k = k.reshape(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.reshape(1, total, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = self._apply_rope(q, k, cos, sin)
-            out = torch.empty(1, self.heads, total, self.head_dim, dtype=q.dtype)
+            out = torch.empty(1, self.heads, total, self.head_dim, dtype=q.dtype, device=device)
             if decodes is not None:
                 self._attend_decodes(layer_index, attn.scaling, q, k, v, out, decodes)
             for item, begin, end in prefills:
@@ -283,7 +296,7 @@ class TorchBackend:
                 mask = None
                 causal = length > 1 and start == 0  # a fresh prompt: the causal kernel skips the masked half
                 if length > 1 and start > 0:
-                    mask = torch.ones(length, start + length, dtype=torch.bool).tril(diagonal=start)
+                    mask = torch.ones(length, start + length, dtype=torch.bool, device=device).tril(diagonal=start)
                 scale = attn.scaling
                 out[:, :, begin:end] = F.scaled_dot_product_attention(
                     q[:, :, begin:end], keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
@@ -310,20 +323,21 @@ class TorchBackend:
         self._log_z = None
         if wanted:
             selected = inner.norm(hidden[0, wanted])
-            self._logits = self.model.lm_head(selected).to(torch.float32)
+            self._logits = self.model.lm_head(selected).to(torch.float32).cpu()  # one copy per step off a GPU
         else:
             self._logits = None
         return {seq: r for seq, r in rows.items() if r}
 
     def _decode_plan(self, single: list[tuple[BatchItem, int]]) -> dict[str, Any]:
         """Index tensors for attending all one-token decodes of a step in one call over the slot dimension."""
-        slots = torch.tensor([item.seq_id for item, _ in single], dtype=torch.long)
-        positions = torch.tensor([item.start_pos for item, _ in single], dtype=torch.long)
-        rows = torch.tensor([begin for _, begin in single], dtype=torch.long)
-        length = int(positions.max()) + 1
-        lengths = torch.zeros(self.n_seq_max, dtype=torch.long)
+        device = self.device
+        slots = torch.tensor([item.seq_id for item, _ in single], dtype=torch.long, device=device)
+        positions = torch.tensor([item.start_pos for item, _ in single], dtype=torch.long, device=device)
+        rows = torch.tensor([begin for _, begin in single], dtype=torch.long, device=device)
+        length = max(item.start_pos for item, _ in single) + 1
+        lengths = torch.zeros(self.n_seq_max, dtype=torch.long, device=device)
         lengths[slots] = positions + 1
-        mask = torch.arange(length)[None, :] < lengths[:, None]  # [slots, length]
+        mask = torch.arange(length, device=device)[None, :] < lengths[:, None]  # [slots, length]
         return {"slots": slots, "positions": positions, "rows": rows, "length": length, "mask": mask[:, None, None]}
 
     def _attend_decodes(
@@ -339,7 +353,7 @@ class TorchBackend:
         slots, positions, rows, length = plan["slots"], plan["positions"], plan["rows"], plan["length"]
         self.k_cache[layer, slots, :, positions] = k[0, :, rows].transpose(0, 1)
         self.v_cache[layer, slots, :, positions] = v[0, :, rows].transpose(0, 1)
-        queries = torch.zeros(self.n_seq_max, self.heads, 1, self.head_dim, dtype=q.dtype)
+        queries = torch.zeros(self.n_seq_max, self.heads, 1, self.head_dim, dtype=q.dtype, device=q.device)
         queries[slots] = q[0, :, rows].transpose(0, 1)[:, :, None]
         keys = self.k_cache[layer, :, :, :length]
         values = self.v_cache[layer, :, :, :length]
@@ -354,7 +368,7 @@ class TorchBackend:
             adapter = self._seq_adapter.get(item.seq_id)
             if adapter is not None:
                 groups.setdefault(adapter, []).extend(range(begin, end))
-        return {name: torch.tensor(rows, dtype=torch.long) for name, rows in groups.items()}
+        return {name: torch.tensor(rows, dtype=torch.long, device=self.device) for name, rows in groups.items()}
 
     def _fuse_projections(self) -> None:
         """One weight matrix for q/k/v and one for gate/up per layer: two large GEMMs instead of five small ones.
@@ -509,9 +523,14 @@ class TorchBackend:
         self._spans.clear()
         self.model = None
         self._logits = None
+        self._fused_weights = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def load_peft_adapter(name: str, adapter_dir: Path, n_layers: int, dtype: torch.dtype) -> LoraAdapter:
+def load_peft_adapter(
+    name: str, adapter_dir: Path, n_layers: int, dtype: torch.dtype, device: torch.device | None = None
+) -> LoraAdapter:
     """Read a peft LoRA directory (adapter_config.json + adapter_model.safetensors) into per-module A/B tensors."""
     import json
     import re
@@ -532,7 +551,7 @@ def load_peft_adapter(name: str, adapter_dir: Path, n_layers: int, dtype: torch.
         layer, module, which = int(match.group(1)), match.group(2), match.group(3)
         if module not in LORA_TARGETS or layer >= n_layers:
             raise InvalidInputError(f"adapter {name!r} targets {key}, which this base model does not have")
-        parts.setdefault((layer, module), {})[which] = tensor.to(dtype)
+        parts.setdefault((layer, module), {})[which] = tensor.to(device=device, dtype=dtype)
     weights = {k: (v["A"], v["B"]) for k, v in parts.items() if "A" in v and "B" in v}
     if not weights:
         raise InvalidInputError(f"adapter {name!r} holds no LoRA weights llmos can apply")
