@@ -51,13 +51,19 @@ $(VENV)/.installed-dev: $(INSTALL_DEPS)
 	touch $(VENV)/.installed $@
 
 ## test-tools: the Debian programs the tests drive: chromium (the console's browser tests, through Playwright; nothing
-## is downloaded by Playwright) and promtool (from the prometheus package: `promtool check metrics` on /metrics)
+## is downloaded by Playwright), promtool (from the prometheus package: `promtool check metrics` on /metrics) and the
+## PostgreSQL server (the tests start their own on a free loopback port; tests/postgres.py). A policy-rc.d that
+## refuses service starts keeps the package from starting a system cluster, should a service manager exist.
 test-tools:
 	@missing=""; [ -x /usr/bin/chromium ] || missing="chromium"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq || exit 1; \
+			rc=/usr/sbin/policy-rc.d; ours=""; \
+			if [ ! -e $$rc ]; then printf '#!/bin/sh\nexit 101\n' > $$rc; chmod +x $$rc; ours=1; fi; \
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+			status=$$?; if [ -n "$$ours" ]; then rm -f $$rc; fi; exit $$status; \
 		else echo "the tests need: sudo apt-get install $$missing" >&2; exit 1; fi; fi
 
 ## console: rebuild the web console (console/, Preact + TypeScript + Vite) into src/llmos/console/static

@@ -48,17 +48,12 @@ def postgres_server() -> Iterator[Any]:
 @pytest.fixture
 def database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The database the test's store uses: ``sqlite`` (the default) or ``postgresql`` where a module parametrizes it
-    (``pytestmark = pytest.mark.parametrize("database", DATABASES, indirect=True)``, see ``tests/postgres.py``).
+    (``pytestmark = pytest.mark.parametrize("database", DATABASES, indirect=True)``); see
+    :func:`tests.postgres.database_env`. A module whose tests share one store makes its own module-scoped fixture
+    with ``params=DATABASES`` around the same function."""
+    from tests.postgres import database_env
 
-    For ``postgresql`` the test gets a fresh database of the session's server, exported as LLMOS_DATABASE_URL so
-    that ``Settings`` and every subprocess (CLI, server, job workers) use it.
-    """
-    kind = str(getattr(request, "param", "sqlite"))
-    if kind == "postgresql":
-        monkeypatch.setenv("LLMOS_DATABASE_URL", request.getfixturevalue("postgres_server").create_database())
-    else:
-        monkeypatch.delenv("LLMOS_DATABASE_URL", raising=False)
-    return kind
+    return database_env(request, str(getattr(request, "param", "sqlite")), monkeypatch)
 
 
 @pytest.fixture

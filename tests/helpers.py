@@ -106,6 +106,26 @@ def database_rows(url: str) -> dict[str, list[Any]]:
         engine.dispose()
 
 
+def store_url(home: Path) -> str:
+    """The database URL a store at ``home`` uses in this test: LLMOS_DATABASE_URL (PostgreSQL) or its SQLite file."""
+    return os.environ.get("LLMOS_DATABASE_URL") or f"sqlite:///{home / 'llmos.db'}"
+
+
+def store_sql(home: Path, statement: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    """Run one SQL statement on the store's database (SQLite or PostgreSQL), committed; returns its rows."""
+    from sqlalchemy import text
+
+    from llmos.store.db import create_db_engine
+
+    engine = create_db_engine(store_url(home))
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(statement), dict(params or {}))
+            return [tuple(row) for row in result] if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
 def child_env(home: Path, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
     """This process's environment for a child working on the store at ``home``; ``extra`` sets (or, None, removes)."""
     env = {**os.environ, "LLMOS_HOME": str(home), "COLUMNS": "200"}

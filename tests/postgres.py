@@ -25,10 +25,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import free_port
 
 DATABASES = ["sqlite", "postgresql"]
 """The ``database`` fixture's parameters: what the store-backed test modules run on."""
+
+
+def database_env(request: pytest.FixtureRequest, kind: str, patch: pytest.MonkeyPatch) -> str:
+    """Put a test's store on ``kind``: for ``postgresql`` a fresh database of the session's server (the
+    ``postgres_server`` fixture) exported as LLMOS_DATABASE_URL, so ``Settings`` and every subprocess (CLI, server,
+    job workers) use it; for ``sqlite`` no such variable (the store's own file). ``patch`` undoes it: the test's
+    ``monkeypatch`` (so a test that changes the variable again undoes in order) or a module's own MonkeyPatch."""
+    if kind == "postgresql":
+        patch.setenv("LLMOS_DATABASE_URL", request.getfixturevalue("postgres_server").create_database())
+    else:
+        patch.delenv("LLMOS_DATABASE_URL", raising=False)
+    return kind
 
 
 class PostgresUnavailable(Exception):
@@ -159,3 +173,38 @@ def start_test_server() -> PostgresServer:
     except BaseException:
         PostgresServer(root=root, bin_dir=bin_dir, port=0, user=user.pw_name).stop()
         raise
+
+
+COPY_SKIPS = ("llmos.db*", "*.lock", "runner-id", "usage-pending.jsonl", "jobs", "tmp", "logs", "ray", "transfers")
+
+
+def copy_store(source: Path, target: Path, url: str) -> None:
+    """A copy of the SQLite store at ``source`` as a store at ``target`` whose database is ``url`` (PostgreSQL).
+
+    Files are hard links (the blob store writes by rename and never in place, so neither copy can change the
+    other's), per-process state is left behind, and every row of every table is copied through SQLAlchemy into the
+    freshly migrated database, whose id sequences are then moved past the copied ids. This shares an expensive
+    session store (a pulled or converted model) with PostgreSQL tests without building it twice.
+    """
+    from sqlalchemy import func, insert, select, text
+
+    from llmos.store.db import create_db_engine, open_database
+    from llmos.store.schema import Base
+
+    shutil.copytree(source, target, copy_function=os.link, ignore=shutil.ignore_patterns(*COPY_SKIPS))
+    old = create_db_engine(f"sqlite:///{source / 'llmos.db'}")
+    new = open_database(url, target)
+    try:
+        with old.connect() as reading, new.begin() as writing:
+            for table in Base.metadata.sorted_tables:
+                rows = [dict(row._mapping) for row in reading.execute(select(table))]
+                if rows:
+                    writing.execute(insert(table), rows)
+                key = table.c.get("id")
+                top = writing.execute(select(func.max(key))).scalar() if key is not None else None
+                if key is not None and key.type.python_type is int and top is not None:
+                    sequence = f"pg_get_serial_sequence('{table.name}', 'id')"
+                    writing.execute(text(f"SELECT setval({sequence}, {int(top)})"))
+    finally:
+        old.dispose()
+        new.dispose()

@@ -1,11 +1,10 @@
-"""Security end to end: real keys, a real server, the official openai client."""
+"""Security end to end: real keys, a real server, the official openai client; the store on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -14,12 +13,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from llmos.config import Settings
 from llmos.registry import sources
 from llmos.registry.service import Registry
 from llmos.security.service import SecurityService
-from tests.helpers import ServerProcess, run_cli
+from tests.helpers import ServerProcess, run_cli, store_sql
+from tests.postgres import DATABASES, database_env
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -30,8 +31,15 @@ class World:
         self.keys: dict[str, str] = {}
 
 
+@pytest.fixture(scope="module", params=DATABASES)
+def module_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The module's one store (and server) on each database in turn."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield database_env(request, request.param, patch)
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path) -> World:
+def world(tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path, module_database: str) -> World:
     home = tmp_path_factory.mktemp("secure") / "home"
     settings = Settings(home=home)
     registry = Registry(settings)
@@ -178,12 +186,12 @@ def test_every_api_surface_hides_other_tenants_and_records_usage(server: ServerP
         )
         assert wrong.status_code == 401 and _error_message(path, wrong.json())
     prefix = key.split("_")[1]
-    with sqlite3.connect(world.home / "llmos.db") as conn:
-        rows = conn.execute(
-            "SELECT endpoint, SUM(prompt_tokens), SUM(completion_tokens) FROM usage"
-            " WHERE key_prefix = ? AND status = 200 GROUP BY endpoint",
-            (prefix,),
-        ).fetchall()
+    rows = store_sql(
+        world.home,
+        "SELECT endpoint, SUM(prompt_tokens), SUM(completion_tokens) FROM usage"
+        " WHERE key_prefix = :prefix AND status = 200 GROUP BY endpoint",
+        {"prefix": prefix},
+    )
     used = {endpoint: (prompt, completion) for endpoint, prompt, completion in rows}
     for _path, (_fields, endpoint) in SURFACES.items():
         assert used[endpoint][0] > 0 and 0 < used[endpoint][1] <= 8, (endpoint, used)
@@ -222,11 +230,11 @@ def test_a_token_budget_counts_every_api_surface(server: ServerProcess, world: W
     for path, response in refused:
         assert "token budget" in _error_message(path, response.json())
     prefix = key.split("_")[1]
-    with sqlite3.connect(world.home / "llmos.db") as conn:
-        total, endpoints = conn.execute(
-            "SELECT SUM(prompt_tokens + completion_tokens), COUNT(DISTINCT endpoint) FROM usage WHERE key_prefix = ?",
-            (prefix,),
-        ).fetchone()
+    [(total, endpoints)] = store_sql(
+        world.home,
+        "SELECT SUM(prompt_tokens + completion_tokens), COUNT(DISTINCT endpoint) FROM usage WHERE key_prefix = :p",
+        {"p": prefix},
+    )
     assert total <= 300 and endpoints == len(SURFACES)
 
 
@@ -243,9 +251,8 @@ def test_keys_cannot_escalate(server: ServerProcess, world: World) -> None:
 
 
 def test_keys_are_stored_hashed(world: World) -> None:
-    with sqlite3.connect(world.home / "llmos.db") as conn:
-        dump = "\n".join(str(row) for row in conn.execute("SELECT * FROM api_keys"))
-        hashes = {row[0] for row in conn.execute("SELECT key_hash FROM api_keys")}
+    dump = "\n".join(str(row) for row in store_sql(world.home, "SELECT * FROM api_keys"))
+    hashes = {row[0] for row in store_sql(world.home, "SELECT key_hash FROM api_keys")}
     for key in world.keys.values():
         assert key not in dump and key.split("_", 2)[2] not in dump
     assert hashlib.sha256(world.keys["admin"].encode()).hexdigest() in hashes
@@ -279,10 +286,11 @@ def test_token_budget_is_never_exceeded(server: ServerProcess, world: World) -> 
     assert any(r.status_code == 200 for r in responses)
     # no wait: a request's usage record is committed before its response completes
     prefix = world.keys["budget"].split("_")[1]
-    with sqlite3.connect(world.home / "llmos.db") as conn:
-        used = conn.execute(
-            "SELECT SUM(prompt_tokens + completion_tokens), COUNT(*) FROM usage WHERE key_prefix = ?", (prefix,)
-        ).fetchone()
+    [used] = store_sql(
+        world.home,
+        "SELECT SUM(prompt_tokens + completion_tokens), COUNT(*) FROM usage WHERE key_prefix = :p",
+        {"p": prefix},
+    )
     served = sum(r.status_code == 200 for r in responses)
     assert used[1] == served
     assert used[0] <= 400
@@ -296,8 +304,8 @@ def test_usage_and_audit_are_recorded(server: ServerProcess, world: World) -> No
     audit = json.loads(run_cli(world.home, "audit", "--json", "--limit", "500").stdout)
     actions = {(e["action"], e["outcome"]) for e in audit}
     assert {("tenant.create", "ok"), ("key.create", "ok"), ("key.revoke", "ok"), ("auth", "denied")} <= actions
-    with sqlite3.connect(world.home / "llmos.db") as conn, pytest.raises(sqlite3.DatabaseError, match="append-only"):
-        conn.execute("DELETE FROM audit_log")
+    with pytest.raises(DBAPIError, match="append-only"):
+        store_sql(world.home, "DELETE FROM audit_log")
 
 
 def test_no_key_ever_reaches_logs_errors_or_the_audit_log(server: ServerProcess, world: World) -> None:
@@ -312,15 +320,15 @@ def test_no_key_ever_reaches_logs_errors_or_the_audit_log(server: ServerProcess,
     outputs.append(run_cli(world.home, "audit", "--json", "--limit", "1000").stdout)
     outputs.append(run_cli(world.home, "keys", "list", "--json").stdout)
     outputs.append(httpx.get(f"{server.base}/metrics", headers={"Authorization": f"Bearer {world.keys['admin']}"}).text)
-    with sqlite3.connect(world.home / "llmos.db") as conn:
-        for table in ("api_keys", "usage", "audit_log"):
-            outputs.append("\n".join(str(row) for row in conn.execute(f"SELECT * FROM {table}")))  # noqa: S608
+    for table in ("api_keys", "usage", "audit_log"):
+        outputs.append("\n".join(str(row) for row in store_sql(world.home, f"SELECT * FROM {table}")))  # noqa: S608
     for text in outputs:
         assert secret not in text
         assert tampered.split("_", 2)[2] not in text
 
 
-def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path: Path) -> None:
+def test_serving_beyond_loopback_without_a_key_is_refused(tmp_path: Path, database: str) -> None:
+    # ``database`` (SQLite, not parametrized): an empty store of its own, not the module's shared one
     result = run_cli(tmp_path / "empty-home", "serve", "--host", "203.0.113.5", "--port", "9")
     assert result.returncode == 1
     assert "llmos keys create" in result.stderr and "203.0.113.5" in result.stderr

@@ -1,12 +1,12 @@
-"""Audit and usage records fail closed, and admin bodies are strict: real servers, a real SQLite store.
+"""Audit and usage records fail closed, and admin bodies are strict: real servers, a real store on SQLite and on
+PostgreSQL.
 
-A SQLite trigger that aborts every insert makes a table unwritable, as a full or broken database would.
+A trigger that aborts every insert makes a table unwritable, as a full or broken database would.
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,25 +21,32 @@ from llmos.registry import sources
 from llmos.registry.service import Registry
 from llmos.security.principal import Limits
 from llmos.security.service import SecurityService
-from tests.helpers import ServerProcess, run_cli
+from tests.helpers import ServerProcess, run_cli, store_sql, store_url
+from tests.postgres import DATABASES, database_env
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 UNKNOWN = "unknown_field_xyz"
 
 
+on_both_databases = pytest.mark.parametrize("database", DATABASES, indirect=True)
+
+
 def block(home: Path, table: str) -> None:
-    with sqlite3.connect(home / "llmos.db") as conn:
-        conn.execute(f"CREATE TRIGGER block_{table} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'x'); END")
+    if store_url(home).startswith("postgresql"):
+        store_sql(home, "CREATE OR REPLACE FUNCTION block_insert() RETURNS trigger LANGUAGE plpgsql"
+                        " AS $$ BEGIN RAISE EXCEPTION 'x'; END $$")  # fmt: skip
+        store_sql(home, f"CREATE TRIGGER block_{table} BEFORE INSERT ON {table} EXECUTE FUNCTION block_insert()")
+    else:
+        store_sql(home, f"CREATE TRIGGER block_{table} BEFORE INSERT ON {table} BEGIN SELECT RAISE(ABORT, 'x'); END")
 
 
 def unblock(home: Path, table: str) -> None:
-    with sqlite3.connect(home / "llmos.db") as conn:
-        conn.execute(f"DROP TRIGGER block_{table}")
+    on_table = f" ON {table}" if store_url(home).startswith("postgresql") else ""
+    store_sql(home, f"DROP TRIGGER block_{table}{on_table}")
 
 
 def count(home: Path, query: str) -> int:
-    with sqlite3.connect(home / "llmos.db") as conn:
-        return int(conn.execute(query).fetchone()[0])
+    return int(store_sql(home, query)[0][0])
 
 
 def metric(text: str, name: str) -> float:
@@ -60,16 +67,20 @@ def wait_ready(base: str, seconds: float = 10.0) -> httpx.Response:
 # --- audit and strict bodies: a server without a model ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str, Path]]:
-    home = tmp_path_factory.mktemp("records") / "home"
-    security = SecurityService(Settings(home=home))
-    security.create_tenant("acme")
-    key, _ = security.create_key("acme", "admin")
-    security.close()
-    server = ServerProcess(home)
-    yield server, key, home
-    server.stop()
+@pytest.fixture(scope="module", params=DATABASES)
+def admin_server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[ServerProcess, str, Path]]:
+    with pytest.MonkeyPatch.context() as patch:
+        database_env(request, request.param, patch)
+        home = tmp_path_factory.mktemp("records") / "home"
+        security = SecurityService(Settings(home=home))
+        security.create_tenant("acme")
+        key, _ = security.create_key("acme", "admin")
+        security.close()
+        server = ServerProcess(home)
+        yield server, key, home
+        server.stop()
 
 
 def test_every_admin_route_refuses_an_unknown_field(admin_server: tuple[ServerProcess, str, Path]) -> None:
@@ -133,7 +144,8 @@ def test_audit_failure_refuses_key_and_tenant_changes(admin_server: tuple[Server
 # --- usage: a server with a model, restarted ------------------------------------------------------------------------
 
 
-def test_unrecorded_usage_refuses_the_key_and_spending_survives_a_restart(tmp_path: Path) -> None:
+@on_both_databases
+def test_unrecorded_usage_refuses_the_key_and_spending_survives_a_restart(tmp_path: Path, database: str) -> None:
     home = tmp_path / "home"
     settings = Settings(home=home)
     registry = Registry(settings)
@@ -189,7 +201,8 @@ def test_unrecorded_usage_refuses_the_key_and_spending_survives_a_restart(tmp_pa
         server.stop()
 
 
-def test_pending_usage_is_replayed_after_a_restart(tmp_path: Path) -> None:
+@on_both_databases
+def test_pending_usage_is_replayed_after_a_restart(tmp_path: Path, database: str) -> None:
     """A record the database refused is kept in a file, refused on, and written by the next process that can."""
     settings = Settings(home=tmp_path / "home")
     security = SecurityService(settings)
@@ -213,7 +226,8 @@ def test_pending_usage_is_replayed_after_a_restart(tmp_path: Path) -> None:
     assert not (settings.home / "usage-pending.jsonl").exists()
 
 
-def test_audited_changes_roll_back_without_their_event(tmp_path: Path) -> None:
+@on_both_databases
+def test_audited_changes_roll_back_without_their_event(tmp_path: Path, database: str) -> None:
     settings = Settings(home=tmp_path / "home")
     security = SecurityService(settings)
     security.create_tenant("acme")

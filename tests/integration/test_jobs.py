@@ -18,6 +18,9 @@ from llmos.registry.datasets import store_rows
 from llmos.registry.service import Registry
 from llmos.store.crypto import MAGIC
 from tests.helpers import ServerProcess, make_tiny_base, run_cli, toy_qa_rows
+from tests.postgres import DATABASES
+
+pytestmark = pytest.mark.parametrize("database", DATABASES, indirect=True)
 
 TRAIN = {
     "base": "tiny", "data": "toy", "method": "lora", "lr": 0.02, "batch_size": 4, "warmup_steps": 2,
@@ -26,7 +29,7 @@ TRAIN = {
 
 
 @pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str) -> Settings:
     home = tmp_path / "home"
     monkeypatch.setenv("LLMOS_HOME", str(home))
     settings = Settings(home=home)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -124,9 +125,24 @@ def test_unknown_names_fail_cleanly(home: Path) -> None:
     assert "smollm2" in pulled.stderr and "gemma3-270m" in pulled.stderr
 
 
-def test_config_and_version_commands(home: Path) -> None:
-    config = json.loads(run_cli(home, "config", "--json").stdout)
-    assert config["home"] == str(home)
+def test_config_version_and_doctor_name_the_database_but_never_its_password(
+    home: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    password = "canary-Pw-7341"
+    if database == "postgresql":  # the test server trusts 127.0.0.1, so a password is accepted and never checked
+        url = os.environ["LLMOS_DATABASE_URL"].replace("//llmos@", f"//llmos:{password}@")
+        monkeypatch.setenv("LLMOS_DATABASE_URL", url)
+    config = run_cli(home, "config", "--json")
+    assert json.loads(config.stdout)["home"] == str(home)
     version = run_cli(home, "version")
     assert version.returncode == 0
     assert "llmos" in version.stdout and "llama-cpp-python 0.3.36" in version.stdout
+    doctor = run_cli(home, "doctor", "--json")
+    registry = json.loads(doctor.stdout)["registry"]
+    assert registry["ok"] and registry["database"] == database, registry
+    if database == "postgresql":
+        assert registry["database_version"].split(".")[0].isdigit() and registry["quick_check"] is None
+    else:
+        assert registry["database_version"] is None and registry["quick_check"] == "ok"
+    for result in (config, version, doctor):
+        assert password not in result.stdout + result.stderr

@@ -20,8 +20,13 @@ from llmos.security import service as security_module
 from llmos.security.principal import Principal
 from llmos.security.service import SecurityService
 from tests.helpers import ServerProcess, gguf_bytes
+from tests.postgres import DATABASES
+
+on_both_databases = pytest.mark.parametrize("database", DATABASES, indirect=True)
+"""The store tests run on SQLite and PostgreSQL; the HTTP hardening below needs no store and runs once."""
 
 
+@on_both_databases
 def test_key_comparison_is_constant_time(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     security = SecurityService(settings)
     security.create_tenant("t")
@@ -42,6 +47,7 @@ def test_key_comparison_is_constant_time(settings: Settings, monkeypatch: pytest
     security.close()
 
 
+@on_both_databases
 def test_roles_cannot_mint_higher_roles(settings: Settings) -> None:
     security = SecurityService(settings)
     security.create_tenant("t")
@@ -56,8 +62,9 @@ def test_roles_cannot_mint_higher_roles(settings: Settings) -> None:
     security.close()
 
 
+@on_both_databases
 def test_adapters_are_encrypted_at_rest_and_a_wrong_key_fails_clearly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
 ) -> None:
     home = tmp_path / "home"
     settings = Settings(home=home, encryption_key=os.urandom(32).hex())

@@ -23,6 +23,12 @@ def _gib(value: int | None) -> str:
     return "?" if value is None else f"{value / 1024**3:.1f} GiB"
 
 
+def database_label(registry: dict[str, Any]) -> str:
+    """``sqlite`` or ``postgresql 15.8``: the kind, and the server's version where there is a server (no URL)."""
+    version = registry.get("database_version")
+    return f"{registry['database']} {version}" if version else str(registry["database"])
+
+
 def render(report: dict[str, Any]) -> None:
     cpu, llama, torch, resources, registry = (
         report["cpu"], report["llama_cpp"], report["torch"], report["resources"], report["registry"],
@@ -48,7 +54,6 @@ def render(report: dict[str, Any]) -> None:
         table.add_row("llama.cpp", "not installed")
     if torch["installed"]:
         table.add_row("torch", f"{torch['version']}, {'CUDA ' + str(torch['cuda']) if torch['cuda'] else 'CPU build'}")
-        table.add_row("torch device", escape(str(report.get("torch_device"))))
     else:
         table.add_row("torch", "not installed")
     table.add_row(
@@ -58,7 +63,7 @@ def render(report: dict[str, Any]) -> None:
     if registry["ok"]:
         table.add_row(
             "registry",
-            f"{registry['database']}, schema {registry['schema_revision']}, {registry['models']} model version(s),"
+            f"{database_label(registry)}, schema {registry['schema_revision']}, {registry['models']} model version(s),"
             f" {registry['datasets']} dataset version(s), {registry['blobs']} blob(s) ({_gib(registry['blob_bytes'])})",
         )
     out.print(table, highlight=False)
