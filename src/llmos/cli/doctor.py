@@ -54,6 +54,7 @@ def render(report: dict[str, Any]) -> None:
         table.add_row("llama.cpp", "not installed")
     if torch["installed"]:
         table.add_row("torch", f"{torch['version']}, {'CUDA ' + str(torch['cuda']) if torch['cuda'] else 'CPU build'}")
+        table.add_row("torch device", escape(str(report.get("torch_device"))))
     else:
         table.add_row("torch", "not installed")
     table.add_row(

@@ -4,7 +4,8 @@ Contract: :func:`diagnose` gathers, without loading any model: the CPU (model, t
 care about, usable cores), the llama.cpp build (version, library directory, variant builds, the features it was
 compiled with) and the fast-path verdict this process runs on (decided as every llmos entry point decides it: the
 explicit setting, the cached probe, or a probe now; ``recheck`` forgets the cached verdict first), the PyTorch build
-(read from its files, not imported), memory and disk, and the registry's health (the database opens at the current
+(read from its files, not imported) and the device the PyTorch backend and training would use
+(:func:`torch_device_report`), memory and disk, and the registry's health (the database opens at the current
 schema, SQLite's quick check, versions and blobs counted; ``llmos verify`` re-hashes every blob). Each part ends in
 a :class:`Check` (``ok`` / ``warn`` / ``fail``); the report is a plain dict, ready for ``--json``.
 """
@@ -86,6 +87,20 @@ def torch_report() -> dict[str, Any]:
         "cuda": values.get("cuda"),
         "hip": values.get("hip"),
     }
+
+
+def torch_device_report(settings: Settings, torch: dict[str, Any]) -> str | None:
+    """``cpu`` or ``cuda:N <name>, <memory> GiB`` for ``settings.torch_device`` (``unavailable: <why>`` when it
+    cannot be met; None without torch). A CPU-only torch build with ``auto`` or ``cpu`` answers without importing
+    torch; anything else asks a child process (:func:`llmos.engine.torch_device.describe_in_child`)."""
+    if not torch.get("installed"):
+        return None
+    spec = settings.torch_device
+    if spec == "cpu" or (spec == "auto" and not torch.get("cuda")):
+        return "cpu"
+    from llmos.engine.torch_device import describe_in_child
+
+    return describe_in_child(spec)
 
 
 def _meminfo() -> dict[str, int]:
@@ -200,8 +215,13 @@ def _checks(report: dict[str, Any]) -> list[Check]:
     else:
         checks.append(Check("llama.cpp", "warn", f"{verdict['path']}: {verdict['reason']}"))
     torch = report["torch"]
+    device = report.get("torch_device") or "cpu"
     checks.append(
-        Check("torch", "ok", f"torch {torch['version']} ({'CUDA ' + torch['cuda'] if torch.get('cuda') else 'CPU'})")
+        Check(
+            "torch",
+            "warn" if device.startswith("unavailable") else "ok",
+            f"torch {torch['version']} ({'CUDA ' + torch['cuda'] if torch.get('cuda') else 'CPU'}); device {device}",
+        )
         if torch["installed"]
         else Check("torch", "warn", "not installed: no fine-tuning or safetensors models (pip install 'llmos[torch]')")
     )
@@ -236,6 +256,7 @@ def diagnose(settings: Settings, *, recheck: bool = False) -> dict[str, Any]:
         "resources": resources_report(settings),
         "registry": registry_report(settings),
     }
+    report["torch_device"] = torch_device_report(settings, report["torch"])
     report["checks"] = [asdict(check) for check in _checks(report)]
     report["ok"] = all(check["status"] != "fail" for check in report["checks"])
     return report
