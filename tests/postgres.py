@@ -14,6 +14,7 @@ another session starts on the same machine.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import itertools
 import os
 import pwd
@@ -136,6 +137,8 @@ def _as_user(user: pwd.struct_passwd, *argv: str | Path) -> list[str]:
 def start_test_server() -> PostgresServer:
     """initdb + start; raises :class:`PostgresUnavailable` when the binaries are missing, RuntimeError when a step
     fails (with that step's output)."""
+    if importlib.util.find_spec("psycopg") is None:
+        raise PostgresUnavailable("the psycopg driver is not installed (pip install 'llmos[postgres]')")
     bin_dir = find_bin_dir()
     user = _server_user() if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
     root = Path(tempfile.mkdtemp(prefix="llmos-pg-"))

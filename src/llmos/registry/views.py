@@ -91,7 +91,7 @@ def version_view(version: ModelVersion, repository: str, tag: str | None) -> Ver
         files=[FileView(f.path, f.blob_digest, f.size) for f in version.files],
         lineage=[
             LineageView(lin.operation, lin.parent_digest, lin.parent_name, dict(lin.params), as_utc(lin.created_at))
-            for lin in version.lineage
+            for lin in sorted(version.lineage, key=lambda lin: lin.id)  # insertion order on every database
         ],
         chat_template=version.chat_template,
         tokenizer=dict(version.tokenizer),
