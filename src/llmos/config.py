@@ -211,6 +211,12 @@ class Settings(BaseSettings):
     job_dispatch_seconds: float = Field(
         default=5.0, gt=0, description="How often `llmos serve` starts queued jobs and detects dead job workers."
     )
+    job_lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job whose worker has not refreshed its heartbeat for this long is taken over by"
+        " another front end of the same database (its worker runs on another machine).",
+    )
     usage_records: bool = Field(
         default=True,
         description="Record one usage row per request (tenant, key prefix, model, tokens, latency, status).",
@@ -232,6 +238,11 @@ class Settings(BaseSettings):
     encryption_key_file: Path | None = Field(default=None, description="File holding the encryption key instead.")
     host: str = Field(default="127.0.0.1", description="Address `llmos serve` binds to.")
     port: int = Field(default=8470, ge=1, le=65535, description="Port `llmos serve` listens on.")
+    advertise_url: str | None = Field(
+        default=None,
+        description="The URL other front ends of the same database reach this server at, to fetch blobs it holds"
+        " (default: http://HOST:PORT).",
+    )
     max_request_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted (larger gets 413)."
     )

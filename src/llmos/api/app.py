@@ -10,6 +10,7 @@ as the process serves. Shutdown unloads every model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterable
@@ -43,6 +44,7 @@ from llmos.errors import BackendUnavailableError, LlmosError
 from llmos.jobs.service import JobService
 from llmos.observability.metrics import CONTENT_TYPE, Metrics
 from llmos.observability.tracing import Tracing
+from llmos.registry.peers import FrontEnds, advertised_url
 from llmos.registry.service import Registry
 from llmos.runtime.failures import FailureLog, ModelFailure
 from llmos.runtime.launcher import Launcher
@@ -51,6 +53,7 @@ from llmos.runtime.memory import process_rss
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.replicas import ReplicaSet
 from llmos.runtime.residency import Residency
+from llmos.security.budgets import BudgetLedger
 from llmos.security.quotas import QuotaManager
 from llmos.security.service import SecurityService
 
@@ -158,7 +161,11 @@ def create_app(
     )
     holder["residency"] = residency
     security = SecurityService(settings)
-    quotas = QuotaManager(security.scope_usage_since, security.unrecorded)
+    front_ends = FrontEnds(registry.session, settings.job_lease_seconds)
+    registry.blob_fetcher = front_ends.fetch_blob  # versions another front end registered: bytes from there
+    security.peer_authenticator = front_ends.authenticate
+    ledger = BudgetLedger(security.session, security.scope_usage_since)
+    quotas = QuotaManager(security.scope_usage_since, security.unrecorded, ledger)
     metrics.watch_records(security.record_counts)
     state = AppState(settings, registry, loader, residency, metrics, security, quotas, preload=list(preload))
 
@@ -180,16 +187,26 @@ def create_app(
                 jobs.dispatch()
             except Exception:
                 log.exception("job dispatch failed")
-            stop_dispatch.wait(settings.job_dispatch_seconds)
+            try:
+                front_ends.heartbeat()
+            except Exception as exc:  # the database is unreachable: /ready says so; peers see this one go stale
+                log.warning("front-end heartbeat failed: %s", type(exc).__name__)
+            stop_dispatch.wait(min(settings.job_dispatch_seconds, settings.job_lease_seconds / 3))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            front_ends.register(advertised_url(settings.host, settings.port, settings.advertise_url))
+        except Exception as exc:
+            log.warning("could not register this front end for its peers: %s", type(exc).__name__)
         threading.Thread(target=load_preloads, name="llmos-preload", daemon=True).start()
         threading.Thread(target=dispatch_jobs, name="llmos-jobs", daemon=True).start()
         try:
             yield
         finally:
             stop_dispatch.set()
+            with contextlib.suppress(Exception):
+                front_ends.unregister()
             jobs.close()
             await to_thread.run_sync(residency.close)
             if loader.launcher is not None:

@@ -15,6 +15,15 @@ Contract:
 * Cancelling a queued job cancels it at once; a running one is asked to stop (flag in the database + SIGTERM) and
   becomes ``cancelled`` when its worker notices (within one training step).
 * Visibility: a caller with a tenant sees only that tenant's jobs; another tenant's job is "not found".
+* **Several front ends on one database** (PostgreSQL, or one SQLite file): a job is claimed with one conditional
+  ``UPDATE`` (``queued`` -> ``running`` only if still queued), so exactly one front end starts it, and its row names
+  the *runner*: the llmos home whose machine runs the worker (:func:`runner_id`). Slots count that runner's jobs only.
+  PIDs are checked only by the runner itself; a job run elsewhere is alive while its worker refreshes
+  ``heartbeat_at`` (every third of ``job_lease_seconds``). When the heartbeat is older than the lease, the runner
+  is taken to be dead and another front end takes the job over: a resumable job is queued again (and restarts from
+  the checkpoints that front end holds, else from the start), any other becomes ``interrupted``. Every state change
+  of a running job is conditional on its attempt number, and a worker whose heartbeat finds the job taken over
+  stops at once without writing anything (fencing), so two workers never finish one job.
 """
 
 from __future__ import annotations
@@ -31,9 +40,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from llmos.config import Settings
@@ -48,8 +57,32 @@ START_GRACE = timedelta(seconds=60)
 """A ``running`` job whose worker PID was never recorded is considered lost after this long."""
 
 
+def _rows(result: Any) -> int:
+    """Rows an UPDATE matched (its result is a CursorResult at run time)."""
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+RUNNER_FILE = "runner-id"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def runner_id(home: Path) -> str:
+    """This llmos home's identity as a job runner: random, created once (``<home>/runner-id``)."""
+    path = home / RUNNER_FILE
+    with contextlib.suppress(OSError):
+        value = path.read_text().strip()
+        if len(value) == 32:
+            return value
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{RUNNER_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(secrets.token_hex(16))
+    with contextlib.suppress(FileExistsError, OSError):
+        os.link(tmp, path)  # the first writer wins; a concurrent one reads the winner's id
+    tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -90,6 +123,8 @@ class JobView:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    runner: str | None = None
+    """The llmos home (runner id) that runs or last ran it."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -119,6 +154,7 @@ def _view(job: Job) -> JobView:
         started_at=_aware(job.started_at),
         finished_at=_aware(job.finished_at),
         updated_at=_aware(job.updated_at) or utcnow(),
+        runner=job.runner,
     )
 
 
@@ -129,6 +165,7 @@ class JobService:
         self.root.mkdir(parents=True, exist_ok=True)
         self.engine = open_database(settings.effective_database_url(), settings.home, settings.db_busy_timeout_ms)
         self.session = session_factory(self.engine)
+        self.runner = runner_id(settings.home)
         self._children: list[subprocess.Popen[bytes]] = []
 
     def close(self) -> None:
@@ -260,12 +297,29 @@ class JobService:
             job.updated_at = utcnow()
             return bool(job.cancel_requested)
 
+    def heartbeat(self, job_id: str, attempt: int) -> bool:
+        """The worker of ``attempt`` is alive; False when the job is no longer that attempt's (taken over, ended)."""
+        with self.session() as session, session.begin():
+            refreshed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "running", Job.attempts == attempt, Job.runner == self.runner)
+                .values(heartbeat_at=utcnow())
+            )
+            return bool(_rows(refreshed) == 1)
+
     def finish(
-        self, job_id: str, state: str, *, result: dict[str, Any] | None = None, error: str | None = None
+        self,
+        job_id: str,
+        state: str,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        attempt: int | None = None,
     ) -> None:
+        """Record the end of a job (of ``attempt`` only, when given: a taken-over attempt writes nothing)."""
         with self.session() as session, session.begin():
             job = session.get(Job, job_id)
-            if job is None:
+            if job is None or (attempt is not None and (job.attempts != attempt or job.state != "running")):
                 return
             job.state = state
             job.result = result or dict(job.result or {})
@@ -314,30 +368,43 @@ class JobService:
         finally:
             os.close(fd)
 
+    def _alive(self, job: Job, now: datetime) -> bool:
+        if job.runner not in (None, self.runner):  # run on another machine: only its heartbeat tells
+            seen = _aware(job.heartbeat_at) or _aware(job.started_at) or now
+            return seen > now - timedelta(seconds=self.settings.job_lease_seconds)
+        if job.pid is not None:
+            return job.pid_started is not None and process_start_ticks(job.pid) == job.pid_started
+        return (_aware(job.started_at) or now) > now - START_GRACE
+
     def reconcile(self) -> list[str]:
-        """Mark running jobs whose worker is gone as interrupted (queued again with auto-resume); returns their ids."""
+        """Mark running jobs whose worker is gone as interrupted (queued again with auto-resume, or when their runner
+        was another front end that stopped heartbeating: a takeover); returns their ids."""
         self._reap()
         lost = []
+        now = utcnow()
         with self._lock(), self.session() as session, session.begin():
-            for job in session.scalars(select(Job).where(Job.state == "running")):
-                if job.pid is not None:
-                    alive = job.pid_started is not None and process_start_ticks(job.pid) == job.pid_started
-                else:
-                    alive = (_aware(job.started_at) or utcnow()) > utcnow() - START_GRACE
-                if alive:
+            for job in list(session.scalars(select(Job).where(Job.state == "running"))):
+                if self._alive(job, now):
                     continue
-                lost.append(job.id)
-                job.pid = None
-                job.pid_started = None
-                job.updated_at = utcnow()
+                remote = job.runner not in (None, self.runner)
+                values: dict[str, Any] = {"pid": None, "pid_started": None, "updated_at": now}
                 if job.cancel_requested:
-                    job.state = "cancelled"
-                    job.finished_at = utcnow()
-                elif job.auto_resume and job.resumable:
-                    job.state = "queued"
+                    values.update(state="cancelled", finished_at=now)
+                elif job.resumable and (job.auto_resume or remote):
+                    values.update(state="queued")
                 else:
-                    job.state = "interrupted"
-                    job.error = "the worker process ended without finishing (killed or crashed); `llmos jobs resume`"
+                    values.update(
+                        state="interrupted",
+                        error="the worker process ended without finishing (killed or crashed); `llmos jobs resume`",
+                    )
+                changed = session.execute(  # only if nobody (another front end) changed it since it was read
+                    update(Job)
+                    .where(Job.id == job.id, Job.state == "running", Job.attempts == job.attempts)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                if _rows(changed) == 1:
+                    lost.append(job.id)
         return lost
 
     def slots(self, resource: str) -> int:
@@ -349,29 +416,40 @@ class JobService:
         started = []
         with self._lock():
             with self.session() as session:
-                running: dict[str, int] = {}
+                running: dict[str, int] = {}  # slots are this machine's: count the jobs it runs
                 for job in session.scalars(select(Job).where(Job.state == "running")):
-                    running[job.resource] = running.get(job.resource, 0) + 1
+                    if job.runner in (None, self.runner):
+                        running[job.resource] = running.get(job.resource, 0) + 1
                 queued = list(session.scalars(select(Job).where(Job.state == "queued").order_by(Job.created_at)))
             for job in queued:
                 if running.get(job.resource, 0) >= self.slots(job.resource):
                     continue
-                running[job.resource] = running.get(job.resource, 0) + 1
-                self._start(job.id)
-                started.append(job.id)
+                if self._start(job.id):
+                    running[job.resource] = running.get(job.resource, 0) + 1
+                    started.append(job.id)
         return started
 
-    def _start(self, job_id: str) -> None:
+    def _start(self, job_id: str) -> bool:
+        now = utcnow()
         with self.session() as session, session.begin():
-            job = session.get(Job, job_id)
-            if job is None or job.state != "queued":
-                return
-            job.state = "running"
-            job.attempts += 1
-            job.started_at = utcnow()
-            job.updated_at = utcnow()
-            job.pid = None
-            job.pid_started = None
+            claimed = session.execute(  # one conditional update: exactly one front end claims a queued job
+                update(Job)
+                .where(Job.id == job_id, Job.state == "queued")
+                .values(
+                    state="running",
+                    attempts=Job.attempts + 1,
+                    started_at=now,
+                    updated_at=now,
+                    heartbeat_at=now,
+                    runner=self.runner,
+                    pid=None,
+                    pid_started=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if _rows(claimed) != 1:
+                return False
+        self.job_dir(job_id).mkdir(mode=0o700, parents=True, exist_ok=True)  # created elsewhere when taken over
         log = os.fdopen(os.open(self.log_path(job_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
         env = {**os.environ, "LLMOS_HOME": str(self.settings.home)}
         try:
@@ -385,7 +463,7 @@ class JobService:
             )
         except OSError as exc:
             self.finish(job_id, "failed", error=f"could not start the worker: {exc.strerror}")
-            return
+            return True
         finally:
             log.close()
         self._children.append(process)
@@ -394,6 +472,7 @@ class JobService:
             if job is not None and job.state == "running" and job.pid is None:
                 job.pid = process.pid
                 job.pid_started = process_start_ticks(process.pid)
+        return True
 
     def _reap(self) -> None:
         """Collect exited workers started by this process (no zombies in a long-running server)."""

@@ -150,6 +150,9 @@ class Registry:
             settings.effective_database_url(), settings.home, settings.db_busy_timeout_ms
         )
         self._sessions = session_factory(self.engine)
+        self.blob_fetcher: Callable[[BlobStore, str], bool] | None = None
+        """Set by a front end that shares its database with others: fetches a blob this store lacks from a peer
+        (:meth:`llmos.registry.peers.FrontEnds.fetch_blob`)."""
         if maintain:
             self.maintain()
 
@@ -625,6 +628,8 @@ class Registry:
         paths: dict[str, Path] = {}
         for file in view.files:
             path = self.blobs.path(file.digest)
+            if not path.is_file() and self.blob_fetcher is not None:
+                self.blob_fetcher(self.blobs, file.digest)  # registered by another front end: its bytes are there
             if not path.is_file():
                 raise ModelUnavailableError(
                     f"{view.name} cannot be loaded: its file {file.path} is missing from the store (run `llmos verify`)"

@@ -8,6 +8,10 @@ part when it ends. So concurrent requests can never spend beyond a budget. Refus
 :class:`~llmos.errors.RateLimitError` (with the seconds until enough capacity returns) or
 :class:`~llmos.errors.InsufficientQuotaError`. ``x-ratelimit-*`` headers describe the tightest limits.
 
+With a :class:`~llmos.security.budgets.BudgetLedger` (the server always passes one), token budgets are kept in the
+database instead, so every front end of one database spends from the same budget (see that module); rate limits stay
+per front end. Without one (unit tests, benchmarks of this class), budgets are kept in memory as follows.
+
 Spending is authoritative in memory once loaded: what :meth:`QuotaManager.settle` adds is counted at once, whether
 or not its usage record is written yet. A caller whose usage could not be recorded (``unrecorded`` names the
 reason) is refused with :class:`~llmos.errors.UsageUnrecordedError` (503) until it is, so nothing is ever spent
@@ -23,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from llmos.errors import InsufficientQuotaError, RateLimitError, UsageUnrecordedError
+from llmos.errors import InsufficientQuotaError, LlmosError, RateLimitError, UsageUnrecordedError
+from llmos.security.budgets import BudgetLedger, Claim
 from llmos.security.principal import Limits, Principal
 from llmos.security.service import period_start
 
@@ -50,6 +55,8 @@ class Reservation:
     tokens: int
     headers: dict[str, str]
     settled: bool = False
+    claims: list[Claim] = field(default_factory=list)
+    """Budget claims taken in the database ledger (empty without one)."""
 
 
 class QuotaManager:
@@ -57,11 +64,13 @@ class QuotaManager:
         self,
         usage_since: Callable[[str, datetime], int],
         unrecorded: Callable[[str | None], str | None] = lambda _prefix: None,
+        ledger: BudgetLedger | None = None,
     ) -> None:
         """``usage_since(scope, start)`` returns tokens recorded for ``scope`` ("key:P" / "tenant:T") since start;
         ``unrecorded(key_prefix)`` why that caller's requests must be refused now (its usage is not recorded)."""
         self._usage_since = usage_since
         self._unrecorded = unrecorded
+        self._ledger = ledger
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], Bucket] = {}
         self._spent: dict[tuple[str, datetime], int] = {}
@@ -131,7 +140,7 @@ class QuotaManager:
                             retry_after=wait,
                             headers=headers,
                         )
-                if limits.token_budget is not None:
+                if limits.token_budget is not None and self._ledger is None:
                     used = self._spent_now(scope, limits) + self._reserved.get(scope, 0)
                     if used + tokens > limits.token_budget:
                         raise InsufficientQuotaError(
@@ -145,7 +154,21 @@ class QuotaManager:
                 if limits.tokens_per_minute is not None:
                     self._buckets[(scope, "tokens")].level -= tokens
                 self._reserved[scope] = self._reserved.get(scope, 0) + tokens
-        return Reservation(scopes, tokens, headers)
+        reservation = Reservation(scopes, tokens, headers)
+        if self._ledger is not None:
+            claims = [
+                Claim(scope, period_start(limits.budget_period), limits.token_budget, limits.budget_period, tokens)
+                for scope, limits in scopes
+                if limits.token_budget is not None
+            ]
+            if claims:
+                try:
+                    self._ledger.reserve(claims)
+                except LlmosError:
+                    self._give_back(reservation, 0, refund_request=True)
+                    raise
+                reservation.claims = claims
+        return reservation
 
     @staticmethod
     def _header(headers: dict[str, str], kind: str, limit: int, bucket: Bucket, need: float) -> None:
@@ -162,13 +185,21 @@ class QuotaManager:
         if reservation.settled:
             return
         reservation.settled = True
+        if reservation.claims and self._ledger is not None:
+            self._ledger.settle(reservation.claims, used)
+        self._give_back(reservation, used)
+
+    def _give_back(self, reservation: Reservation, used: int, *, refund_request: bool = False) -> None:
         unused = max(0, reservation.tokens - used)
         with self._lock:
             for scope, limits in reservation.scopes:
                 self._reserved[scope] = max(0, self._reserved.get(scope, 0) - reservation.tokens)
-                if limits.token_budget is not None:
+                if limits.token_budget is not None and self._ledger is None:
                     start = period_start(limits.budget_period)
                     self._spent[(scope, start)] = self._spent_now(scope, limits) + used
                 bucket = self._buckets.get((scope, "tokens"))
                 if bucket is not None:
                     bucket.level = min(bucket.capacity, bucket.level + unused)
+                requests = self._buckets.get((scope, "requests"))
+                if refund_request and requests is not None:
+                    requests.level = min(requests.capacity, requests.level + 1)

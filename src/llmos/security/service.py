@@ -28,7 +28,7 @@ import logging
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,6 +114,9 @@ class SecurityService:
         self.engine = open_database(settings.effective_database_url(), settings.home, settings.db_busy_timeout_ms)
         self._sessions = session_factory(self.engine)
         self.usage = UsageLog(self._sessions, settings.home)
+        self.peer_authenticator: Callable[[str], str | None] | None = None
+        """Set by a server: the id of the live front end of this database presenting a peer token, or None
+        (:meth:`llmos.registry.peers.FrontEnds.authenticate`); such a caller acts as an admin."""
         self.audit_failures = 0
         self._audit_lock = threading.Lock()
         self._audit_error: str | None = None
@@ -244,6 +247,11 @@ class SecurityService:
         """The principal behind an ``Authorization: Bearer <key>`` header, or AuthenticationError."""
         scheme, _, token = (header or "").partition(" ")
         token = token.strip()
+        if self.peer_authenticator is not None and scheme.lower() == "bearer" and token.startswith("llmos-peer-"):
+            peer = self.peer_authenticator(token)
+            if peer is None:
+                raise AuthenticationError("invalid or expired front-end token")
+            return Principal(tenant=f"peer:{peer[:12]}", tenant_id=None, role="admin")
         match = KEY_RE.match(token) if scheme.lower() == "bearer" else None
         if match is None:
             hmac.compare_digest(_DUMMY_HASH, hash_key(token))

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from llmos.errors import BackendUnavailableError, StorageError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 """Newest migration revision; a test asserts it equals Alembic's head."""
 POSTGRES_EXTRA = "pip install 'llmos[postgres]'"
 MIGRATION_LOCK_KEY = 0x6C6C6D6F73  # "llmos": the pg_advisory_xact_lock key every llmos process migrates under

@@ -223,6 +223,10 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     pid: Mapped[int | None] = mapped_column(Integer)
     pid_started: Mapped[int | None] = mapped_column(BigInteger)
+    runner: Mapped[str | None] = mapped_column(String(32))
+    """The llmos home (its runner id) whose machine runs the worker; PIDs mean something only there."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """Refreshed by the worker while it runs; another runner takes the job over when it is older than the lease."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -295,3 +299,34 @@ class StoredResponse(Base):
     encrypted: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class BudgetLedger(Base):
+    """Tokens counted against one scope's budget in one period (``tenant:NAME`` / ``key:PREFIX``, ``2026-12``).
+
+    ``committed`` = tokens used by settled requests + the worst case of requests still running, on every front end of
+    this database. A reservation is one conditional ``UPDATE`` (``committed + n <= budget``), so concurrent front ends
+    can never spend beyond a budget together.
+    """
+
+    __tablename__ = "budget_ledger"
+
+    scope: Mapped[str] = mapped_column(String(160), primary_key=True)
+    period: Mapped[str] = mapped_column(String(32), primary_key=True)
+    committed: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FrontEnd(Base):
+    """A running ``llmos serve`` on this database: where to reach it (blobs it holds) and whether it is alive."""
+
+    __tablename__ = "front_ends"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    url: Mapped[str | None] = mapped_column(String(300))
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of the secret this front end presents when it fetches blobs from another one."""
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,139 @@
+"""Token budgets kept in the database, so every front end of one database spends from the same budget.
+
+Contract: :class:`BudgetLedger` keeps, per scope (``tenant:NAME`` / ``key:PREFIX``) and budget period, one row of
+``budget_ledger`` whose ``committed`` counts the tokens of settled requests plus the worst case of requests still
+running, on every front end that shares the database (SQLite file or PostgreSQL server).
+
+* :meth:`BudgetLedger.reserve` adds a request's worst case to each of its scopes in ONE transaction, each as a
+  conditional ``UPDATE ... SET committed = committed + n WHERE committed + n <= budget``. The database serialises
+  concurrent updates of a row (PostgreSQL re-checks the condition after waiting for the row lock; SQLite has one
+  writer), so two front ends can never together pass a budget. If any scope refuses, nothing is taken from any of
+  them and :class:`~llmos.errors.InsufficientQuotaError` is raised. Rows are updated in sorted order (no deadlock
+  between two multi-scope reservations).
+* A period's row is created on first use with the tokens already recorded in usage for that period (so upgrading a
+  store with history, or a budget set mid-period, counts what was spent); two front ends creating it at once both
+  end with the one row.
+* :meth:`BudgetLedger.settle` gives back ``reserved - used`` when the request ends (to the period it was reserved
+  in). A front end killed mid-request never settles: its requests' worst cases stay counted, so a crash can make a
+  budget stricter for the rest of the period, never looser.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from llmos.errors import InsufficientQuotaError, StorageError
+from llmos.store.schema import BudgetLedger as LedgerRow
+from llmos.store.schema import utcnow
+
+
+def _rows(result: Any) -> int:
+    """Rows an UPDATE matched (its result is a CursorResult at run time)."""
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+log = logging.getLogger("llmos.security")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``tokens`` against ``scope``'s budget of ``budget`` tokens in the period starting at ``period_start``."""
+
+    scope: str
+    period_start: datetime
+    budget: int
+    budget_period: str
+    tokens: int
+
+    @property
+    def period(self) -> str:
+        return self.period_start.isoformat()
+
+
+class BudgetLedger:
+    def __init__(self, sessions: Callable[[], Session], usage_since: Callable[[str, datetime], int]) -> None:
+        """``usage_since(scope, start)``: tokens recorded in usage for a scope since ``start`` (a new row's start)."""
+        self._sessions = sessions
+        self._usage_since = usage_since
+        self._known: set[tuple[str, str]] = set()
+
+    def _ensure_row(self, claim: Claim) -> None:
+        key = (claim.scope, claim.period)
+        if key in self._known:
+            return
+        with self._sessions() as session:
+            exists = session.scalar(
+                select(LedgerRow.committed).where(LedgerRow.scope == claim.scope, LedgerRow.period == claim.period)
+            )
+            if exists is None:
+                spent = self._usage_since(claim.scope, claim.period_start)
+                session.add(LedgerRow(scope=claim.scope, period=claim.period, committed=spent, updated_at=utcnow()))
+                try:
+                    session.commit()
+                except IntegrityError:  # another front end created it first: theirs counts the same usage
+                    session.rollback()
+        self._known.add(key)
+
+    def reserve(self, claims: list[Claim]) -> None:
+        """Take every claim's tokens, or none of them (:class:`InsufficientQuotaError` naming the first refusal)."""
+        claims = sorted(claims, key=lambda claim: (claim.scope, claim.period))
+        try:
+            for claim in claims:
+                self._ensure_row(claim)
+            with self._sessions() as session, session.begin():
+                for claim in claims:
+                    taken = session.execute(
+                        update(LedgerRow)
+                        .where(
+                            LedgerRow.scope == claim.scope,
+                            LedgerRow.period == claim.period,
+                            LedgerRow.committed + claim.tokens <= claim.budget,
+                        )
+                        .values(committed=LedgerRow.committed + claim.tokens, updated_at=utcnow())
+                    )
+                    if _rows(taken) != 1:
+                        used = session.scalar(
+                            select(LedgerRow.committed).where(
+                                LedgerRow.scope == claim.scope, LedgerRow.period == claim.period
+                            )
+                        )
+                        raise InsufficientQuotaError(
+                            f"the token budget of {claim.scope.replace(':', ' ')} ({claim.budget} tokens per"
+                            f" {claim.budget_period}) would be exceeded: {used} used or reserved, this request may"
+                            f" use {claim.tokens}"
+                        )
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot reserve tokens against the budget: {type(exc).__name__}") from exc
+
+    def settle(self, claims: list[Claim], used: int) -> None:
+        """The request used ``used`` tokens: give each claim back what it reserved beyond that."""
+        claims = sorted(claims, key=lambda claim: (claim.scope, claim.period))
+        try:
+            with self._sessions() as session, session.begin():
+                for claim in claims:
+                    unused = max(0, claim.tokens - used)
+                    if unused:
+                        session.execute(
+                            update(LedgerRow)
+                            .where(LedgerRow.scope == claim.scope, LedgerRow.period == claim.period)
+                            .values(committed=LedgerRow.committed - unused, updated_at=utcnow())
+                        )
+        except SQLAlchemyError as exc:  # the worst case stays counted: stricter, never looser
+            log.warning("could not give back unused budget tokens: %s", type(exc).__name__)
+
+    def committed(self, scope: str, period_start: datetime) -> int | None:
+        """Tokens counted against ``scope`` in the period (None before its first request)."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(LedgerRow.committed).where(
+                    LedgerRow.scope == scope, LedgerRow.period == period_start.isoformat()
+                )
+            )
