@@ -8,9 +8,11 @@ Contract:
   ``SPREAD`` strategy, ``ray_replica_cpus`` CPUs (its compute threads) and the model's estimated memory as
   resources). Residency (load on demand, LRU
   eviction, keep-alive) is unchanged: loading the set starts its actors, evicting it kills them.
-* **Blobs through the registry**: an actor never reads the front end's files. It asks the :class:`BlobServer`
-  actor, pinned to the front end's node, for each blob of the version it lacks in its node-local store, writes it
-  with the blob store's digest check (a corrupt transfer is refused), and loads from that node-local copy.
+* **Blobs through the registry**: an actor never reads the front end's files. It asks the
+  :class:`~llmos.distributed.blobs.BlobServer` actor, pinned to the front end's node, for each blob of the version
+  it lacks in its node-local store (:func:`~llmos.distributed.blobs.fetch_version`, which Ray training ranks use
+  too), writes it with the blob store's digest check (a corrupt transfer is refused), and loads from that
+  node-local copy.
 * **Routing and retries**: :meth:`ReplicaSet.pick` sends a request to the live replica with the fewest outstanding
   requests. A request whose replica dies before it produced a token is resubmitted to another live replica (at most
   twice); one that already streamed text ends with an ``EngineStoppedError`` event. A dead replica is replaced in
@@ -27,14 +29,13 @@ import contextlib
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, cast
 
 from llmos.config import Settings
+from llmos.distributed.blobs import BlobServer, fetch_version
 from llmos.engine.backends.base import Backend
 from llmos.engine.core import EngineCore, EngineStats
 from llmos.engine.request import GenerationOutput, GenerationRequest
@@ -47,34 +48,15 @@ from llmos.runtime.loader import Loader
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.remote import BackendClient, EngineClient
 from llmos.runtime.replicas import ReplicaSet
-from llmos.store.blobs import BlobStore
 
 log = logging.getLogger("llmos.distributed")
 
-CHUNK_BYTES = 4 * 1024 * 1024
 MAX_RETRIES = 2
 RESERVATION_SECONDS = 10.0
 """How long a routing decision counts toward a replica's load before its request is submitted."""
 
 
 # --- actors (run in Ray worker processes) -----------------------------------------------------------------------------
-
-
-class BlobServer:
-    """Streams plaintext blobs out of the front end's store (runs on the front end's node)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.registry = Registry(settings, maintain=False)
-
-    def read(self, digest: str) -> Iterator[bytes]:
-        buffer = bytearray()
-        for chunk in self.registry.blobs.read_chunks(digest):
-            buffer += chunk
-            while len(buffer) >= CHUNK_BYTES:
-                yield bytes(buffer[:CHUNK_BYTES])
-                del buffer[:CHUNK_BYTES]
-        if buffer:
-            yield bytes(buffer)
 
 
 class _BatchingStream(OutputStream):
@@ -115,21 +97,9 @@ class ReplicaActor:
     ) -> None:
         import ray
 
-        node = ray.get_runtime_context().get_node_id()
-        node_dir = Path(tempfile.gettempdir()) / "llmos-ray-nodes" / node[:16]
-        store = BlobStore(node_dir / "blobs", lock_path=node_dir / "store.lock")
-        self.fetched = 0
-        for _, digest in files:
-            if store.exists(digest):
-                continue
-            chunks = (ray.get(ref) for ref in blob_server.read.options(num_returns="streaming").remote(digest))
-            with store.writing():
-                store.write_stream(chunks, expected_digest=digest)
-            self.fetched += 1
-        resolved = ResolvedModel(view, {path: store.path(digest) for path, digest in files})
-        directory = resolved.materialize(node_dir / "models")
+        resolved, directory, self.fetched = fetch_version(blob_server, view, files)
         self.model: LoadedModel = Loader(settings, cast(Registry, None)).load_from(resolved, backend, directory)
-        self.node = node
+        self.node = ray.get_runtime_context().get_node_id()
 
     def info(self) -> dict[str, Any]:
         backend = self.model.backend

@@ -11,21 +11,33 @@ CPU each (one GPU each when the cluster has enough and ``device`` is not ``cpu``
   :class:`RayCollective`: rank ``r`` computes the loss of rows ``r, r+N, ...`` of each global batch, scaled so that
   DDP's gradient average equals the single-process gradient, and validation is sharded and summed with an
   all-reduce (the loop's docstring has the details).
-* **Checkpoints**: rank 0 writes them with :class:`~llmos.training.checkpoints.Checkpoints` (``checkpoints``: the
-  job's llmos checkpoints, the source of truth, private and encrypted when they hold a cipher; they travel to the
-  workers by pickling, which rebuilds the cipher there through their ``reopen``; Ray's own storage under ``work_dir``
-  holds nothing llmos needs). When a worker dies, Ray Train (``FailureConfig(max_failures)``) restarts the worker
-  group and every rank continues from the newest checkpoint that loads, so the run ends where an uninterrupted one
-  would. The checkpoint format is the local trainer's (trainable weights by parameter name, optimizer, schedule,
-  step).
-* **Reporting**: ``on_step`` and ``log`` run in the rank-0 worker, so they must be picklable (the jobs layer passes
-  an object that opens its own job service there). ``on_step`` returning True (cancellation) is broadcast to all
-  ranks: a checkpoint is written and :class:`~llmos.training.finetune.TrainingStopped` is raised in the caller.
-* **Files** under ``work_dir``: ``workers/rank-N.json`` (the PID of each rank's current worker process, for
-  operators and tests), ``starts`` (one line per worker-group start, by rank 0), ``result.json`` (rank 0, at the
-  end) and ``storage/`` (Ray Train's run directory).
-  Paths are shared by the driver and the workers, which holds on one machine (the only kind of cluster
-  :class:`~llmos.distributed.cluster.LocalCluster` makes) or a shared file system.
+* **Nothing shared but the front end**: the driver (the job, on the front end's machine) starts a
+  :class:`~llmos.distributed.trainhub.TrainingHub` actor pinned to its own Ray node, and the ranks reach the job only
+  through it: no rank opens a path of the driver's machine, so the ranks may run on other machines without a shared
+  file system. The training rows travel with the trainer's arguments; each rank fetches the base model's blobs from
+  the hub (a :class:`~llmos.distributed.blobs.BlobServer`) into its own node's store
+  (:func:`~llmos.distributed.blobs.fetch_version`, digest-checked).
+* **Checkpoints**: rank 0 uploads them to the hub, which writes them with the job's
+  :class:`~llmos.training.checkpoints.Checkpoints` (``checkpoints``: the source of truth, private and encrypted when
+  it holds a cipher; the local trainer's format: trainable weights by parameter name, optimizer, schedule, step).
+  When a worker (or its whole node) dies, Ray Train (``FailureConfig(max_failures)``) restarts the worker group, on
+  whatever nodes have room, and every rank continues from the newest checkpoint that loads, streamed by the hub, so
+  the run ends where an uninterrupted one would. Ray's own storage (``storage/`` under ``work_dir``, written by Ray
+  Train's controller on the driver's node) holds nothing llmos needs.
+* **Reporting**: ``on_step`` and ``log`` run in the hub (on the driver's node), so they must be picklable (the jobs
+  layer passes an object that opens its own job service there); rank 0 calls them through the hub. ``on_step``
+  returning True (cancellation) is broadcast to all ranks: a checkpoint is written and
+  :class:`~llmos.training.finetune.TrainingStopped` is raised in the caller.
+* **Output**: rank 0 saves the trained adapter or model in a temporary directory of its node and uploads it file by
+  file; the hub writes it into ``output_dir``.
+* **Files** under ``work_dir``, written by the hub: ``workers/rank-N.json`` (each rank's current worker PID, Ray node
+  id and node address, for operators and tests), ``starts`` (one line per worker-group start), ``result.json``
+  (at the end).
+* **Collectives** go over the network interface of each rank's Ray node address (:func:`pin_collective_interface`,
+  run by the trainer's backend setup), so ranks on different machines reach each other whatever their host names
+  resolve to.
+* Placement: one CPU per rank (``SPREAD``: ranks go to different nodes where they fit); the driver's node needs no
+  CPU for the run (the hub and Ray Train's controller take none).
 * Ray and torch are imported inside functions only.
 """
 
@@ -35,29 +47,32 @@ import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from llmos.config import Settings
+from llmos.distributed.blobs import fetch_version
+from llmos.distributed.trainhub import RESULT_FILE, HubCheckpoints, TrainingHub, send_directory
 from llmos.errors import BackendUnavailableError, InvalidInputError, JobFailedError
+from llmos.registry.views import VersionView
 from llmos.training.checkpoints import Checkpoints
 from llmos.training.finetune import FinetuneConfig, FinetuneResult, prepare
 from llmos.training.loop import Collective, StepCallback, TrainingStopped
 
 MAX_WORKERS = 64
-RESULT_FILE = "result.json"
 
 
 def resolve_address(home: Path, address: str, *, allow_remote: bool = False) -> str:
     """``auto`` -> the address of the cluster ``llmos cluster start`` runs for this home; anything else as given,
-    once it passes the loopback rule of :func:`~llmos.distributed.cluster.connect` (checked here, before queueing)."""
-    from llmos.distributed.cluster import LocalCluster, _is_loopback_address
+    once on this machine by the rule of :func:`~llmos.distributed.cluster.connect` (checked here, before queueing)."""
+    from llmos.distributed.cluster import LocalCluster, is_local_address
 
     if address != "auto":
-        if not allow_remote and not _is_loopback_address(address):
+        if not allow_remote and not is_local_address(address):
             raise InvalidInputError(
                 f"Ray address {address!r} is not on this machine; llmos joins remote clusters only when asked"
                 " (LLMOS_RAY_ALLOW_REMOTE=1)",
@@ -77,13 +92,14 @@ def check_workers(workers: object) -> int:
 
 
 def ray_finetune(
-    base_dir: Path,
+    base: VersionView,
     train_rows: Sequence[dict[str, Any]],
     validation_rows: Sequence[dict[str, Any]],
     output_dir: Path,
     checkpoints: Checkpoints | Path,
     config: FinetuneConfig,
     *,
+    settings: Settings,
     address: str,
     ray_home: Path,
     work_dir: Path,
@@ -96,7 +112,8 @@ def ray_finetune(
     name: str = "llmos-train",
     device: str = "auto",
 ) -> FinetuneResult:
-    """Fine-tune on ``workers`` Ray Train workers; see the module docstring."""
+    """Fine-tune ``base`` (a version of ``settings``' registry) on ``workers`` Ray Train workers; see the module
+    docstring."""
     config.validate()
     check_workers(workers)
     from llmos.distributed.cluster import connect
@@ -107,7 +124,8 @@ def ray_finetune(
     if on_term is not None:  # ray.init replaced it with an exit: a job's SIGTERM means "stop at the next step"
         signal.signal(signal.SIGTERM, on_term)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     resources = ray.cluster_resources()
     from llmos.engine.torch_device import ray_use_gpu
@@ -121,24 +139,29 @@ def ray_finetune(
     work_dir.mkdir(parents=True, exist_ok=True)
     result_path = work_dir / RESULT_FILE
     result_path.unlink(missing_ok=True)
-    loop_config = {
-        "base_dir": str(base_dir),
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    hub = (
+        ray.remote(TrainingHub)
+        .options(num_cpus=0, max_concurrency=8, max_restarts=0, scheduling_strategy=here)
+        .remote(settings, Checkpoints.of(checkpoints), str(work_dir), str(output_dir), on_step, log)
+    )
+    loop_config = {  # nothing here names a path of this machine: the ranks reach the job through the hub
+        "hub": hub,
+        "base": base,
         "train": list(train_rows),
         "validation": list(validation_rows),
-        "output_dir": str(output_dir),
-        "checkpoints": Checkpoints.of(checkpoints),
-        "work_dir": str(work_dir),
         "config": config,
         "chat_template": chat_template,
-        "on_step": on_step,
-        "log": log,
+        "report": on_step is not None,
     }
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}, placement_strategy="SPREAD"
+        ),
+        torch_config=pinned_torch_config("nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(  # Ray Train's own records, written by its controller on this node
             name=name,
             storage_path=str(work_dir / "storage"),
             failure_config=FailureConfig(max_failures=max_failures),
@@ -146,9 +169,12 @@ def ray_finetune(
     )
     log(f"training on Ray at {address}: {workers} DDP workers ({'GPU' if use_gpu else 'CPU'})")
     try:
+        ray.get(hub.node.remote())
         trainer.fit()
     except Exception as exc:  # Ray's TrainingFailedError and friends: one line for the job, details in Ray's logs
         raise JobFailedError(f"Ray training failed after {max_failures} restarts: {_first_line(exc)}") from exc
+    finally:
+        ray.kill(hub, no_restart=True)
     try:
         outcome = json.loads(result_path.read_text())
     except (OSError, ValueError) as exc:
@@ -167,11 +193,38 @@ def _first_line(exc: BaseException) -> str:
 # --- the worker side (runs in each Ray Train worker process) -------------------------------------------------------
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+def pin_collective_interface() -> None:
+    """In a rank, before its process group starts: gloo (and NCCL) use the network interface of this node's Ray
+    address, not the one the host name resolves to (loopback in many containers and network namespaces, which peers
+    on other machines cannot reach). A ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` already set wins."""
+    import psutil  # type: ignore[import-untyped]
+    import ray
+
+    address = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    for interface, addresses in psutil.net_if_addrs().items():
+        if any(entry.address == address for entry in addresses):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+            return
+
+
+def pinned_torch_config(backend: str) -> Any:
+    """Ray Train's ``TorchConfig`` for ``backend``, whose setup runs :func:`pin_collective_interface` on every rank
+    before the process group is created."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class PinnedBackend(_TorchBackend):
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            worker_group.execute(pin_collective_interface)
+            super().on_start(worker_group, backend_config)
+
+    class PinnedTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self) -> Any:
+            return PinnedBackend
+
+    return PinnedTorchConfig(backend=backend)
 
 
 class RayCollective(Collective):
@@ -212,39 +265,52 @@ class RayCollective(Collective):
 
 
 def _worker_loop(loop: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import torch
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     config: FinetuneConfig = loop["config"]
-    work_dir = Path(loop["work_dir"])
-    log: Callable[[str], None] = loop["log"] if rank == 0 else (lambda _message: None)
-    starts = 0
-    if rank == 0:
-        with (work_dir / "starts").open("a") as handle:
-            handle.write(f"{time.time():.3f}\n")
-        starts = len((work_dir / "starts").read_text().splitlines())
-    _write_json(work_dir / "workers" / f"rank-{rank}.json", {"pid": os.getpid(), "rank": rank})
+    hub = loop["hub"]
+
+    def log(message: str) -> None:
+        if rank == 0:
+            ray.get(hub.log.remote(message))
+
+    starts = ray.get(hub.start.remote()) if rank == 0 else 0
+    node = ray.get_runtime_context().get_node_id()
+    record = {"pid": os.getpid(), "node_id": node, "address": ray.util.get_node_ip_address()}  # type: ignore[no-untyped-call]
+    ray.get(hub.worker.remote(rank, record))
 
     torch.set_num_threads(config.threads or 1)
     device = ray.train.torch.get_device()
+    _, base_dir, fetched = fetch_version(hub, loop["base"])
     setup = prepare(
-        Path(loop["base_dir"]), loop["train"], loop["validation"], config, chat_template=loop["chat_template"],
-        device=device,
-    )  # fmt: skip
+        base_dir, loop["train"], loop["validation"], config, chat_template=loop["chat_template"], device=device
+    )
     log(f"{setup.describe()}; {world} workers, global batch {config.batch_size}")
+    if fetched:
+        log(f"rank {rank} fetched {fetched} base model files from the front end to node {node[:8]}")
 
     def log_start(message: str) -> None:
         log(f"{message} (worker group start {starts})" if message.startswith("resumed from") else message)
 
+    def on_step(step: int, total: int, metrics: dict[str, float]) -> bool:
+        return bool(ray.get(hub.on_step.remote(step, total, metrics)))
+
     outcome = setup.run(
-        loop["checkpoints"], collective=RayCollective(rank, world, device), on_step=loop["on_step"], log=log_start
+        HubCheckpoints(hub),
+        collective=RayCollective(rank, world, device),
+        on_step=on_step if loop["report"] else None,
+        log=log_start,
     )
     if rank != 0:
         return
     if outcome.stopped:
-        _write_json(work_dir / RESULT_FILE, {"stopped": True, "steps": outcome.steps})
+        ray.get(hub.finish.remote({"stopped": True, "steps": outcome.steps}))
         return
-    setup.save(Path(loop["output_dir"]))
-    _write_json(work_dir / RESULT_FILE, asdict(setup.result(outcome)))
+    with tempfile.TemporaryDirectory(prefix="llmos-train-output-") as scratch:
+        setup.save(Path(scratch) / "output")
+        send_directory(hub, Path(scratch) / "output")
+    ray.get(hub.finish.remote(asdict(setup.result(outcome))))

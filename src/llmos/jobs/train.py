@@ -10,7 +10,9 @@ and the dataset (digests, hyperparameters, metrics, job id): a LoRA adapter boun
 
 With ``ray`` (a Ray address, or ``auto`` for this home's ``llmos cluster``) the same training runs data-parallel on
 ``workers`` Ray Train workers (:func:`llmos.distributed.training.ray_finetune`), checkpointing into the same
-directory; rank 0 reports progress and log lines through a :class:`RemoteJobReporter`.
+directory through the run's :class:`~llmos.distributed.trainhub.TrainingHub` on this node (the ranks fetch the base
+from it and need no path of this machine); progress and log lines reach the job through a :class:`RemoteJobReporter`
+that the hub calls.
 """
 
 from __future__ import annotations
@@ -149,11 +151,12 @@ def run_train(context: JobContext) -> dict[str, Any]:
         )
         output = context.directory / "output"
         shutil.rmtree(output, ignore_errors=True)
-        with registry.loadable_dir(registry.resolve(base.name, verify=True)) as base_dir:
-            try:
-                if params.get("ray"):
-                    result = _train_on_ray(context, base_dir, train, validation, output, config, base.chat_template)
-                else:
+        resolved = registry.resolve(base.name, verify=True)
+        try:
+            if params.get("ray"):  # the ranks fetch the base's blobs from this store themselves
+                result = _train_on_ray(context, resolved.view, train, validation, output, config, base.chat_template)
+            else:
+                with registry.loadable_dir(resolved) as base_dir:
                     result = finetune(
                         base_dir,
                         train,
@@ -166,10 +169,10 @@ def run_train(context: JobContext) -> dict[str, Any]:
                         log=context.log,
                         device=context.settings.torch_device,
                     )
-            except TrainingStopped as exc:
-                from llmos.jobs.context import JobCancelled
+        except TrainingStopped as exc:
+            from llmos.jobs.context import JobCancelled
 
-                raise JobCancelled(str(exc)) from exc
+            raise JobCancelled(str(exc)) from exc
         metrics = result.to_dict()
         lineage_params = {
             "job": context.id,
@@ -202,7 +205,7 @@ def run_train(context: JobContext) -> dict[str, Any]:
 
 def _train_on_ray(
     context: JobContext,
-    base_dir: Path,
+    base: VersionView,
     train: list[dict[str, Any]],
     validation: list[dict[str, Any]],
     output: Path,
@@ -214,12 +217,13 @@ def _train_on_ray(
     settings = context.settings
     reporter = RemoteJobReporter(settings, context.id)
     return ray_finetune(
-        base_dir,
+        base,
         train,
         validation,
         output,
         context.checkpoints,
         config,
+        settings=settings,
         address=resolve_address(settings.home, str(context.params["ray"]), allow_remote=settings.ray_allow_remote),
         ray_home=settings.home / "ray" / "home",
         work_dir=context.directory / "ray",

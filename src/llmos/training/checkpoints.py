@@ -19,6 +19,9 @@ and Ray training all use it; the state is a ``torch.save`` mapping read back wit
 * **Across processes** (Ray workers): a :class:`Checkpoints` pickles as its directory, ``keep`` and ``reopen``, a
   picklable callable that returns the cipher again in the other process; one with a cipher and no ``reopen``
   refuses to pickle (a key is never serialised by this module).
+* :class:`CheckpointStore` is what the training loop needs (``save`` and ``load_latest``); Ray training ranks on
+  other machines use a proxy that ships :func:`state_bytes` to the front end, where
+  :meth:`Checkpoints.save_serialised` writes them as :meth:`Checkpoints.save` would.
 * :meth:`Checkpoints.remove` deletes the directory (the jobs layer calls it when a job succeeds).
 """
 
@@ -29,7 +32,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from llmos.errors import IntegrityError, StorageError
 from llmos.store.crypto import CHUNK, MAGIC, BlobCipher
@@ -111,19 +114,26 @@ class Checkpoints:
     # --- writing -------------------------------------------------------------------------------------------------
 
     def _serialise(self, state: dict[str, Any]) -> Iterator[bytes]:
-        import torch
-
         buffer = io.BytesIO()
-        torch.save(state, buffer)
+        _torch_save(state, buffer)
         view = buffer.getbuffer()
         try:
-            plain = _pieces(view)
-            yield from (self._cipher.encrypt(plain) if self._cipher is not None else plain)
+            yield from self._encrypted(_pieces(view))
         finally:
             view.release()
 
+    def _encrypted(self, plain: Iterable[bytes]) -> Iterable[bytes]:
+        return self._cipher.encrypt(plain) if self._cipher is not None else plain
+
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write ``state`` as ``step-NNNNNNN`` atomically; on failure the partial copy is removed, older ones stay."""
+        return self._write(step, self._serialise(state))
+
+    def save_serialised(self, step: int, data: bytes) -> Path:
+        """:meth:`save` for a state already serialised with :func:`state_bytes` (received from another machine)."""
+        return self._write(step, self._encrypted(_pieces(memoryview(data))))
+
+    def _write(self, step: int, chunks: Iterable[bytes]) -> Path:
         make_private_dir(self.directory)
         final = self.directory / f"step-{step:07d}"
         partial = self.directory / f".step-{step:07d}.partial"
@@ -131,7 +141,7 @@ class Checkpoints:
         try:
             partial.mkdir(mode=0o700)
             os.chmod(partial, 0o700)
-            write_private(partial / STATE_FILE, self._serialise(state))
+            write_private(partial / STATE_FILE, chunks)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(partial, final)
             _fsync_dir(self.directory)
@@ -181,6 +191,36 @@ class Checkpoints:
     def remove(self) -> None:
         """Delete every checkpoint (and the directory)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class CheckpointStore(Protocol):
+    """What the training loop needs of a checkpoint store: :class:`Checkpoints`, or a proxy of one on another
+    machine (:mod:`llmos.distributed.trainhub`)."""
+
+    def save(self, step: int, state: dict[str, Any]) -> Any: ...
+
+    def load_latest(self) -> dict[str, Any] | None: ...
+
+
+def _torch_save(state: dict[str, Any], buffer: io.BytesIO) -> None:
+    import torch
+
+    torch.save(state, buffer)
+
+
+def state_bytes(state: dict[str, Any]) -> bytes:
+    """A checkpoint state serialised the way :class:`Checkpoints` stores it (before encryption)."""
+    buffer = io.BytesIO()
+    _torch_save(state, buffer)
+    return buffer.getvalue()
+
+
+def state_from_bytes(data: bytes) -> dict[str, Any]:
+    """The inverse of :func:`state_bytes` (``weights_only``: tensors and plain containers only)."""
+    import torch
+
+    state: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return state
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:

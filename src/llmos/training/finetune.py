@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.errors import InvalidInputError
-from llmos.training.checkpoints import Checkpoints, make_private_dir
+from llmos.training.checkpoints import Checkpoints, CheckpointStore, make_private_dir
 from llmos.training.config import Encoded, TrainingConfig, begin, encode_examples
 from llmos.training.loop import (
     Collective,
@@ -136,7 +136,7 @@ class FinetuneSetup:
 
     def run(
         self,
-        checkpoints: Checkpoints,
+        checkpoints: CheckpointStore,
         *,
         collective: Collective | None = None,
         on_step: StepCallback | None = None,

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from llmos.errors import InvalidInputError
 from llmos.training.batches import IGNORE, Example, collate
-from llmos.training.checkpoints import Checkpoints
+from llmos.training.checkpoints import CheckpointStore
 
 StepCallback = Callable[[int, int, dict[str, float]], bool]
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -303,7 +303,7 @@ class TrainingLoop:
         plan: LoopPlan,
         *,
         collective: Collective | None = None,
-        checkpoints: Checkpoints | None = None,
+        checkpoints: CheckpointStore | None = None,
         on_step: StepCallback | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
