@@ -15,7 +15,8 @@ Contract (shared test infrastructure: multi-node serving and multi-node training
   are 80 MB. The head's GCS declares a dead node within about 2 s (health checks every 0.5 s, 3 misses).
 * :meth:`Node.popen` runs a command inside a node's namespace (with that node's ``LLMOS_HOME``);
   :meth:`Node.kill_all` SIGKILLs every process in the namespace (a dead machine) and waits until none is left;
-  :meth:`Node.start_ray` (re)starts the node's Ray and waits until the head lists it alive.
+  :meth:`Node.start_ray` (re)starts the node's Ray and waits until the head lists it alive;
+  :meth:`MultiNodeCluster.heal` restarts whatever node a test left dead (the fixture is shared by the session).
 * :meth:`MultiNodeCluster.audit_sockets` lists listening sockets that break the network rule: in a namespace, only
   its test address or loopback (Ray's C++ servers bind 0.0.0.0, which in these namespaces means exactly those two,
   checked from the namespace's addresses); in the root namespace, no new non-loopback listener of a Ray or llmos
@@ -280,6 +281,15 @@ class MultiNodeCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{alive} Ray nodes alive, expected {count}: {self.node_table()}")
             time.sleep(0.25)
+
+    def heal(self) -> None:
+        """Restart the Ray of every node the head does not list alive (after a test killed one), and wait."""
+        alive = {node["address"] for node in self.node_table() if node["alive"]}
+        for node in self.nodes:
+            if node.address not in alive:
+                node.kill_all()
+                node.start_ray()
+        self.wait_alive(len(self.nodes))
 
     def listeners(self) -> list[tuple[str, str]]:
         """(namespace, ip:port) of every listening socket in the cluster's namespaces."""

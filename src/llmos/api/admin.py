@@ -111,7 +111,7 @@ def _placement(replica: LoadedModel) -> dict[str, Any]:
     info = getattr(replica.engine, "info", None)
     placement: dict[str, Any] = {}
     if isinstance(info, dict):
-        placement = {key: info[key] for key in ("node", "pid") if key in info}
+        placement = {key: info[key] for key in ("node", "node_ip", "pid", "fetched_blobs") if key in info}
     failure = getattr(replica.engine, "failure", None)
     if failure is not None:
         placement["failure"] = failure.to_json()
