@@ -8,10 +8,11 @@ Contract:
   ``SPREAD`` strategy, ``ray_replica_cpus`` CPUs (its compute threads) and the model's estimated memory as
   resources). Residency (load on demand, LRU
   eviction, keep-alive) is unchanged: loading the set starts its actors, evicting it kills them.
-* **Blobs through the registry**: an actor never reads the front end's files. It asks the :class:`BlobServer`
-  actor, pinned to the front end's node, for each blob of the version it lacks in its node-local store, writes it
-  with the blob store's digest check (a corrupt transfer is refused), and loads from that node-local copy.
-  Node-local means the Ray node's own llmos home (:func:`node_dir`: ``LLMOS_HOME`` of the node's processes, which
+* **Blobs through the registry**: an actor never reads the front end's files. It asks the
+  :class:`~llmos.distributed.blobs.BlobServer` actor, pinned to the front end's node, for each blob of the version
+  it lacks in its node-local store (:func:`~llmos.distributed.blobs.fetch_version`, which Ray training ranks use
+  too), writes it with the blob store's digest check (a corrupt transfer is refused), and loads from that
+  node-local copy. Node-local means the Ray node's own llmos home (``LLMOS_HOME`` of the node's processes, which
   ``llmos cluster start|join`` sets): the actor runs with the front end's settings but that home and probe cache
   (:func:`node_settings`), and reports its node id, node address and how many blobs it fetched.
 * **Routing and retries**: :meth:`ReplicaSet.pick` sends a request to the live replica with the fewest outstanding
@@ -30,7 +31,6 @@ import contextlib
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from llmos.config import Settings
+from llmos.distributed.blobs import BlobServer, fetch_version, node_dir
 from llmos.engine.backends.base import Backend
 from llmos.engine.core import EngineCore, EngineStats
 from llmos.engine.request import GenerationOutput, GenerationRequest
@@ -50,34 +51,15 @@ from llmos.runtime.loader import Loader
 from llmos.runtime.model import LoadedModel
 from llmos.runtime.remote import BackendClient, EngineClient
 from llmos.runtime.replicas import ReplicaSet
-from llmos.store.blobs import BlobStore
 
 log = logging.getLogger("llmos.distributed")
 
-CHUNK_BYTES = 4 * 1024 * 1024
 MAX_RETRIES = 2
 RESERVATION_SECONDS = 10.0
 """How long a routing decision counts toward a replica's load before its request is submitted."""
 
 
 # --- actors (run in Ray worker processes) -----------------------------------------------------------------------------
-
-
-class BlobServer:
-    """Streams plaintext blobs out of the front end's store (runs on the front end's node)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.registry = Registry(settings, maintain=False)
-
-    def read(self, digest: str) -> Iterator[bytes]:
-        buffer = bytearray()
-        for chunk in self.registry.blobs.read_chunks(digest):
-            buffer += chunk
-            while len(buffer) >= CHUNK_BYTES:
-                yield bytes(buffer[:CHUNK_BYTES])
-                del buffer[:CHUNK_BYTES]
-        if buffer:
-            yield bytes(buffer)
 
 
 class _BatchingStream(OutputStream):
@@ -110,23 +92,10 @@ def _portable(output: GenerationOutput) -> GenerationOutput:
     return output
 
 
-def node_dir() -> Path:
-    """This Ray node's own llmos directory (node-local blobs and laid-out models): ``<LLMOS_HOME>/ray/node`` of the
-    node (``llmos cluster start|join`` gives the node's processes the home that owns it; a separate directory, so
-    that the registry's maintenance of that home never takes these blobs for orphans), else, on a Ray node started
-    otherwise, one per node under the system temp dir."""
-    import ray
-
-    home = os.environ.get("LLMOS_HOME")
-    if home:
-        return Path(home).expanduser() / "ray" / "node"
-    return Path(tempfile.gettempdir()) / "llmos-ray-nodes" / ray.get_runtime_context().get_node_id()[:16]
-
-
 def node_settings(settings: Settings) -> Settings:
     """The front end's settings with this Ray node's own paths: its llmos home (``LLMOS_HOME`` of the node's
-    processes, else :func:`node_dir`) and probe cache; never the front end's paths, which need not exist on this
-    machine."""
+    processes, else :func:`~llmos.distributed.blobs.node_dir`) and probe cache; never the front end's paths, which
+    need not exist on this machine."""
     home = os.environ.get("LLMOS_HOME")
     probes = os.environ.get("LLMOS_PROBE_CACHE_DIR")
     return settings.model_copy(
@@ -145,22 +114,10 @@ class ReplicaActor:
     ) -> None:
         import ray
 
-        node = ray.get_runtime_context().get_node_id()
-        root = node_dir()
-        store = BlobStore(root / "blobs", lock_path=root / "store.lock")
-        self.fetched = 0
-        for _, digest in files:
-            if store.exists(digest):
-                continue
-            chunks = (ray.get(ref) for ref in blob_server.read.options(num_returns="streaming").remote(digest))
-            with store.writing():
-                store.write_stream(chunks, expected_digest=digest)
-            self.fetched += 1
-        resolved = ResolvedModel(view, {path: store.path(digest) for path, digest in files})
-        directory = resolved.materialize(root / "models")
+        resolved, directory, self.fetched = fetch_version(blob_server, view, files)
         loader = Loader(node_settings(settings), cast(Registry, None))
         self.model: LoadedModel = loader.load_from(resolved, backend, directory)
-        self.node = node
+        self.node = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
 
     def info(self) -> dict[str, Any]:
