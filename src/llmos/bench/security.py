@@ -8,6 +8,8 @@ installed package), starts two ``llmos serve`` processes on loopback ports and r
   request) against server *off* (no keys, no auth, ``LLMOS_USAGE_RECORDS=0``), driven in turns with alternating
   order; the table gives tok/s of both and the on/off ratio. The in-process cost of the security path per request
   (authenticate + reserve + settle + usage record) is also timed directly, as a noise-free complement.
+* **Database**, with ``database_url`` (e.g. a PostgreSQL server): a third server, *on* with its store's database at
+  that URL, driven in the same turns; the table adds its tok/s and its ratio to *on* on SQLite (the default store).
 * **Fairness** on the *on* server: tenant B's time to first token for sequential requests on an idle server, then
   again while tenant A keeps ``flood`` streams running; the ratio of medians is what the issue bounds (2x).
 """
@@ -37,14 +39,22 @@ from llmos.security.service import SecurityService
 GENEROUS = Limits(requests_per_minute=1_000_000, tokens_per_minute=1_000_000_000, token_budget=10**12)
 
 
-def _prepare_home(home: Path, model: str) -> None:
+def _env(home: Path, database_url: str | None) -> dict[str, str]:
     env = {**os.environ, "LLMOS_HOME": str(home)}
+    env.pop("LLMOS_DATABASE_URL", None)
+    if database_url:
+        env["LLMOS_DATABASE_URL"] = database_url
+    return env
+
+
+def _prepare_home(home: Path, model: str, database_url: str | None = None) -> None:
+    env = _env(home, database_url)
     subprocess.run([sys.executable, "-m", "llmos", "pull", model], env=env, check=True, capture_output=True)
 
 
-def _keys(home: Path) -> dict[str, str]:
+def _keys(home: Path, database_url: str | None = None) -> dict[str, str]:
     """Tenants a and b with limited developer keys; returns {tenant: key}."""
-    security = SecurityService(Settings(home=home))
+    security = SecurityService(Settings(home=home, database_url=database_url))
     keys = {}
     for tenant in ("a", "b"):
         security.create_tenant(tenant, limits=GENEROUS)
@@ -161,30 +171,34 @@ def run(
     repeats: int = 4,
     flood: int = 64,
     fairness_requests: int = 10,
+    database_url: str | None = None,
 ) -> list[str]:
     homes = {"on": work_dir / "home-on", "off": work_dir / "home-off"}
-    for home in homes.values():
-        _prepare_home(home, model)
-    keys = _keys(homes["on"])
-    lines = [f"security path in process: {security_path_cost(homes['on'], keys['a']):.3f} ms per request"]
+    urls: dict[str, str | None] = {"on": None, "off": None}
+    if database_url:
+        homes["on-db"], urls["on-db"] = work_dir / "home-on-db", database_url
+    for side, home in homes.items():
+        _prepare_home(home, model, urls[side])
+    keys = {side: _keys(homes[side], urls[side]) for side in homes if side != "off"}
+    lines = [f"security path in process: {security_path_cost(homes['on'], keys['on']['a']):.3f} ms per request"]
     ports = {side: free_port() for side in homes}
     bases = {side: f"http://127.0.0.1:{port}" for side, port in ports.items()}
     runs: dict[str, list[LevelResult]] = {side: [] for side in homes}
     with ExitStack() as stack:
         for side, home in homes.items():
-            env = {**os.environ, "LLMOS_HOME": str(home), "LLMOS_USAGE_RECORDS": "1" if side == "on" else "0"}
+            env = {**_env(home, urls[side]), "LLMOS_USAGE_RECORDS": "0" if side == "off" else "1"}
             command = [sys.executable, "-m", "llmos", "serve", "--model", model, "--port", str(ports[side])]
             stack.enter_context(server(command, bases[side] + "/ready", env, work_dir / f"llmos-{side}.log"))
         for repeat in range(repeats):
-            order = ["on", "off"] if repeat % 2 == 0 else ["off", "on"]
+            order = list(homes) if repeat % 2 == 0 else list(reversed(homes))
             for side in order:
-                headers = {"Authorization": f"Bearer {keys['a']}"} if side == "on" else {}
+                headers = {"Authorization": f"Bearer {keys[side]['a']}"} if side != "off" else {}
                 result = asyncio.run(
                     run_level(bases[side], model, clients, 1, max_tokens, False, f"{side}{repeat}", headers)
                 )
                 runs[side].append(result)
                 print(f"  auth {side}: {clients} clients: {result.throughput:.1f} tok/s", file=sys.stderr, flush=True)
-        fairness = asyncio.run(_fairness(bases["on"], model, keys, flood, fairness_requests))
+        fairness = asyncio.run(_fairness(bases["on"], model, keys["on"], flood, fairness_requests))
     on, off = merge(runs["on"]), merge(runs["off"])
     ratio = on.throughput / off.throughput if off.throughput else float("nan")
     per_repeat = ", ".join(f"{a.throughput / b.throughput:.2f}" for a, b in zip(runs["on"], runs["off"], strict=True))
@@ -195,6 +209,15 @@ def run(
         f"{clients:>7} {'off':<9} {off.throughput:>8.1f} {off.errors:>6}",
         f"throughput on/off: {ratio:.3f} (cost {(1 - ratio) * 100:+.1f}%); per repeat: {per_repeat}",
     ]
+    if "on-db" in runs:
+        on_db = merge(runs["on-db"])
+        db_ratio = on_db.throughput / on.throughput if on.throughput else float("nan")
+        per_repeat = ", ".join(
+            f"{a.throughput / b.throughput:.2f}" for a, b in zip(runs["on-db"], runs["on"], strict=True)
+        )
+        scheme = (database_url or "").split(":", 1)[0]
+        lines[-1:-1] = [f"{clients:>7} {'on, ' + scheme:<9} {on_db.throughput:>8.1f} {on_db.errors:>6}"]
+        lines.append(f"throughput on {scheme} / on SQLite: {db_ratio:.3f}; per repeat: {per_repeat}")
     idle = [r.ttft for r in fairness.idle if r.ok]
     loaded = [r.ttft for r in fairness.loaded if r.ok]
     flood_ok = fairness.flood_completed

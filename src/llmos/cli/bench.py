@@ -55,6 +55,14 @@ def bench(
     peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Also run llama_cpp.server.")] = True,
     repeats: Annotated[int, typer.Option("--repeats", help="Turns per server and level (alternating order).")] = 2,
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Where server logs go.")] = Path("bench-logs"),
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="security: also run the secured server with its store on this database (e.g. postgresql://...),"
+            " compared with SQLite.",
+        ),
+    ] = None,
 ) -> None:
     """Benchmark llmos against peers: `serving` (llama_cpp.server, streaming chat at several client counts),
     `runtime` (torch backend vs transformers generate, model switch time, memory per model) or `security`
@@ -110,7 +118,8 @@ def bench(
         err.print(f"CPU: {_cpu_name()}")
         log_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=log_dir) as work_dir:
-            for line in suite_module.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats):
+            extra = {"database_url": database_url} if suite == "security" and database_url else {}
+            for line in suite_module.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats, **extra):
                 out.print(line, highlight=False)
         return
     if suite == "observability":
