@@ -96,6 +96,27 @@ def check_fetched(cluster: Any, front: Path) -> None:
         assert set(digests) <= held, (worker.name, sorted(held)[:20])
 
 
+def check_detached(cluster: Any, records: dict[int, dict[str, Any]], front: Path) -> None:
+    """The live rank processes run with their own node's home and hold nothing of the front end's home open (a
+    snapshot: the namespaces share this machine's file system, so a rank could reach the front end's files by path;
+    this catches one that keeps any of them open, runs in that home or is told about it)."""
+    homes = {worker.address: str(worker.home) for worker in cluster.workers}
+    for record in records.values():
+        proc = Path(f"/proc/{record['pid']}")
+        environ = dict(
+            item.split("=", 1) for item in proc.joinpath("environ").read_bytes().decode().split("\0") if "=" in item
+        )
+        assert environ.get("LLMOS_HOME") == homes[record["address"]], record
+        assert str(front) not in "\0".join(environ.values()), record
+        assert not proc.joinpath("cwd").resolve().is_relative_to(front), record
+        for fd in proc.joinpath("fd").iterdir():
+            try:
+                target = Path(fd.readlink())
+            except OSError:  # closed meanwhile
+                continue
+            assert not target.is_relative_to(front), (record, target)
+
+
 def job_of(front: Path, name: str) -> str:
     jobs = JobService(Settings(home=front))
     try:
@@ -158,6 +179,7 @@ def test_a_run_whose_worker_node_dies_resumes_from_the_front_ends_checkpoint(
         time.sleep(0.02)
     before = rank_records(work)
     check_placement(multinode_cluster, before)
+    check_detached(multinode_cluster, before, front)
     victim = next(w for w in multinode_cluster.workers if w.address == before[1]["address"])
     victim.kill_all()  # the machine of rank 1 dies: its raylet, object store and rank, all at once
     killed_at = time.monotonic()
