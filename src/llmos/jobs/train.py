@@ -104,7 +104,8 @@ def hf_base(registry: Registry, name: str, log: Any) -> VersionView:
 
 
 class RemoteJobReporter:
-    """A job's progress and log lines from another process (a Ray worker): picklable; opens its own job service."""
+    """A job's progress and log lines from another process on this machine (the Ray training hub): picklable; opens
+    its own job service."""
 
     def __init__(self, settings: Settings, job_id: str) -> None:
         self.settings, self.job_id = settings, job_id
