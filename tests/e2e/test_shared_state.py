@@ -1,8 +1,12 @@
-"""Two `llmos serve` front ends on one database (one SQLite file, or one PostgreSQL server), each with its own home.
+"""Two `llmos serve` front ends on one PostgreSQL database, each with its own home.
 
 They share tenants, keys and token budgets (two front ends spending one budget at once never overspend it), jobs (a
 job runs on exactly one of them; when that one dies, the other takes it over) and models (a version registered by
 one is served by the other, which fetches the blobs it lacks from its peer by digest).
+
+It runs on PostgreSQL, the shared database of a team deployment; the same statements run on one SQLite file, whose
+budget race `tests/integration/test_budget_ledger.py` runs on both databases (a second pair of servers here would
+add two minutes to the suite for no other path).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from llmos.registry.service import Registry
 from llmos.security.budgets import BudgetLedger
 from llmos.security.service import SecurityService, period_start
 from tests.helpers import ServerProcess, make_tiny_base, run_cli, toy_qa_rows
-from tests.postgres import DATABASES
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -55,15 +58,12 @@ def _server(home: Path, url: str) -> ServerProcess:
     return ServerProcess(home, env=env)
 
 
-@pytest.fixture(scope="module", params=DATABASES)
+@pytest.fixture(scope="module")
 def deployment(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, smollm2_file: Path
 ) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("shared")
-    if request.param == "postgresql":
-        url = request.getfixturevalue("postgres_server").create_database()
-    else:
-        url = f"sqlite:///{root / 'shared.db'}"
+    url = request.getfixturevalue("postgres_server").create_database()
     homes = [root / "a" / "home", root / "b" / "home"]
     first = Settings(home=homes[0], database_url=url)  # type: ignore[arg-type]
     registry = Registry(first)

@@ -55,6 +55,12 @@ def bench(
     peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Also run llama_cpp.server.")] = True,
     repeats: Annotated[int, typer.Option("--repeats", help="Turns per server and level (alternating order).")] = 2,
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Where server logs go.")] = Path("bench-logs"),
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address", help="ray: use this running cluster (e.g. several nodes) instead of starting one."
+        ),
+    ] = None,
     database_url: Annotated[
         str | None,
         typer.Option(
@@ -118,7 +124,11 @@ def bench(
         err.print(f"CPU: {_cpu_name()}")
         log_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=log_dir) as work_dir:
-            extra = {"database_url": database_url} if suite == "security" and database_url else {}
+            extra: dict[str, str] = {}
+            if suite == "security" and database_url:
+                extra["database_url"] = database_url
+            if suite == "ray" and ray_address:
+                extra["ray_address"] = ray_address
             for line in suite_module.run(model, Path(work_dir), max_tokens=max_tokens, repeats=repeats, **extra):
                 out.print(line, highlight=False)
         return
