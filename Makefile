@@ -52,12 +52,14 @@ $(VENV)/.installed-dev: $(INSTALL_DEPS)
 
 ## test-tools: the Debian programs the tests drive: chromium (the console's browser tests, through Playwright; nothing
 ## is downloaded by Playwright), promtool (from the prometheus package: `promtool check metrics` on /metrics) and the
-## PostgreSQL server (the tests start their own on a free loopback port; tests/postgres.py). A policy-rc.d that
+## PostgreSQL server (the tests start their own on a free loopback port; tests/postgres.py), iproute2 (`ip netns`,
+## `ss`: the multi-node Ray cluster in network namespaces, tests/multinode.py). A policy-rc.d that
 ## refuses service starts keeps the package from starting a system cluster, should a service manager exist.
 test-tools:
 	@missing=""; [ -x /usr/bin/chromium ] || missing="chromium"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	{ command -v ip && command -v ss; } >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq || exit 1; \
 			rc=/usr/sbin/policy-rc.d; ours=""; \
