@@ -1,7 +1,7 @@
 """Acceptance: `llmos train --ray --workers 2` and `llmos eval --ray` on the tests' own local Ray cluster.
 
-Two DDP workers must end where one process ends with the same global batch and seed, and a job whose Ray worker is
-killed with SIGKILL mid-training must resume from its last llmos checkpoint (not step 0) and end there too. The
+Two DDP workers must end where one process ends with the same global batch and seed. (A worker killed mid-training
+is tested where it is harder: a whole Ray node killed, in tests/e2e/test_multinode_training.py.) The
 training model is the tiny random Llama of the other training tests, so each run is a few seconds of compute; most
 of the time is Ray Train starting its worker processes. Perplexity of SmolLM2 sharded over two Ray workers must
 equal the one-process measurement.
@@ -10,9 +10,6 @@ equal the one-process measurement.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -86,48 +83,6 @@ def test_two_ddp_workers_end_where_one_process_ends(home: Path, single: dict[str
     finally:
         registry.close()
     assert lineage["distributed"] == {"backend": "ray", "workers": 2}
-
-
-@pytest.mark.timeout(600)
-def test_a_job_whose_ray_worker_is_killed_resumes_from_its_checkpoint(
-    home: Path, single: dict[str, Any], ray_cluster: Any
-) -> None:
-    args = (*ARGS, "--name", "killed", "--ray", ray_cluster.address, "--workers", "2")
-    started = run_cli(home, "train", *args)
-    assert started.returncode == 0, started.stderr
-    job_id = started.stdout.strip().splitlines()[-1]
-    jobs = JobService(Settings(home=home))
-    work = jobs.job_dir(job_id) / "ray"
-    deadline = time.monotonic() + 300
-    step = 0
-    while step < 25:  # past two checkpoints (every 10 steps), well before the end
-        assert time.monotonic() < deadline, jobs.log_path(job_id).read_text()
-        assert jobs.get(job_id).state == "running", jobs.log_path(job_id).read_text()
-        lines = jobs.metrics_path(job_id).read_text().splitlines() if jobs.metrics_path(job_id).exists() else []
-        step = json.loads(lines[-1])["step"] if lines else 0
-        time.sleep(0.02)
-    victim = json.loads((work / "workers" / "rank-1.json").read_text())
-    os.kill(victim["pid"], signal.SIGKILL)
-    while jobs.get(job_id).state == "running":
-        assert time.monotonic() < deadline, jobs.log_path(job_id).read_text()
-        time.sleep(0.5)
-    view = jobs.get(job_id)
-    log = jobs.log_path(job_id).read_text()
-    jobs.close()
-    assert view.state == "succeeded", log
-    metrics = view.result["metrics"]
-    assert metrics["resumed_from"] is not None and 20 <= metrics["resumed_from"] < STEPS, log
-    assert metrics["resumed_from"] % 10 == 0, log
-    assert f"resumed from the checkpoint of step {metrics['resumed_from']} (worker group start 2)" in log
-    assert json.loads((work / "workers" / "rank-1.json").read_text())["pid"] != victim["pid"]
-    print(
-        f"\nkilled rank 1 (pid {victim['pid']}) at step >= {step}; resumed from step {metrics['resumed_from']};"
-        f" final train loss {metrics['train_loss']:.5f} (one process {single['train_loss']:.5f}),"
-        f" validation {metrics['validation_loss']:.5f} ({single['validation_loss']:.5f})"
-    )
-    assert metrics["steps"] == STEPS
-    assert close(metrics["train_loss"], single["train_loss"])
-    assert close(metrics["validation_loss"], single["validation_loss"])
 
 
 def test_ray_options_are_checked_before_anything_is_queued(home: Path) -> None:
