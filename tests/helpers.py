@@ -302,3 +302,65 @@ def make_tiny_hf(directory: Path) -> Path:
     vocab = {os.urandom(8).hex(): n for n in range(12000)}
     (directory / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}}))
     return directory
+
+
+class StreamsUnderFailure:
+    """``count`` streaming chat requests in threads, for killing a replica (or a node) while they run.
+
+    :meth:`wait_started` waits until ``started`` streams produced text; :meth:`mark_kill` records the moment of the
+    kill; :meth:`finish` joins the threads and checks the failover promise: every request that had not streamed
+    anything when the kill came succeeded (it was resubmitted), and only streams already running may have failed.
+    """
+
+    def __init__(self, client: Any, count: int, max_tokens: int) -> None:
+        import threading
+
+        self.count = count
+        self.first_chunk: dict[int, float] = {}
+        self.outcome: dict[int, str] = {}
+        self.killed_at = float("inf")
+        self._client, self._max_tokens = client, max_tokens
+        self._threads = [threading.Thread(target=self._one, args=(i,)) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def _one(self, index: int) -> None:
+        import time
+
+        try:
+            stream = self._client.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": f"Count from 1 to 30, request {index}."}],
+                temperature=0,
+                max_tokens=self._max_tokens,
+                stream=True,
+            )
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    self.first_chunk.setdefault(index, time.monotonic())
+            self.outcome[index] = "ok"
+        except Exception as exc:  # the client sees the failure of a stream that was cut
+            self.outcome[index] = f"error: {type(exc).__name__}: {exc}"
+
+    def wait_started(self, started: int = 2, timeout: float = 120) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.first_chunk) < started and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def mark_kill(self) -> None:
+        import time
+
+        self.killed_at = time.monotonic()
+
+    def finish(self, timeout: float = 300) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+        assert not any(thread.is_alive() for thread in self._threads)
+        not_started = [i for i in range(self.count) if self.first_chunk.get(i, float("inf")) > self.killed_at]
+        assert not_started, "the kill came too late to test resubmission"
+        failed = {i: self.outcome.get(i) for i in not_started if self.outcome.get(i) != "ok"}
+        assert failed == {}
+        cut = [i for i in range(self.count) if self.outcome.get(i) != "ok"]
+        assert all(self.first_chunk.get(i, float("inf")) <= self.killed_at for i in cut)  # only running streams

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from openai import OpenAI
 
 from llmos.config import Settings
+from tests.helpers import StreamsUnderFailure
 from tests.multinode import MultiNodeCluster, Node, _free_port_in
 
 pytestmark = pytest.mark.timeout(300)
@@ -181,45 +181,13 @@ def test_replicas_spread_over_worker_nodes_and_survive_a_node_death(
     assert "Paris" in (answer.choices[0].message.content or "")
 
     # a whole worker node dies while 16 requests run (4 slots in all: 12 queue)
-    first_chunk: dict[int, float] = {}
-    outcome: dict[int, str] = {}
-
-    def one(index: int) -> None:
-        try:
-            stream = client.chat.completions.create(
-                model="smollm2",
-                messages=[{"role": "user", "content": f"Count from 1 to 30, request {index}."}],
-                temperature=0,
-                max_tokens=40,
-                stream=True,
-            )
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    first_chunk.setdefault(index, time.monotonic())
-            outcome[index] = "ok"
-        except Exception as exc:  # the client sees the failure of a stream that was cut
-            outcome[index] = f"error: {type(exc).__name__}: {exc}"
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(REQUESTS)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 60
-    while len(first_chunk) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    streams = StreamsUnderFailure(client, REQUESTS, max_tokens=40)
+    streams.wait_started(2, timeout=60)
     victim = by_ip[placements[0]["node_ip"]]
     survivor_ip = placements[1]["node_ip"]
-    killed_at = time.monotonic()
+    streams.mark_kill()
     victim.kill_all()
-    for thread in threads:
-        thread.join(120)
-    assert not any(thread.is_alive() for thread in threads)
-
-    not_started = [i for i in range(REQUESTS) if first_chunk.get(i, float("inf")) > killed_at]
-    assert not_started, "the kill came too late to test resubmission"
-    failed_not_started = {i: outcome.get(i) for i in not_started if outcome.get(i) != "ok"}
-    assert failed_not_started == {}
-    cut = [i for i in range(REQUESTS) if outcome.get(i) != "ok"]
-    assert all(first_chunk.get(i, float("inf")) <= killed_at for i in cut)  # only streams already running
+    streams.finish(timeout=120)
     log = server.read_log()
     assert "resubmitted to another replica" in log
 

@@ -20,7 +20,7 @@ import pytest
 from openai import OpenAI
 
 from llmos.config import Settings
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, StreamsUnderFailure
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -59,43 +59,12 @@ def test_two_replicas_survive_a_killed_worker(pulled_settings: Settings, ray_clu
         )
         assert "Paris" in (answer.choices[0].message.content or "")
 
-        first_chunk: dict[int, float] = {}
-        outcome: dict[int, str] = {}
-
-        def one(index: int) -> None:
-            try:
-                stream = client.chat.completions.create(
-                    model="smollm2",
-                    messages=[{"role": "user", "content": f"Count from 1 to 30, request {index}."}],
-                    temperature=0,
-                    max_tokens=48,
-                    stream=True,
-                )
-                for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        first_chunk.setdefault(index, time.monotonic())
-                outcome[index] = "ok"
-            except Exception as exc:  # the client sees the failure of a stream that was cut
-                outcome[index] = f"error: {type(exc).__name__}: {exc}"
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]  # 4 slots in all: 8 queue
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 120
-        while len(first_chunk) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        streams = StreamsUnderFailure(client, 12, max_tokens=48)  # 4 slots in all: 8 queue
+        streams.wait_started(2)
         victim = placements[0]["pid"]
-        killed_at = time.monotonic()
+        streams.mark_kill()
         os.kill(victim, signal.SIGKILL)
-        for thread in threads:
-            thread.join(300)
-
-        not_started = [i for i in range(12) if first_chunk.get(i, float("inf")) > killed_at]
-        assert not_started, "the kill came too late to test resubmission"
-        failed_not_started = [i for i in not_started if outcome.get(i) != "ok"]
-        assert failed_not_started == [], {i: outcome.get(i) for i in failed_not_started}
-        cut = [i for i in range(12) if outcome.get(i) != "ok"]
-        assert all(first_chunk.get(i, float("inf")) <= killed_at for i in cut)  # only streams already running
+        streams.finish()
 
         deadline = time.monotonic() + 120  # the dead replica is replaced in the background
         while time.monotonic() < deadline:
