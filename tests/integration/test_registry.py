@@ -7,9 +7,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session
 
+from llmos.config import Settings
+from llmos.registry.service import Registry
 from tests.helpers import gguf_bytes, run_cli, store_snapshot
 from tests.postgres import DATABASES
 
@@ -146,3 +150,38 @@ def test_config_version_and_doctor_name_the_database_but_never_its_password(
         assert registry["database_version"] is None and registry["quick_check"] == "ok"
     for result in (config, version, doctor):
         assert password not in result.stdout + result.stderr
+
+
+def test_two_front_ends_creating_one_model_at_the_same_moment_both_register(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Front end A finds no model ``shared`` and is about to create it when front end B (its own connection)
+    creates it first: A's transaction is refused by the database and runs again, so both versions are registered."""
+    settings = Settings(home=home)
+    first, second = Registry(settings), Registry(settings)
+    files = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(gguf_bytes(metadata={"general.name": name}))
+        files.append(path)
+    original = Registry._get_or_create_model
+    raced = []
+
+    def racing(self: Registry, session: Session, ref: Any, tenant_id: int | None = None) -> Any:
+        if self is first and not raced:  # A has looked for the model (none) and adds it: B commits it just before
+            real_add = session.add
+
+            def add_after_the_rival(instance: object, *args: Any, **kwargs: Any) -> None:
+                session.add = real_add  # type: ignore[method-assign]
+                raced.append(second.import_path(files[1], "shared:b"))
+                real_add(instance, *args, **kwargs)
+
+            session.add = add_after_the_rival  # type: ignore[method-assign]
+        return original(self, session, ref, tenant_id)
+
+    monkeypatch.setattr(Registry, "_get_or_create_model", racing)
+    view = first.import_path(files[0], "shared:a")
+    assert raced and view.tags == ["a"]
+    assert sorted(tag for v in first.list_versions("model") for tag in v.tags) == ["a", "b"]
+    first.close()
+    second.close()

@@ -25,6 +25,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError as UniqueViolation
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, selectinload
 
 from llmos.config import Settings
@@ -357,7 +359,33 @@ class Registry:
         params: dict[str, Any] | None = None,
         tenant_id: int | None = None,
     ) -> VersionView:
-        """Register a version whose blobs are already stored (call within ``self.blobs.writing()``)."""
+        """Register a version whose blobs are already stored (call within ``self.blobs.writing()``).
+
+        Another front end of the same database may create the same model, version or tag at the same moment; the
+        database refuses the later transaction (a unique violation on PostgreSQL, a stale snapshot, "database is
+        locked", on SQLite), which then runs once more and finds the other's rows.
+        """
+        for attempt in range(2):
+            try:
+                return self._add_version_once(
+                    ref, info, blobs, operation=operation, parents=parents, params=params, tenant_id=tenant_id
+                )
+            except (UniqueViolation, OperationalError) as exc:
+                if attempt or (isinstance(exc, OperationalError) and "locked" not in str(exc.orig)):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _add_version_once(
+        self,
+        ref: ModelRef,
+        info: ModelInfo,
+        blobs: Sequence[BlobInfo],
+        *,
+        operation: str,
+        parents: Sequence[ParentRef] = (),
+        params: dict[str, Any] | None = None,
+        tenant_id: int | None = None,
+    ) -> VersionView:
         files = [
             {"path": model_file.path, "digest": blob.digest, "size": blob.size}
             for model_file, blob in zip(info.files, blobs, strict=True)
