@@ -150,3 +150,14 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 # three Ray nodes in three network namespaces (root only; see tests/multinode.py)
 from tests.multinode import multinode_cluster  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def training_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The Ray training tests' reference: their job (``tests.helpers.TRAIN_ARGS``) in one process, one torch thread
+    as each Ray rank has (two spinning threads on two busy cores make this tiny model crawl); its metrics."""
+    from tests.helpers import seed_training_store, train_metrics
+
+    root = tmp_path_factory.mktemp("training-reference")
+    seed_training_store(root / "home", root / "base")
+    return train_metrics(root / "home", "--name", "single", env={"OMP_NUM_THREADS": "1"})

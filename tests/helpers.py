@@ -364,3 +364,38 @@ class StreamsUnderFailure:
         assert failed == {}
         cut = [i for i in range(self.count) if self.outcome.get(i) != "ok"]
         assert all(self.first_chunk.get(i, float("inf")) <= self.killed_at for i in cut)  # only running streams
+
+
+TRAIN_STEPS = 100
+TRAIN_ARGS = (
+    "--base", "tiny", "--data", "toy", "--max-steps", str(TRAIN_STEPS), "--batch-size", "8", "--lr", "0.003",
+    "--warmup-steps", "2", "--checkpoint-every", "10", "--eval-every", "50", "--seed", "3", "--method", "full",
+    "--precision", "fp32",
+)  # fmt: skip
+"""The Ray training tests' job: a full fine-tune of the tiny base on the toy rows, 100 steps."""
+
+
+def seed_training_store(home: Path, base_dir: Path) -> None:
+    """Import the tiny base (``tiny``) and the toy rows with a validation split (``toy``) into the store at ``home``."""
+    from llmos.config import Settings
+    from llmos.registry.datasets import store_rows
+    from llmos.registry.service import Registry
+
+    registry = Registry(Settings(home=home))
+    try:
+        registry.import_path(make_tiny_base(base_dir), "tiny")
+        rows = toy_qa_rows(60)
+        for i, row in enumerate(rows):
+            row["split"] = "validation" if i % 6 == 0 else "train"
+        store_rows(registry, rows, "toy", operation="import", report={})
+    finally:
+        registry.close()
+
+
+def train_metrics(home: Path, *args: str, env: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """`llmos train TRAIN_ARGS ARGS --wait` on ``home``; the finished job's metrics."""
+    import json
+
+    result = run_cli(home, "train", *TRAIN_ARGS, *args, "--wait", timeout=400, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return dict(json.loads(result.stdout.strip().splitlines()[-1])["metrics"])

@@ -23,44 +23,32 @@ import pytest
 
 from llmos.config import Settings
 from llmos.jobs.service import JobService
-from llmos.registry.datasets import store_rows
 from llmos.registry.service import Registry
-from tests.helpers import make_tiny_base, run_cli, toy_qa_rows
+from tests.helpers import TRAIN_ARGS, TRAIN_STEPS, seed_training_store
 
 pytest.importorskip("ray")
 
-STEPS = 100
-ARGS = (
-    "--base", "tiny", "--data", "toy", "--max-steps", str(STEPS), "--batch-size", "8", "--lr", "0.003",
-    "--warmup-steps", "2", "--checkpoint-every", "10", "--eval-every", "50", "--seed", "3", "--method", "full",
-    "--precision", "fp32",
-)  # fmt: skip
+STEPS = TRAIN_STEPS
+ARGS = TRAIN_ARGS
 
 
 @pytest.fixture(scope="module")
 def front(multinode_cluster: Any) -> Path:
     """The head's llmos home (the front end's store) with the tiny base and the toy dataset."""
     home = Path(multinode_cluster.head.home)
+    seed_training_store(home, home.parent / "base")
     registry = Registry(Settings(home=home))
     try:
-        registry.import_path(make_tiny_base(home.parent / "base"), "tiny")
-        rows = toy_qa_rows(60)
-        for i, row in enumerate(rows):
-            row["split"] = "validation" if i % 6 == 0 else "train"
-        store_rows(registry, rows, "toy", operation="import", report={})
-        base_digests = {file.digest for file in registry.show("tiny").files}
+        assert registry.show("tiny").files
     finally:
         registry.close()
-    assert base_digests
     return home
 
 
 @pytest.fixture(scope="module")
-def single(front: Path) -> dict[str, Any]:
-    """The reference: the same job in one process on this machine (one torch thread, as each rank has)."""
-    result = run_cli(front, "train", *ARGS, "--name", "single", "--wait", timeout=400, env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return dict(json.loads(result.stdout.strip().splitlines()[-1])["metrics"])
+def single(training_reference: dict[str, Any]) -> dict[str, Any]:
+    """The reference: the same job in one process on this machine (shared with the single-node Ray tests)."""
+    return training_reference
 
 
 def close(value: float, reference: float) -> bool:

@@ -21,44 +21,28 @@ from llmos.jobs.service import JobService
 from llmos.registry import sources
 from llmos.registry.datasets import store_rows
 from llmos.registry.service import Registry
-from tests.helpers import make_tiny_base, run_cli, toy_qa_rows
+from tests.helpers import TRAIN_ARGS, TRAIN_STEPS, run_cli, seed_training_store, train_metrics
 
 pytest.importorskip("ray")
 
-STEPS = 100
-ARGS = (
-    "--base", "tiny", "--data", "toy", "--max-steps", str(STEPS), "--batch-size", "8", "--lr", "0.003",
-    "--warmup-steps", "2", "--checkpoint-every", "10", "--eval-every", "50", "--seed", "3", "--method", "full",
-    "--precision", "fp32",
-)  # fmt: skip
+STEPS = TRAIN_STEPS
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ray-train")
-    home = root / "home"
-    registry = Registry(Settings(home=home))
-    registry.import_path(make_tiny_base(root / "base"), "tiny")
-    rows = toy_qa_rows(60)
-    for i, row in enumerate(rows):
-        row["split"] = "validation" if i % 6 == 0 else "train"
-    store_rows(registry, rows, "toy", operation="import", report={})
-    registry.close()
-    return home
+    seed_training_store(root / "home", root / "base")
+    return root / "home"
 
 
 def train(home: Path, *args: str) -> dict[str, Any]:
-    result = run_cli(home, "train", *ARGS, *args, "--wait", timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return dict(json.loads(result.stdout.strip().splitlines()[-1])["metrics"])
+    return train_metrics(home, *args)
 
 
 @pytest.fixture(scope="module")
-def single(home: Path) -> dict[str, Any]:
-    """The reference: the same job in one process (the local trainer; one torch thread, as each Ray worker has)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # two spinning threads on two busy cores make this tiny model crawl
-        return train(home, "--name", "single")
+def single(training_reference: dict[str, Any]) -> dict[str, Any]:
+    """The reference: the same job in one process (shared with the multi-node training tests)."""
+    return training_reference
 
 
 def close(value: float, reference: float) -> bool:
@@ -86,11 +70,11 @@ def test_two_ddp_workers_end_where_one_process_ends(home: Path, single: dict[str
 
 
 def test_ray_options_are_checked_before_anything_is_queued(home: Path) -> None:
-    refused = run_cli(home, "train", *ARGS, "--name", "x", "--workers", "2")
+    refused = run_cli(home, "train", *TRAIN_ARGS, "--name", "x", "--workers", "2")
     assert refused.returncode == 1 and "--workers needs --ray" in refused.stderr
-    no_cluster = run_cli(home, "train", *ARGS, "--name", "x", "--ray", "auto")
+    no_cluster = run_cli(home, "train", *TRAIN_ARGS, "--name", "x", "--ray", "auto")
     assert no_cluster.returncode == 1 and "llmos cluster start" in no_cluster.stderr
-    remote = run_cli(home, "train", *ARGS, "--name", "x", "--ray", "10.1.2.3:6379")
+    remote = run_cli(home, "train", *TRAIN_ARGS, "--name", "x", "--ray", "10.1.2.3:6379")
     assert remote.returncode == 1 and "not on this machine" in remote.stderr
     not_sharded = run_cli(home, "eval", "tiny", "--task", "bleu", "--data", "toy", "--ray", "auto")
     assert not_sharded.returncode == 1 and "--ray shards the perplexity task" in not_sharded.stderr
