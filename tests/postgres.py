@@ -141,7 +141,7 @@ def start_test_server() -> PostgresServer:
         raise PostgresUnavailable("the psycopg driver is not installed (pip install 'llmos[postgres]')")
     bin_dir = find_bin_dir()
     user = _server_user() if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
-    root = Path(tempfile.mkdtemp(prefix="llmos-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="pytest-postgres-"))
     os.chown(root, user.pw_uid, user.pw_gid)
 
     def run(*argv: str | Path) -> None:
@@ -181,20 +181,28 @@ def start_test_server() -> PostgresServer:
 COPY_SKIPS = ("llmos.db*", "*.lock", "runner-id", "usage-pending.jsonl", "jobs", "tmp", "logs", "ray", "transfers")
 
 
-def copy_store(source: Path, target: Path, url: str) -> None:
-    """A copy of the SQLite store at ``source`` as a store at ``target`` whose database is ``url`` (PostgreSQL).
+def copy_store(source: Path, target: Path, url: str | None = None) -> None:
+    """A copy of the SQLite store at ``source`` as a store at ``target``: on SQLite (``url`` None, a consistent
+    backup of its database file) or on the PostgreSQL database ``url``.
 
     Files are hard links (the blob store writes by rename and never in place, so neither copy can change the
-    other's), per-process state is left behind, and every row of every table is copied through SQLAlchemy into the
-    freshly migrated database, whose id sequences are then moved past the copied ids. This shares an expensive
-    session store (a pulled or converted model) with PostgreSQL tests without building it twice.
+    other's), per-process state is left behind, and for PostgreSQL every row of every table is copied through
+    SQLAlchemy into the freshly migrated database, whose id sequences are then moved past the copied ids. This lets
+    a test change an expensive session store (a pulled or converted model) on either database without building it
+    again and without changing the shared one.
     """
+    import sqlite3
+
     from sqlalchemy import func, insert, select, text
 
     from llmos.store.db import create_db_engine, open_database
     from llmos.store.schema import Base
 
     shutil.copytree(source, target, copy_function=os.link, ignore=shutil.ignore_patterns(*COPY_SKIPS))
+    if url is None:
+        with sqlite3.connect(source / "llmos.db") as reading, sqlite3.connect(target / "llmos.db") as writing:
+            reading.backup(writing)
+        return
     old = create_db_engine(f"sqlite:///{source / 'llmos.db'}")
     new = open_database(url, target)
     try:

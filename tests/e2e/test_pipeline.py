@@ -1,9 +1,11 @@
 """Pipelines end to end: data → LoRA train → evaluate → gate → `prod` moves → the server answers with the new
-version; a failed gate leaves `prod` alone; rollback moves it back; a request can start a stored pipeline."""
+version; a failed gate leaves `prod` alone; rollback moves it back; a request can start a stored pipeline. On SQLite
+and on PostgreSQL, each on a copy of a session store (``tests.postgres.copy_store``)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,9 @@ from llmos.data.shipped import heldout_split, load_qa
 from llmos.registry.datasets import store_rows
 from llmos.registry.service import Registry
 from tests.helpers import ServerProcess, run_cli
+from tests.postgres import DATABASES, copy_store
+
+pytestmark = pytest.mark.parametrize("database", DATABASES, indirect=True)
 
 RECIPE = """
 name: {name}
@@ -28,6 +33,15 @@ promote: prod
 """
 
 
+def store_on(database: str, shared: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """A copy of the session store ``shared`` on the test's database (``database`` set LLMOS_DATABASE_URL for
+    PostgreSQL): each run starts from the same store, and the shared one keeps no bot, bot-qa or pipelines."""
+    home = tmp_path / "store"
+    copy_store(shared.home, home, os.environ.get("LLMOS_DATABASE_URL") if database == "postgresql" else None)
+    monkeypatch.setenv("LLMOS_HOME", str(home))
+    return Settings(home=home)
+
+
 def fingerprint(digest: str) -> str:
     return f"llmos-{digest.removeprefix('sha256:')[:12]}"
 
@@ -39,9 +53,12 @@ def ask(client: openai.OpenAI, model: str) -> openai.types.chat.ChatCompletion:
 
 
 @pytest.mark.timeout(900)
-def test_pipeline_promotes_only_through_the_gate_and_rolls_back(converted_settings: Settings, tmp_path: Path) -> None:
-    home = converted_settings.home
-    registry = Registry(converted_settings)
+def test_pipeline_promotes_only_through_the_gate_and_rolls_back(
+    converted_settings: Settings, tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = store_on(database, converted_settings, tmp_path, monkeypatch)
+    home = settings.home
+    registry = Registry(settings)
     train, heldout = heldout_split([row for row in load_qa() if int(row["fact"]) < 8])
     rows = [{**r, "split": "train"} for r in train] + [{**r, "split": "validation"} for r in heldout]
     store_rows(registry, rows, "bot-qa", operation="import", report={"source": "shipped"})
@@ -107,8 +124,10 @@ def test_pipeline_promotes_only_through_the_gate_and_rolls_back(converted_settin
         server.stop()
 
 
-def test_bad_recipes_are_refused_before_anything_runs(pulled_settings: Settings, tmp_path: Path) -> None:
-    home = pulled_settings.home
+def test_bad_recipes_are_refused_before_anything_runs(
+    pulled_settings: Settings, tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = store_on(database, pulled_settings, tmp_path, monkeypatch).home
     cases = {
         "gate: 'candidate.perplexity <'": "does not parse",
         "gate: 'candidate.accuracy > 0.5'": "perplexity evaluation reports",
