@@ -26,7 +26,7 @@ def _spend(home: str, url: str | None, start: object, results: object) -> None:
     """One front end: ATTEMPTS reservations of TOKENS each against the key's budget, each settled in full."""
     settings = Settings(home=Path(home), database_url=url)  # type: ignore[arg-type]
     security = SecurityService(settings)
-    ledger = BudgetLedger(security.session, security.scope_usage_since)
+    ledger = BudgetLedger(security.session, security.scope_usage_since, holder=Path(home).name * 32)
     start.wait()  # type: ignore[attr-defined]
     taken = 0
     for _ in range(ATTEMPTS):
@@ -60,6 +60,29 @@ def test_two_processes_spend_exactly_the_budget_and_never_more(settings: Setting
     try:
         ledger = BudgetLedger(security.session, security.scope_usage_since)
         assert ledger.committed("key:shared", period_start("month")) == BUDGET
+        assert ledger.release_dead(set()) == 0  # every request settled: the front ends hold nothing any more
+    finally:
+        security.close()
+
+
+def test_a_dead_front_ends_running_requests_are_given_back_once(settings: Settings) -> None:
+    security = SecurityService(settings)
+    try:
+        dead = BudgetLedger(security.session, security.scope_usage_since, holder="a" * 32)
+        live = BudgetLedger(security.session, security.scope_usage_since, holder="b" * 32)
+        month = period_start("month")
+        claim = Claim("key:k", month, 150, "month", 100)
+        dead.reserve([claim])  # its front end dies before the request ends
+        with pytest.raises(InsufficientQuotaError):
+            live.reserve([claim])
+        assert live.release_dead({"b" * 32}) == 100
+        assert live.release_dead({"b" * 32}) == 0  # once
+        live.reserve([claim])
+        assert live.committed("key:k", month) == 100
+        dead.settle([claim], 30)  # it was only slow: what it used is counted again, nothing given back twice
+        assert live.committed("key:k", month) == 130
+        live.settle([claim], 100)
+        assert live.committed("key:k", month) == 130
     finally:
         security.close()
 

@@ -164,7 +164,7 @@ def create_app(
     front_ends = FrontEnds(registry.session, settings.job_lease_seconds)
     registry.blob_fetcher = front_ends.fetch_blob  # versions another front end registered: bytes from there
     security.peer_authenticator = front_ends.authenticate
-    ledger = BudgetLedger(security.session, security.scope_usage_since)
+    ledger = BudgetLedger(security.session, security.scope_usage_since, holder=front_ends.id)
     quotas = QuotaManager(security.scope_usage_since, security.unrecorded, ledger)
     metrics.watch_records(security.record_counts)
     state = AppState(settings, registry, loader, residency, metrics, security, quotas, preload=list(preload))
@@ -189,6 +189,7 @@ def create_app(
                 log.exception("job dispatch failed")
             try:
                 front_ends.heartbeat()
+                ledger.release_dead(front_ends.live_ids())
             except Exception as exc:  # the database is unreachable: /ready says so; peers see this one go stale
                 log.warning("front-end heartbeat failed: %s", type(exc).__name__)
             stop_dispatch.wait(min(settings.job_dispatch_seconds, settings.job_lease_seconds / 3))

@@ -115,6 +115,12 @@ class FrontEnds:
         fresh.sort(key=lambda row: _aware(row.heartbeat_at), reverse=True)
         return [Peer(row.id, str(row.url)) for row in fresh]
 
+    def live_ids(self) -> set[str]:
+        """Ids of the front ends (this one included) whose heartbeat is within the lease."""
+        with self._sessions() as session:
+            rows = session.execute(select(FrontEnd.id, FrontEnd.heartbeat_at)).all()
+        return {self.id} | {row.id for row in rows if _aware(row.heartbeat_at) > _now() - self.lease}
+
     def authenticate(self, token: str) -> str | None:
         """The id of the live front end presenting ``token``, or None."""
         match = PEER_TOKEN_RE.match(token)

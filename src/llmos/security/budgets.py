@@ -14,8 +14,14 @@ running, on every front end that shares the database (SQLite file or PostgreSQL 
   store with history, or a budget set mid-period, counts what was spent); two front ends creating it at once both
   end with the one row.
 * :meth:`BudgetLedger.settle` gives back ``reserved - used`` when the request ends (to the period it was reserved
-  in). A front end killed mid-request never settles: its requests' worst cases stay counted, so a crash can make a
-  budget stricter for the rest of the period, never looser.
+  in).
+* **A front end that dies mid-request** never settles. With a ``holder`` (the server passes its front-end id), each
+  ledger keeps beside its rows how much of ``committed`` that holder's running requests hold (``budget_holds``,
+  changed in the same transactions). :meth:`BudgetLedger.release_dead` (every live front end calls it with the ids
+  of the live ones) gives a dead holder's holds back to the ledger and deletes them, once (the delete is conditional
+  on the hold being unchanged). So the worst cases of a dead front end's requests count until another front end
+  notices (one lease), then nothing: as with one server, a request cut by a crash is not charged (its usage was
+  never recorded). Without a holder they stay counted: stricter, never looser.
 """
 
 from __future__ import annotations
@@ -26,13 +32,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from llmos.errors import InsufficientQuotaError, StorageError
+from llmos.store.schema import BudgetHold, utcnow
 from llmos.store.schema import BudgetLedger as LedgerRow
-from llmos.store.schema import utcnow
 
 
 def _rows(result: Any) -> int:
@@ -59,10 +65,17 @@ class Claim:
 
 
 class BudgetLedger:
-    def __init__(self, sessions: Callable[[], Session], usage_since: Callable[[str, datetime], int]) -> None:
-        """``usage_since(scope, start)``: tokens recorded in usage for a scope since ``start`` (a new row's start)."""
+    def __init__(
+        self,
+        sessions: Callable[[], Session],
+        usage_since: Callable[[str, datetime], int],
+        holder: str | None = None,
+    ) -> None:
+        """``usage_since(scope, start)``: tokens recorded in usage for a scope since ``start`` (a new row's start);
+        ``holder``: the front end whose running requests' reservations are tracked as holds."""
         self._sessions = sessions
         self._usage_since = usage_since
+        self.holder = holder
         self._known: set[tuple[str, str]] = set()
 
     def _ensure_row(self, claim: Claim) -> None:
@@ -79,6 +92,12 @@ class BudgetLedger:
                 try:
                     session.commit()
                 except IntegrityError:  # another front end created it first: theirs counts the same usage
+                    session.rollback()
+            if self.holder is not None and session.get(BudgetHold, (self.holder, *key)) is None:
+                session.add(BudgetHold(holder=self.holder, scope=claim.scope, period=claim.period, tokens=0))
+                try:
+                    session.commit()
+                except IntegrityError:  # this front end's other thread made it
                     session.rollback()
         self._known.add(key)
 
@@ -110,6 +129,7 @@ class BudgetLedger:
                             f" {claim.budget_period}) would be exceeded: {used} used or reserved, this request may"
                             f" use {claim.tokens}"
                         )
+                    self._hold(session, claim, claim.tokens)
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot reserve tokens against the budget: {type(exc).__name__}") from exc
 
@@ -119,15 +139,57 @@ class BudgetLedger:
         try:
             with self._sessions() as session, session.begin():
                 for claim in claims:
-                    unused = max(0, claim.tokens - used)
-                    if unused:
+                    # normally the unused part comes back; if this front end was taken for dead meanwhile, the whole
+                    # reservation already came back, so the used part is counted again
+                    change = -max(0, claim.tokens - used) if self._hold(session, claim, -claim.tokens) else used
+                    if change:
                         session.execute(
                             update(LedgerRow)
                             .where(LedgerRow.scope == claim.scope, LedgerRow.period == claim.period)
-                            .values(committed=LedgerRow.committed - unused, updated_at=utcnow())
+                            .values(committed=LedgerRow.committed + change, updated_at=utcnow())
                         )
         except SQLAlchemyError as exc:  # the worst case stays counted: stricter, never looser
             log.warning("could not give back unused budget tokens: %s", type(exc).__name__)
+
+    def _hold(self, session: Session, claim: Claim, tokens: int) -> bool:
+        """Change this holder's hold on ``claim``'s row by ``tokens``; False if the hold was released meanwhile (its
+        holder was taken for dead: :meth:`release_dead` gave back everything it held)."""
+        if self.holder is None:
+            return True
+        key = (BudgetHold.holder == self.holder, BudgetHold.scope == claim.scope, BudgetHold.period == claim.period)
+        if tokens < 0:
+            changed = session.execute(
+                update(BudgetHold).where(*key, BudgetHold.tokens >= -tokens).values(tokens=BudgetHold.tokens + tokens)
+            )
+            return _rows(changed) == 1
+        changed = session.execute(update(BudgetHold).where(*key).values(tokens=BudgetHold.tokens + tokens))
+        if _rows(changed) == 0:  # released while this front end was taken for dead: hold again from here
+            session.add(BudgetHold(holder=self.holder, scope=claim.scope, period=claim.period, tokens=tokens))
+        return True
+
+    def release_dead(self, live: set[str]) -> int:
+        """Give the holds of every holder not in ``live`` back to their ledger rows; returns the tokens released."""
+        released = 0
+        with self._sessions() as session, session.begin():
+            for hold in list(session.scalars(select(BudgetHold).where(BudgetHold.holder.not_in(live)))):
+                gone = session.execute(  # only if nobody released or changed it meanwhile
+                    delete(BudgetHold).where(
+                        BudgetHold.holder == hold.holder,
+                        BudgetHold.scope == hold.scope,
+                        BudgetHold.period == hold.period,
+                        BudgetHold.tokens == hold.tokens,
+                    )
+                )
+                if _rows(gone) == 1 and hold.tokens:
+                    session.execute(
+                        update(LedgerRow)
+                        .where(LedgerRow.scope == hold.scope, LedgerRow.period == hold.period)
+                        .values(committed=LedgerRow.committed - hold.tokens, updated_at=utcnow())
+                    )
+                    released += hold.tokens
+        if released:
+            log.warning("gave back %d budget tokens held by requests of front ends that died", released)
+        return released
 
     def committed(self, scope: str, period_start: datetime) -> int | None:
         """Tokens counted against ``scope`` in the period (None before its first request)."""

@@ -317,6 +317,17 @@ class BudgetLedger(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class BudgetHold(Base):
+    """The worst cases that one front end's running requests hold in a ledger row: what to give back if it dies."""
+
+    __tablename__ = "budget_holds"
+
+    holder: Mapped[str] = mapped_column(String(32), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(160), primary_key=True)
+    period: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+
+
 class FrontEnd(Base):
     """A running ``llmos serve`` on this database: where to reach it (blobs it holds) and whether it is alive."""
 

@@ -24,6 +24,13 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_table(
+        "budget_holds",
+        sa.Column("holder", sa.String(32), primary_key=True),
+        sa.Column("scope", sa.String(160), primary_key=True),
+        sa.Column("period", sa.String(32), primary_key=True),
+        sa.Column("tokens", sa.BigInteger(), nullable=False),
+    )
+    op.create_table(
         "front_ends",
         sa.Column("id", sa.String(32), primary_key=True),
         sa.Column("url", sa.String(300), nullable=True),
@@ -42,4 +49,5 @@ def downgrade() -> None:
         batch.drop_column("heartbeat_at")
         batch.drop_column("runner")
     op.drop_table("front_ends")
+    op.drop_table("budget_holds")
     op.drop_table("budget_ledger")
