@@ -95,6 +95,21 @@ def check_available() -> None:
         raise MultiNodeUnavailable("Ray is not installed (pip install 'llmos[ray]')")
 
 
+def available() -> bool:
+    """Whether the multi-node cluster can run here (then the multi-node tests run, and fail rather than skip)."""
+    try:
+        check_available()
+    except MultiNodeUnavailable:
+        return False
+    return True
+
+
+def covered_by_multinode(test: str) -> pytest.MarkDecorator:
+    """Skip a single-node Ray test where the multi-node ``test`` runs: it checks the same promise, harder (a whole
+    node instead of one process); the single-node one stays for machines without root or ``ip netns``."""
+    return pytest.mark.skipif(available(), reason=f"{test} checks this across nodes on this machine")
+
+
 def _check_subnet_free(own_bridge: str | None = None) -> None:
     """Nothing this machine has (addresses, routes) overlaps :data:`SUBNET`."""
     for line in _ip("-o", "-4", "addr", "show").stdout.splitlines():

@@ -21,6 +21,7 @@ from openai import OpenAI
 
 from llmos.config import Settings
 from tests.helpers import ServerProcess, StreamsUnderFailure
+from tests.multinode import covered_by_multinode
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -29,6 +30,7 @@ def _runtime(base: str) -> dict[str, Any]:
     return httpx.get(f"{base}/admin/runtime", timeout=10).json()["models"][0]
 
 
+@covered_by_multinode("test_multinode_serving.py (a whole worker node killed under 16 streams)")
 def test_two_replicas_survive_a_killed_worker(pulled_settings: Settings, ray_cluster: Any, tmp_path: Path) -> None:
     server = ServerProcess(
         pulled_settings.home,

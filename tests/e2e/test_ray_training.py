@@ -22,6 +22,7 @@ from llmos.registry import sources
 from llmos.registry.datasets import store_rows
 from llmos.registry.service import Registry
 from tests.helpers import TRAIN_ARGS, TRAIN_STEPS, run_cli, seed_training_store, train_metrics
+from tests.multinode import covered_by_multinode
 
 pytest.importorskip("ray")
 
@@ -49,6 +50,7 @@ def close(value: float, reference: float) -> bool:
     return abs(value - reference) <= 0.02 * abs(reference)
 
 
+@covered_by_multinode("test_multinode_training.py::test_two_ranks_on_two_nodes_end_where_one_process_ends")
 @pytest.mark.timeout(600)
 def test_two_ddp_workers_end_where_one_process_ends(home: Path, single: dict[str, Any], ray_cluster: Any) -> None:
     ddp = train(home, "--name", "ddp", "--ray", ray_cluster.address, "--workers", "2")

@@ -159,7 +159,7 @@ def _wait(jobs: JobService, job_id: str, predicate: Any, timeout: float = 240) -
 
 
 def test_a_job_runs_on_one_front_end_and_the_other_takes_it_over_when_it_dies(deployment: Deployment) -> None:
-    body = {"base": "tiny", "data": "toy", "name": "shared", "max_steps": 120, "lr": 0.02, "batch_size": 4,
+    body = {"base": "tiny", "data": "toy", "name": "shared", "max_steps": 60, "lr": 0.02, "batch_size": 4,
             "checkpoint_every": 10}  # fmt: skip
     created = httpx.post(
         f"{deployment.servers[0].base}/admin/jobs",
