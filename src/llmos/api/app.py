@@ -209,6 +209,7 @@ def create_app(
             with contextlib.suppress(Exception):
                 front_ends.unregister()
             jobs.close()
+            await to_thread.run_sync(ledger.close)
             await to_thread.run_sync(residency.close)
             if loader.launcher is not None:
                 await to_thread.run_sync(loader.launcher.close)

@@ -114,7 +114,7 @@ async def start_chat(state: AppState, request: Request, caller: Principal, job: 
             )
             for i in range(job.n)
         ]
-        metering = meter(state, request, caller, job.n * (len(prompt) + max_tokens), job.endpoint, arrived)
+        metering = await meter(state, request, caller, job.n * (len(prompt) + max_tokens), job.endpoint, arrived)
     call = submit_all(target, requests, state.metrics, prompt_tokens=len(prompt), arrived=arrived, metering=metering)
     return ChatRun(target, call, len(prompt), plan)
 

@@ -89,7 +89,7 @@ async def embed_texts(
             return Embedded(view.name, np.zeros((0, instance.dimension), dtype=np.float32), 0, loaded)
         texts = await to_thread.run_sync(_texts, instance, inputs, truncate)
         counts = await to_thread.run_sync(instance.count_tokens, texts)
-        metering = meter(state, request, caller, sum(counts), endpoint, arrived)
+        metering = await meter(state, request, caller, sum(counts), endpoint, arrived)
         vectors, tokens = await to_thread.run_sync(instance.embed, texts)
         metering.finish(view.name, tokens, 0)
     except BaseException as exc:

@@ -94,9 +94,12 @@ class Metering:
         )
 
 
-def meter(state: AppState, request: Request, caller: Principal, tokens: int, endpoint: str, arrived: float) -> Metering:
-    """Reserve ``tokens`` against every limit of the caller (429 if any is exhausted) and start metering."""
-    reservation = state.quotas.reserve(caller, tokens)
+async def meter(
+    state: AppState, request: Request, caller: Principal, tokens: int, endpoint: str, arrived: float
+) -> Metering:
+    """Reserve ``tokens`` against every limit of the caller (429 if any is exhausted) and start metering; the
+    reservation may write to the database (token budgets), so it runs off the event loop."""
+    reservation = await to_thread.run_sync(state.quotas.reserve, caller, tokens)
     set_response_headers(request, reservation.headers)
     request_id = request.scope.get("state", {}).get("request_id", "")
     return Metering(state, caller, reservation, request_id, endpoint, arrived)

@@ -14,7 +14,9 @@ running, on every front end that shares the database (SQLite file or PostgreSQL 
   store with history, or a budget set mid-period, counts what was spent); two front ends creating it at once both
   end with the one row.
 * :meth:`BudgetLedger.settle` gives back ``reserved - used`` when the request ends (to the period it was reserved
-  in).
+  in). :meth:`BudgetLedger.settle_later` does the same from a writer thread, so a request's end never waits for the
+  database; settlements queued while one commits share the next transaction. :meth:`BudgetLedger.flush` waits for
+  them (tests, shutdown). Until one is applied, its worst case stays counted: stricter, never looser.
 * **A front end that dies mid-request** never settles. With a ``holder`` (the server passes its front-end id), each
   ledger keeps beside its rows how much of ``committed`` that holder's running requests hold (``budget_holds``,
   changed in the same transactions). :meth:`BudgetLedger.release_dead` (every live front end calls it with the ids
@@ -27,6 +29,8 @@ running, on every front end that shares the database (SQLite file or PostgreSQL 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -77,6 +81,9 @@ class BudgetLedger:
         self._usage_since = usage_since
         self.holder = holder
         self._known: set[tuple[str, str]] = set()
+        self._pending: queue.Queue[tuple[list[Claim], int] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
 
     def _ensure_row(self, claim: Claim) -> None:
         key = (claim.scope, claim.period)
@@ -134,20 +141,61 @@ class BudgetLedger:
             raise StorageError(f"cannot reserve tokens against the budget: {type(exc).__name__}") from exc
 
     def settle(self, claims: list[Claim], used: int) -> None:
-        """The request used ``used`` tokens: give each claim back what it reserved beyond that."""
-        claims = sorted(claims, key=lambda claim: (claim.scope, claim.period))
+        """The request used ``used`` tokens: give each claim back what it reserved beyond that (now)."""
+        self._settle_all([(claims, used)])
+
+    def settle_later(self, claims: list[Claim], used: int) -> None:
+        """:meth:`settle` from the writer thread (started on first use)."""
+        with self._writer_lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._write, name="llmos-budget-settle", daemon=True)
+                self._writer.start()
+        self._pending.put((claims, used))
+
+    def _write(self) -> None:
+        while True:
+            item = self._pending.get()
+            batch = [item]
+            while True:  # everything queued meanwhile goes in the same transaction
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            settles = [entry for entry in batch if entry is not None]
+            if settles:
+                self._settle_all(settles)
+            for _ in batch:
+                self._pending.task_done()
+            if None in batch:
+                return
+
+    def flush(self) -> None:
+        """Wait until every settlement handed to :meth:`settle_later` is applied (or failed and logged)."""
+        self._pending.join()
+
+    def close(self) -> None:
+        """Apply what is queued, then stop the writer."""
+        with self._writer_lock:
+            writer = self._writer
+        if writer is not None and writer.is_alive():
+            self._pending.put(None)
+            writer.join(30)
+
+    def _settle_all(self, settles: list[tuple[list[Claim], int]]) -> None:
         try:
             with self._sessions() as session, session.begin():
-                for claim in claims:
-                    # normally the unused part comes back; if this front end was taken for dead meanwhile, the whole
-                    # reservation already came back, so the used part is counted again
-                    change = -max(0, claim.tokens - used) if self._hold(session, claim, -claim.tokens) else used
-                    if change:
-                        session.execute(
-                            update(LedgerRow)
-                            .where(LedgerRow.scope == claim.scope, LedgerRow.period == claim.period)
-                            .values(committed=LedgerRow.committed + change, updated_at=utcnow())
-                        )
+                for claims, used in settles:
+                    for claim in sorted(claims, key=lambda claim: (claim.scope, claim.period)):
+                        # normally the unused part comes back; if this front end was taken for dead meanwhile, the
+                        # whole reservation already came back, so the used part is counted again
+                        held = self._hold(session, claim, -claim.tokens)
+                        change = -max(0, claim.tokens - used) if held else used
+                        if change:
+                            session.execute(
+                                update(LedgerRow)
+                                .where(LedgerRow.scope == claim.scope, LedgerRow.period == claim.period)
+                                .values(committed=LedgerRow.committed + change, updated_at=utcnow())
+                            )
         except SQLAlchemyError as exc:  # the worst case stays counted: stricter, never looser
             log.warning("could not give back unused budget tokens: %s", type(exc).__name__)
 

@@ -186,7 +186,7 @@ class QuotaManager:
             return
         reservation.settled = True
         if reservation.claims and self._ledger is not None:
-            self._ledger.settle(reservation.claims, used)
+            self._ledger.settle_later(reservation.claims, used)  # the request's end never waits for the database
         self._give_back(reservation, used)
 
     def _give_back(self, reservation: Reservation, used: int, *, refund_request: bool = False) -> None:

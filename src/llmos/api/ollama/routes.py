@@ -287,7 +287,7 @@ async def _start_raw(
             logprobs=body.logprob_count(),
             grammar=grammar,
         )
-        metering = meter(state, request, caller, len(prompt) + limit, "ollama_generate", arrived)
+        metering = await meter(state, request, caller, len(prompt) + limit, "ollama_generate", arrived)
     call = submit_all(
         target, [generation], state.metrics, prompt_tokens=len(prompt), arrived=arrived, metering=metering
     )

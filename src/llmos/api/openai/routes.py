@@ -284,7 +284,7 @@ async def completions(request: Request) -> Any:
         ]
         prompt_tokens = sum(len(tokens) for tokens, _text in prompts)
         worst_case = body.n * (prompt_tokens + body.max_tokens * len(prompts))
-        metering = meter(state, request, caller, worst_case, "completions", arrived)
+        metering = await meter(state, request, caller, worst_case, "completions", arrived)
     call = submit_all(target, requests, state.metrics, prompt_tokens=prompt_tokens, arrived=arrived, metering=metering)
     completion_id, created = new_id("cmpl"), int(time.time())
     echoes = [text for _tokens, text in prompts for _ in range(body.n)]
