@@ -40,14 +40,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from llmos.config import Settings
 from llmos.errors import ConflictError, InvalidInputError, NotFoundError
-from llmos.store.db import open_database, session_factory
+from llmos.store.db import open_database, rows_matched, session_factory
 from llmos.store.schema import Job
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -55,11 +55,6 @@ FINAL = {"succeeded", "failed", "cancelled"}
 RESUMABLE_FROM = {"interrupted", "failed", "cancelled"}
 START_GRACE = timedelta(seconds=60)
 """A ``running`` job whose worker PID was never recorded is considered lost after this long."""
-
-
-def _rows(result: Any) -> int:
-    """Rows an UPDATE matched (its result is a CursorResult at run time)."""
-    return int(cast(CursorResult[Any], result).rowcount)
 
 
 RUNNER_FILE = "runner-id"
@@ -305,7 +300,7 @@ class JobService:
                 .where(Job.id == job_id, Job.state == "running", Job.attempts == attempt, Job.runner == self.runner)
                 .values(heartbeat_at=utcnow())
             )
-            return bool(_rows(refreshed) == 1)
+            return bool(rows_matched(refreshed) == 1)
 
     def finish(
         self,
@@ -403,7 +398,7 @@ class JobService:
                     .values(**values)
                     .execution_options(synchronize_session=False)
                 )
-                if _rows(changed) == 1:
+                if rows_matched(changed) == 1:
                     lost.append(job.id)
         return lost
 
@@ -447,7 +442,7 @@ class JobService:
                 )
                 .execution_options(synchronize_session=False)
             )
-            if _rows(claimed) != 1:
+            if rows_matched(claimed) != 1:
                 return False
         self.job_dir(job_id).mkdir(mode=0o700, parents=True, exist_ok=True)  # created elsewhere when taken over
         log = os.fdopen(os.open(self.log_path(job_id), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")

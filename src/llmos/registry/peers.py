@@ -35,15 +35,11 @@ from sqlalchemy.orm import Session
 
 from llmos.errors import IntegrityError, LlmosError
 from llmos.store.blobs import BlobStore
-from llmos.store.schema import FrontEnd
+from llmos.store.schema import FrontEnd, utcnow
 
 log = logging.getLogger("llmos.registry")
 PEER_TOKEN_RE = re.compile(r"^llmos-peer-([0-9a-f]{32})-([A-Za-z0-9_-]{43})$")
 CHUNK_BYTES = 1024 * 1024
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _aware(moment: datetime) -> datetime:
@@ -83,6 +79,9 @@ class FrontEnds:
         """What this front end presents to its peers."""
         return f"llmos-peer-{self.id}-{self._secret}"
 
+    def _alive(self, heartbeat: datetime) -> bool:
+        return _aware(heartbeat) > utcnow() - self.lease
+
     def register(self, url: str) -> None:
         with self._sessions() as session, session.begin():
             session.add(
@@ -92,16 +91,16 @@ class FrontEnds:
                     hostname=socket.gethostname()[:255],
                     pid=os.getpid(),
                     token_hash=_hash(self._secret),
-                    started_at=_now(),
-                    heartbeat_at=_now(),
+                    started_at=utcnow(),
+                    heartbeat_at=utcnow(),
                 )
             )
 
     def heartbeat(self) -> None:
         with self._sessions() as session, session.begin():
-            session.execute(update(FrontEnd).where(FrontEnd.id == self.id).values(heartbeat_at=_now()))
+            session.execute(update(FrontEnd).where(FrontEnd.id == self.id).values(heartbeat_at=utcnow()))
             # rows of front ends gone for a long time are only history: drop them
-            session.execute(delete(FrontEnd).where(FrontEnd.heartbeat_at < _now() - 10 * self.lease))
+            session.execute(delete(FrontEnd).where(FrontEnd.heartbeat_at < utcnow() - 10 * self.lease))
 
     def unregister(self) -> None:
         with self._sessions() as session, session.begin():
@@ -111,7 +110,7 @@ class FrontEnds:
         """Live front ends other than this one, most recently seen first."""
         with self._sessions() as session:
             rows = session.scalars(select(FrontEnd).where(FrontEnd.id != self.id))
-            fresh = [row for row in rows if row.url and _aware(row.heartbeat_at) > _now() - self.lease]
+            fresh = [row for row in rows if row.url and self._alive(row.heartbeat_at)]
         fresh.sort(key=lambda row: _aware(row.heartbeat_at), reverse=True)
         return [Peer(row.id, str(row.url)) for row in fresh]
 
@@ -119,7 +118,7 @@ class FrontEnds:
         """Ids of the front ends (this one included) whose heartbeat is within the lease."""
         with self._sessions() as session:
             rows = session.execute(select(FrontEnd.id, FrontEnd.heartbeat_at)).all()
-        return {self.id} | {row.id for row in rows if _aware(row.heartbeat_at) > _now() - self.lease}
+        return {self.id} | {row.id for row in rows if self._alive(row.heartbeat_at)}
 
     def authenticate(self, token: str) -> str | None:
         """The id of the live front end presenting ``token``, or None."""
@@ -131,7 +130,7 @@ class FrontEnds:
             stored = row.token_hash if row is not None else "0" * 64
             if not hmac.compare_digest(stored, _hash(match.group(2))) or row is None:
                 return None
-            if _aware(row.heartbeat_at) <= _now() - self.lease:
+            if not self._alive(row.heartbeat_at):
                 return None
             return row.id
 

@@ -34,21 +34,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from llmos.errors import InsufficientQuotaError, StorageError
+from llmos.store.db import rows_matched
 from llmos.store.schema import BudgetHold, utcnow
 from llmos.store.schema import BudgetLedger as LedgerRow
-
-
-def _rows(result: Any) -> int:
-    """Rows an UPDATE matched (its result is a CursorResult at run time)."""
-    return int(cast(CursorResult[Any], result).rowcount)
-
 
 log = logging.getLogger("llmos.security")
 
@@ -125,7 +119,7 @@ class BudgetLedger:
                         )
                         .values(committed=LedgerRow.committed + claim.tokens, updated_at=utcnow())
                     )
-                    if _rows(taken) != 1:
+                    if rows_matched(taken) != 1:
                         used = session.scalar(
                             select(LedgerRow.committed).where(
                                 LedgerRow.scope == claim.scope, LedgerRow.period == claim.period
@@ -209,9 +203,9 @@ class BudgetLedger:
             changed = session.execute(
                 update(BudgetHold).where(*key, BudgetHold.tokens >= -tokens).values(tokens=BudgetHold.tokens + tokens)
             )
-            return _rows(changed) == 1
+            return rows_matched(changed) == 1
         changed = session.execute(update(BudgetHold).where(*key).values(tokens=BudgetHold.tokens + tokens))
-        if _rows(changed) == 0:  # released while this front end was taken for dead: hold again from here
+        if rows_matched(changed) == 0:  # released while this front end was taken for dead: hold again from here
             session.add(BudgetHold(holder=self.holder, scope=claim.scope, period=claim.period, tokens=tokens))
         return True
 
@@ -228,7 +222,7 @@ class BudgetLedger:
                         BudgetHold.tokens == hold.tokens,
                     )
                 )
-                if _rows(gone) == 1 and hold.tokens:
+                if rows_matched(gone) == 1 and hold.tokens:
                     session.execute(
                         update(LedgerRow)
                         .where(LedgerRow.scope == hold.scope, LedgerRow.period == hold.period)

@@ -16,9 +16,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy import CursorResult, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -134,6 +134,11 @@ def open_database(url: str, lock_dir: Path, busy_timeout_ms: int = 30_000) -> En
         reason = " ".join(str(exc.orig).split())
         raise StorageError(f"cannot open the registry database: {reason}") from exc
     return engine
+
+
+def rows_matched(result: Any) -> int:
+    """How many rows an ``UPDATE``/``DELETE`` executed through a session matched (a CursorResult at run time)."""
+    return int(cast(CursorResult[Any], result).rowcount)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
