@@ -164,7 +164,6 @@ class ServerProcess:
     """A real `llmos serve` subprocess on a free loopback port."""
 
     def __init__(self, home: Path, *args: str, env: Mapping[str, str | None] | None = None) -> None:
-        import time
 
         import httpx
 
@@ -178,11 +177,19 @@ class ServerProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 120
+        self.wait_ready(httpx.get, 120)
+
+    def wait_ready(self, get: Any, timeout: float) -> None:
+        """Poll ``/ready`` with ``get`` (httpx.get or a client's get) until it answers 200; fail if the server exits."""
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"server exited: {self.read_log()}"
             try:
-                if httpx.get(f"{self.base}/ready", timeout=2).status_code == 200:
+                if get(f"{self.base}/ready", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -23,7 +23,7 @@ import pytest
 from openai import OpenAI
 
 from llmos.config import Settings
-from tests.helpers import StreamsUnderFailure
+from tests.helpers import ServerProcess, StreamsUnderFailure
 from tests.multinode import MultiNodeCluster, Node, _free_port_in
 
 pytestmark = pytest.mark.timeout(300)
@@ -31,43 +31,24 @@ pytestmark = pytest.mark.timeout(300)
 REQUESTS = 16
 
 
-class NamespacedServer:
-    """`llmos serve` inside a node's namespace, bound to the node's address."""
+class NamespacedServer(ServerProcess):
+    """`llmos serve` inside a node's namespace, bound to the node's address, called with an API key."""
 
     def __init__(self, node: Node, key: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = _free_port_in(node.namespace)
         self.base = f"http://{node.address}:{self.port}"
         self.key = key
         self.http = httpx.Client(trust_env=False, timeout=10, headers={"Authorization": f"Bearer {key}"})
-        self.log_path = node.home.parent / f"server-{self.port}.log"
-        self.log = self.log_path.open("wb")
+        self.log = (node.home.parent / f"server-{self.port}.log").open("wb")
         argv = [sys.executable, "-m", "llmos", "serve", "--host", node.address, "--port", str(self.port), *args]
         self.process = node.popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"server exited: {self.read_log()}"
-            try:
-                if self.http.get(f"{self.base}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise AssertionError(f"server not ready: {self.read_log()}")
+        self.wait_ready(self.http.get, 180)
 
     def runtime(self) -> dict[str, Any]:
         return dict(self.http.get(f"{self.base}/admin/runtime", timeout=30).json()["models"][0])
 
-    def read_log(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+        super().stop()
         self.http.close()
 
 
