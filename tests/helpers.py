@@ -7,7 +7,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -314,10 +314,15 @@ def make_tiny_hf(directory: Path) -> Path:
 class StreamsUnderFailure:
     """``count`` streaming chat requests in threads, for killing a replica (or a node) while they run.
 
-    :meth:`wait_started` waits until ``started`` streams produced text; :meth:`mark_kill` records the moment of the
-    kill; :meth:`finish` joins the threads and checks the failover promise: every request that had not streamed
-    anything when the kill came succeeded (it was resubmitted), and only streams already running may have failed.
+    :meth:`wait_started` waits until ``started`` streams produced text; :meth:`kill` runs the kill and records when
+    it began and when it was done; :meth:`finish` joins the threads and checks the failover promise: every request
+    whose first text came after the kill (it had not started streaming) succeeded, resubmitted if it had to be, and
+    every request that failed had streamed text before the kill was done. Between the kill's start and its end (and
+    :data:`IN_FLIGHT_SECONDS` after it, for tokens already on their way) a stream may start on the dying replica and
+    then be cut: those may end either way.
     """
+
+    IN_FLIGHT_SECONDS = 1.0
 
     def __init__(self, client: Any, count: int, max_tokens: int) -> None:
         import threading
@@ -325,7 +330,7 @@ class StreamsUnderFailure:
         self.count = count
         self.first_chunk: dict[int, float] = {}
         self.outcome: dict[int, str] = {}
-        self.killed_at = float("inf")
+        self.kill_started = self.kill_done = float("inf")
         self._client, self._max_tokens = client, max_tokens
         self._threads = [threading.Thread(target=self._one, args=(i,)) for i in range(count)]
         for thread in self._threads:
@@ -356,21 +361,29 @@ class StreamsUnderFailure:
         while len(self.first_chunk) < started and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def mark_kill(self) -> None:
+    def kill(self, kill: Callable[[], None]) -> None:
+        """Run ``kill`` (which returns once the victim is dead) and record when it began and ended."""
         import time
 
-        self.killed_at = time.monotonic()
+        self.kill_started = time.monotonic()
+        kill()
+        self.kill_done = time.monotonic()
 
     def finish(self, timeout: float = 300) -> None:
         for thread in self._threads:
             thread.join(timeout)
         assert not any(thread.is_alive() for thread in self._threads)
-        not_started = [i for i in range(self.count) if self.first_chunk.get(i, float("inf")) > self.killed_at]
-        assert not_started, "the kill came too late to test resubmission"
-        failed = {i: self.outcome.get(i) for i in not_started if self.outcome.get(i) != "ok"}
-        assert failed == {}
+        settled = self.kill_done + self.IN_FLIGHT_SECONDS
+        timeline = {
+            i: (self.outcome.get(i), round(self.first_chunk.get(i, float("inf")) - self.kill_started, 2))
+            for i in range(self.count)
+        }  # (outcome, first text relative to the kill's start) for the messages below
+        not_started = [i for i in range(self.count) if self.first_chunk.get(i, float("inf")) > settled]
+        assert not_started, f"the kill came too late to test resubmission: {timeline}"
+        failed = [i for i in not_started if self.outcome.get(i) != "ok"]
+        assert failed == [], f"requests that had not started streaming failed: {timeline}"
         cut = [i for i in range(self.count) if self.outcome.get(i) != "ok"]
-        assert all(self.first_chunk.get(i, float("inf")) <= self.killed_at for i in cut)  # only running streams
+        assert all(self.first_chunk.get(i, float("inf")) <= settled for i in cut), timeline  # only running streams
 
 
 TRAIN_STEPS = 100

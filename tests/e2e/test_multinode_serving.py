@@ -166,8 +166,7 @@ def test_replicas_spread_over_worker_nodes_and_survive_a_node_death(
     streams.wait_started(2, timeout=60)
     victim = by_ip[placements[0]["node_ip"]]
     survivor_ip = placements[1]["node_ip"]
-    streams.mark_kill()
-    victim.kill_all()
+    streams.kill(victim.kill_all)
     streams.finish(timeout=120)
     log = server.read_log()
     assert "resubmitted to another replica" in log

@@ -30,6 +30,13 @@ def _runtime(base: str) -> dict[str, Any]:
     return httpx.get(f"{base}/admin/runtime", timeout=10).json()["models"][0]
 
 
+def _kill_and_wait(pid: int) -> None:
+    """SIGKILL the replica's process and return once it is gone."""
+    process = psutil.Process(pid)
+    os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
 @covered_by_multinode("test_multinode_serving.py (a whole worker node killed under 16 streams)")
 def test_two_replicas_survive_a_killed_worker(pulled_settings: Settings, ray_cluster: Any, tmp_path: Path) -> None:
     server = ServerProcess(
@@ -64,8 +71,7 @@ def test_two_replicas_survive_a_killed_worker(pulled_settings: Settings, ray_clu
         streams = StreamsUnderFailure(client, 12, max_tokens=48)  # 4 slots in all: 8 queue
         streams.wait_started(2)
         victim = placements[0]["pid"]
-        streams.mark_kill()
-        os.kill(victim, signal.SIGKILL)
+        streams.kill(lambda: _kill_and_wait(victim))
         streams.finish()
 
         deadline = time.monotonic() + 120  # the dead replica is replaced in the background
