@@ -38,7 +38,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 from llmos.config import Settings
 from llmos.errors import ConflictError, InvalidInputError, NotFoundError
 from llmos.store.db import open_database, rows_matched, session_factory
-from llmos.store.schema import Job
+from llmos.store.schema import Job, as_utc, utcnow
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -58,10 +58,6 @@ START_GRACE = timedelta(seconds=60)
 
 
 RUNNER_FILE = "runner-id"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def runner_id(home: Path) -> str:
@@ -78,12 +74,6 @@ def runner_id(home: Path) -> str:
         os.link(tmp, path)  # the first writer wins; a concurrent one reads the winner's id
     tmp.unlink(missing_ok=True)
     return path.read_text().strip()
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -145,10 +135,10 @@ def _view(job: Job) -> JobView:
         auto_resume=job.auto_resume,
         attempts=job.attempts,
         pid=job.pid,
-        created_at=_aware(job.created_at) or utcnow(),
-        started_at=_aware(job.started_at),
-        finished_at=_aware(job.finished_at),
-        updated_at=_aware(job.updated_at) or utcnow(),
+        created_at=as_utc(job.created_at) or utcnow(),
+        started_at=as_utc(job.started_at),
+        finished_at=as_utc(job.finished_at),
+        updated_at=as_utc(job.updated_at) or utcnow(),
         runner=job.runner,
     )
 
@@ -365,11 +355,11 @@ class JobService:
 
     def _alive(self, job: Job, now: datetime) -> bool:
         if job.runner not in (None, self.runner):  # run on another machine: only its heartbeat tells
-            seen = _aware(job.heartbeat_at) or _aware(job.started_at) or now
+            seen = as_utc(job.heartbeat_at) or as_utc(job.started_at) or now
             return seen > now - timedelta(seconds=self.settings.job_lease_seconds)
         if job.pid is not None:
             return job.pid_started is not None and process_start_ticks(job.pid) == job.pid_started
-        return (_aware(job.started_at) or now) > now - START_GRACE
+        return (as_utc(job.started_at) or now) > now - START_GRACE
 
     def reconcile(self) -> list[str]:
         """Mark running jobs whose worker is gone as interrupted (queued again with auto-resume, or when their runner

@@ -27,7 +27,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import httpx
 from sqlalchemy import delete, select, update
@@ -35,15 +35,11 @@ from sqlalchemy.orm import Session
 
 from llmos.errors import IntegrityError, LlmosError
 from llmos.store.blobs import BlobStore
-from llmos.store.schema import FrontEnd, utcnow
+from llmos.store.schema import FrontEnd, as_utc, utcnow
 
 log = logging.getLogger("llmos.registry")
 PEER_TOKEN_RE = re.compile(r"^llmos-peer-([0-9a-f]{32})-([A-Za-z0-9_-]{43})$")
 CHUNK_BYTES = 1024 * 1024
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _hash(secret: str) -> str:
@@ -80,7 +76,7 @@ class FrontEnds:
         return f"llmos-peer-{self.id}-{self._secret}"
 
     def _alive(self, heartbeat: datetime) -> bool:
-        return _aware(heartbeat) > utcnow() - self.lease
+        return as_utc(heartbeat) > utcnow() - self.lease
 
     def register(self, url: str) -> None:
         with self._sessions() as session, session.begin():
@@ -111,7 +107,7 @@ class FrontEnds:
         with self._sessions() as session:
             rows = session.scalars(select(FrontEnd).where(FrontEnd.id != self.id))
             fresh = [row for row in rows if row.url and self._alive(row.heartbeat_at)]
-        fresh.sort(key=lambda row: _aware(row.heartbeat_at), reverse=True)
+        fresh.sort(key=lambda row: as_utc(row.heartbeat_at), reverse=True)
         return [Peer(row.id, str(row.url)) for row in fresh]
 
     def live_ids(self) -> set[str]:

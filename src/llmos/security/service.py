@@ -51,7 +51,7 @@ from llmos.errors import (
 from llmos.security.principal import RANK, ROLES, Limits, Principal, can_create_role
 from llmos.security.usage import UsageLog
 from llmos.store.db import open_database, session_factory
-from llmos.store.schema import ApiKey, AuditEvent, Tenant, UsageRecord
+from llmos.store.schema import ApiKey, AuditEvent, Tenant, UsageRecord, as_utc
 
 log = logging.getLogger("llmos.security")
 KEY_RE = re.compile(r"^llmos_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -72,10 +72,6 @@ def period_start(period: str, now: datetime | None = None) -> datetime:
         day = now.replace(hour=0, minute=0, second=0, microsecond=0)
         return day - timedelta(days=day.weekday())
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    return None if moment is None else (moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
 @dataclass(frozen=True)
@@ -212,9 +208,9 @@ class SecurityService:
             tenant=tenant,
             role=row.role,
             models=row.models,
-            expires_at=_aware(row.expires_at),
-            revoked_at=_aware(row.revoked_at),
-            created_at=_aware(row.created_at) or datetime.now(UTC),
+            expires_at=as_utc(row.expires_at),
+            revoked_at=as_utc(row.revoked_at),
+            created_at=as_utc(row.created_at) or datetime.now(UTC),
             created_by=row.created_by,
         )
 
@@ -265,7 +261,7 @@ class SecurityService:
                 raise AuthenticationError(f"invalid API key (prefix {match.group(1)})")
             if row.revoked_at is not None:
                 raise AuthenticationError(f"the API key with prefix {row.prefix} has been revoked")
-            expires = _aware(row.expires_at)
+            expires = as_utc(row.expires_at)
             if expires is not None and expires <= datetime.now(UTC):
                 raise AuthenticationError(f"the API key with prefix {row.prefix} has expired")
             tenant = row.tenant
