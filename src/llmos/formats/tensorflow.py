@@ -26,14 +26,15 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from llmos.edge.runner import sha256_file
 from llmos.errors import BackendUnavailableError, InvalidModelFileError
 from llmos.formats import safe_json
 from llmos.formats.detect import HF_SIDE_FILES, MAX_JSON_BYTES, PICKLE_SUFFIXES
+
+if TYPE_CHECKING:  # numpy loads only when a TensorFlow checkpoint is read (the registry imports this module)
+    import numpy as np
 
 TF_WEIGHTS = "tf_model.h5"
 TOP_LEVEL_GROUP = "top_level_model_weights"
@@ -132,6 +133,8 @@ def _names(node: Any, key: str) -> list[str]:
         chunks = []
         while f"{key}{len(chunks)}" in node.attrs:
             chunks.append(node.attrs[f"{key}{len(chunks)}"])
+    import numpy as np
+
     names: list[str] = []
     for chunk in chunks:
         for item in np.asarray(chunk).reshape(-1).tolist():
@@ -160,6 +163,8 @@ def _member(h5py: Any, root: Any, path: str) -> Any:
 
 def read_tf_weights(path: Path) -> dict[str, np.ndarray[Any, Any]]:
     """Every weight a Keras 2 HDF5 weights file lists (by its TF name), read as plain arrays; see the module doc."""
+    import numpy as np
+
     h5py = _h5py()
     file_size = path.stat().st_size
     weights: dict[str, np.ndarray[Any, Any]] = {}
@@ -229,6 +234,7 @@ def _short(names: list[str]) -> str:
 
 def tf_state_dict(model: Any, tf_weights: dict[str, np.ndarray[Any, Any]]) -> dict[str, Any]:
     """The state dict for ``model`` from TF weights: every weight used, every parameter given, shapes equal."""
+    import numpy as np
     import torch
 
     parameters = dict(model.named_parameters())  # a tied parameter appears once, as in TF
