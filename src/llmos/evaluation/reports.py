@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -33,7 +33,7 @@ from llmos.evaluation.target import open_generator
 from llmos.evaluation.tasks import BUILTIN_TASKS, ChoiceItem, GenerateItem, TaskSpec, make_items, resolve_task
 from llmos.registry.datasets import load_rows, rows_of_split
 from llmos.registry.service import Registry, ResolvedModel
-from llmos.store.schema import Evaluation
+from llmos.store.schema import Evaluation, as_utc
 
 TASKS = BUILTIN_TASKS
 HELDOUT_NAME = "llmos:heldout_text"
@@ -60,7 +60,7 @@ class Report:
 
 
 def _report(row: Evaluation) -> Report:
-    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    created = as_utc(row.created_at)
     return Report(
         row.id, row.model_name, row.model_digest, row.task, row.dataset_name, row.dataset_digest,
         dict(row.metrics or {}), dict(row.params or {}), created, row.job_id,

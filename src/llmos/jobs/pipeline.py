@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ from llmos.jobs.train import CONFIG_FIELDS, OPTIMIZER_FIELDS, check_inputs, conf
 from llmos.registry import aliases
 from llmos.registry.names import parse_ref
 from llmos.registry.service import Registry
-from llmos.store.schema import Pipeline, utcnow
+from llmos.store.schema import Pipeline, as_utc, utcnow
 
 if TYPE_CHECKING:
     from llmos.jobs.context import JobContext
@@ -221,10 +221,7 @@ class StoredPipeline:
 
 
 def _stored(row: Pipeline) -> StoredPipeline:
-    def aware(value: datetime) -> datetime:
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-    return StoredPipeline(row.name, row.tenant_id, dict(row.recipe), aware(row.created_at), aware(row.updated_at))
+    return StoredPipeline(row.name, row.tenant_id, dict(row.recipe), as_utc(row.created_at), as_utc(row.updated_at))
 
 
 def save_pipeline(registry: Registry, recipe: Recipe, tenant_id: int | None = None) -> StoredPipeline:

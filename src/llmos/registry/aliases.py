@@ -11,7 +11,7 @@ the move at its next request: names are resolved per request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -20,7 +20,7 @@ from llmos.errors import ConflictError, InvalidInputError, ModelNotFoundError
 from llmos.registry.names import DEFAULT_TAG, parse_ref
 from llmos.registry.service import Registry
 from llmos.registry.views import VersionView
-from llmos.store.schema import Model, ModelVersion, TagHistory
+from llmos.store.schema import Model, ModelVersion, TagHistory, as_utc
 
 
 @dataclass
@@ -64,7 +64,7 @@ def history(registry: Registry, name: str) -> list[AliasMove]:
                 row.digest,
                 row.previous_digest,
                 row.reason,
-                row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC),
+                as_utc(row.created_at),
                 row.digest in present,
             )
             for row in rows

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from llmos.store.schema import ModelVersion
-
-
-def as_utc(moment: datetime) -> datetime:
-    """SQLite drops time zones; every time llmos stores is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+from llmos.store.schema import ModelVersion, as_utc
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from sqlalchemy import delete, select
 
 from llmos.errors import NotFoundError
 from llmos.registry.service import Registry
-from llmos.store.schema import StoredResponse
+from llmos.store.schema import StoredResponse, as_utc
 
 
 class ResponseNotFoundError(NotFoundError):
@@ -68,9 +68,7 @@ class ResponseStore:
 
     def _row(self, session: Any, response_id: str, tenant_id: int | None) -> StoredResponse:
         row = session.scalar(select(StoredResponse).where(StoredResponse.id == response_id))
-        expires = row.expires_at if row is not None else None
-        if expires is not None and expires.tzinfo is None:  # SQLite hands back naive datetimes
-            expires = expires.replace(tzinfo=UTC)
+        expires = as_utc(row.expires_at) if row is not None else None
         if row is None or row.tenant_id != tenant_id or (expires is not None and expires < datetime.now(UTC)):
             raise ResponseNotFoundError(f"no response with id {response_id!r}", param="response_id")
         stored: StoredResponse = row
